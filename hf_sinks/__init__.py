@@ -1,0 +1,16 @@
+"""hf_sinks: attention sinks (StreamingLLM) for HuggingFace Transformers.
+
+``import hf_sinks`` registers the ``sink_sdpa``, ``sink_eager`` and ``sink_flex`` attention implementations.
+"""
+
+from .attention import register
+from .cache import SinkCache
+from .config import SinkConfig
+from .models import MODEL_SPECS
+from .rope import RotaryParams
+
+__version__ = "0.1.0"
+
+__all__ = ["MODEL_SPECS", "RotaryParams", "SinkCache", "SinkConfig", "__version__", "register"]
+
+register()

@@ -1,0 +1,210 @@
+"""The registered ``sink_*`` attention functions (``AttentionInterface``).
+
+With a :class:`~hf_sinks.cache.SinkCache` they apply the exact visibility rule and cache-relative positions of
+DESIGN §2 from the cache layer's per-slot bookkeeping:
+
+* decode (one token, already written in place by the cache): shift the ``S`` sink keys to the query (O(S)), then
+  one attention call over the resident slots;
+* a multi-token chunk (prompt, multi-turn, chunked prefill): every query needs its own sink shift. The sink part of
+  the scores uses a query rotated back by that shift, the window part the query as is; both go through *one*
+  attention call by stacking them along the head dimension (``[q | q_sink] . [k*window | k*sink]``). Queries are
+  processed in blocks over only the keys they can see, so memory is bounded by the block, never the prompt.
+
+Without a ``SinkCache`` they defer to the stock transformers implementation of the same kernel.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from ..cache import LAYER_ATTRIBUTE, SinkCacheLayer
+from ..models import get_spec
+from ..rope import RotaryParams, shift_rotary
+from .masks import SinkMask, validity_from_mask
+
+#: Queries per block in multi-token chunks: bounds the score matrix to ``BLOCK x (S + 2W + BLOCK)``.
+QUERY_BLOCK = 512
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+def _sdpa_kernel(q, k, v, mask, scaling, dropout, want_weights):
+    gqa = q.shape[1] != k.shape[1]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+    return out, None
+
+
+def _eager_kernel(q, k, v, mask, scaling, dropout, want_weights):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scaling
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    weights = F.dropout(weights, p=dropout, training=dropout > 0)
+    return weights @ v, (weights if want_weights else None)
+
+
+def _flex_kernel(q, k, v, mask, scaling, dropout, want_weights):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if dropout > 0:
+        raise ValueError("sink_flex does not support attention dropout; use sink_sdpa or sink_eager for training.")
+    score_mod = None
+    if mask is not None:
+        full = mask.expand(q.shape[0], 1, q.shape[2], k.shape[2])
+
+        def score_mod(score, b, h, qi, ki):
+            return torch.where(full[b, 0, qi, ki], score, -float("inf"))
+
+    gqa = q.shape[1] != k.shape[1]
+    return flex_attention(q, k, v, score_mod=score_mod, scale=scaling, enable_gqa=gqa), None
+
+
+# ------------------------------------------------------------------------------------- stock fallbacks
+def _stock_sdpa(module, query, key, value, attention_mask, **kwargs):
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _stock_eager(module, query, key, value, attention_mask, **kwargs):
+    # Each modeling file defines its own eager function; use the model's, so "no SinkCache" means "exactly eager".
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+    return eager(module, query, key, value, attention_mask, **kwargs)
+
+
+def _stock_flex(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.flex_attention import flex_attention_forward
+
+    return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+# ----------------------------------------------------------------------------------- sink attention
+def _rotary_for(layer: SinkCacheLayer, module: torch.nn.Module) -> RotaryParams:
+    if layer.cache.rotary is None:
+        layer.cache.rotary = RotaryParams.from_config(module.config)
+    return layer.cache.rotary
+
+
+def _decode(layer, query, key, value, positions, kernel, scaling, dropout, want_weights):
+    batch = query.shape[0]
+    rows = torch.arange(batch, device=layer.device)
+    real = layer.real_seen - 1
+    slot = layer.slot_of(real)
+    if positions is not None:  # trust the model's positions over the cache's default guess
+        layer.positions[rows, slot] = positions[:, -1].to(layer.device).expand(batch)
+    layer.place_sinks(layer.sink_shift_for(real, layer.positions[rows, slot]))
+    valid = layer.real_idx[:, : layer.filled] >= 0
+    mask = None if bool(valid.all()) else valid[:, None, None, :]
+    return kernel(query, key, value, mask, scaling, dropout, want_weights)
+
+
+def _chunk(layer, query, key, value, positions, valid, rotary, kernel, scaling, dropout, want_weights):
+    batch, _, q, _ = query.shape
+    s, w = layer.num_sink_tokens, layer.window_length
+    stored = layer.filled
+    real_new = layer.new_token_indices(valid, q)  # [B, q], -1 for padding
+    if positions is None:
+        positions = real_new.clamp(min=0) + layer.sink_offset()[:, None]
+    positions = positions.to(layer.device).expand(batch, q)
+    col_real = torch.cat([layer.real_idx[:, :stored], real_new], dim=-1)  # [B, n]
+
+    # Sink columns use their original keys (the slots may hold a copy shifted for the previous query).
+    n_sink_slots = min(s, stored)
+    if n_sink_slots:
+        key[:, :, :n_sink_slots] = layer.sink_keys[:, :, :n_sink_slots].to(key.dtype)
+    if stored:
+        sink_offset = layer.sink_offset()
+    else:  # sinks arrive in this chunk: offset of its first real token
+        first = (real_new >= 0).long().argmax(-1)
+        rows = torch.arange(batch, device=layer.device)
+        sink_offset = positions[rows, first] - real_new[rows, first].clamp(min=0)
+    shift = positions - layer.query_cache_positions(real_new.clamp(min=0)) - sink_offset[:, None]
+
+    is_sink = (col_real >= 0) & (col_real < s)
+    is_window = col_real >= s
+    if s and bool(is_sink.any()):
+        q_sink = shift_rotary(query, -shift[:, None, :], rotary)
+        query = torch.cat([query, q_sink], dim=-1)
+        key = torch.cat([key * is_window[:, None, :, None], key * is_sink[:, None, :, None]], dim=-1)
+
+    pads = 0 if valid is None else int((~valid.bool()).sum(-1).max())
+    outs, weights = [], []
+    for t0 in range(0, q, QUERY_BLOCK):
+        t1 = min(q, t0 + QUERY_BLOCK)
+        cols = _block_columns(stored, q, t0, t1, s, w, pads, layer.device)
+        k_blk = key if cols is None else key.index_select(2, cols)
+        v_blk = value if cols is None else value.index_select(2, cols)
+        c_real = col_real if cols is None else col_real.index_select(1, cols)
+        c_idx = torch.arange(stored + q, device=layer.device) if cols is None else cols
+        r_q = real_new[:, t0:t1, None]  # [B, b, 1]
+        visible = (c_real[:, None, :] >= 0) & (c_real[:, None, :] <= r_q)
+        visible &= (c_real[:, None, :] < s) | (r_q - c_real[:, None, :] < w)
+        # padding queries attend to themselves only (their output is never used; avoids empty softmax rows)
+        own = c_idx[None, None, :] == (stored + torch.arange(t0, t1, device=layer.device))[None, :, None]
+        visible = torch.where(r_q < 0, own, visible)
+        out, wts = kernel(query[:, :, t0:t1], k_blk, v_blk, visible[:, None], scaling, dropout, want_weights)
+        outs.append(out)
+        if wts is not None:
+            full = wts.new_zeros(*wts.shape[:-1], stored + q)
+            weights.append(full.index_copy_(-1, c_idx, wts) if cols is not None else wts)
+    layer.commit(valid, positions)
+    return torch.cat(outs, dim=2), (torch.cat(weights, dim=2) if weights else None)
+
+
+def _block_columns(stored, q, t0, t1, s, w, pads, device):
+    """Key columns queries ``t0..t1-1`` of a chunk can see (stored slots + chunk sinks + chunk window)."""
+    sink_hi = min(q, pads + s)
+    lo = max(sink_hi, t0 - w + 1 - pads)
+    if stored + sink_hi + (t1 - lo) >= stored + q:
+        return None  # (almost) everything: skip the gather
+    return torch.cat(
+        [
+            torch.arange(stored + sink_hi, device=device),
+            stored + torch.arange(lo, t1, device=device),
+        ]
+    )
+
+
+def make_sink_attention(kernel: Callable, stock: Callable, name: str) -> Callable:
+    def attention(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Any,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        get_spec(getattr(module.config, "model_type", None))
+        layer = getattr(key, LAYER_ATTRIBUTE, None)
+        if layer is None:  # no SinkCache: exactly the stock implementation
+            dense = attention_mask.dense() if isinstance(attention_mask, SinkMask) else attention_mask
+            return stock(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
+
+        layer.acknowledge()
+        rotary = _rotary_for(layer, module)
+        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+        positions = kwargs.get("position_ids")
+        want_weights = bool(kwargs.get("output_attentions", False))
+        if layer.pending is None:
+            out, weights = _decode(layer, query, key, value, positions, kernel, scaling, dropout, want_weights)
+        else:
+            valid = validity_from_mask(attention_mask, query.shape[2])
+            out, weights = _chunk(
+                layer, query, key, value, positions, valid, rotary, kernel, scaling, dropout, want_weights
+            )
+        return out.transpose(1, 2).contiguous(), weights
+
+    attention.__name__ = attention.__qualname__ = f"{name}_attention_forward"
+    attention.__doc__ = f"``attn_implementation={name!r}``: sink+window attention (see hf_sinks.attention.functions)."
+    return attention
+
+
+sink_sdpa_attention_forward = make_sink_attention(_sdpa_kernel, _stock_sdpa, "sink_sdpa")
+sink_eager_attention_forward = make_sink_attention(_eager_kernel, _stock_eager, "sink_eager")
+sink_flex_attention_forward = make_sink_attention(_flex_kernel, _stock_flex, "sink_flex")

@@ -1,0 +1,29 @@
+"""Registration of the ``sink_*`` attention implementations into transformers (both registries, same name)."""
+
+from __future__ import annotations
+
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import flex_attention_mask
+
+from .functions import sink_eager_attention_forward, sink_flex_attention_forward, sink_sdpa_attention_forward
+from .masks import SinkMask, sink_eager_mask, sink_sdpa_mask
+
+
+def _sink_flex_mask(**kwargs):
+    return SinkMask(flex_attention_mask, kwargs)
+
+
+#: ``attn_implementation`` name -> (attention function, mask function). Without the mask registration transformers
+#: would hand the function no mask at all (DESIGN §5).
+ATTENTION_IMPLEMENTATIONS = {
+    "sink_sdpa": (sink_sdpa_attention_forward, sink_sdpa_mask),
+    "sink_eager": (sink_eager_attention_forward, sink_eager_mask),
+    "sink_flex": (sink_flex_attention_forward, _sink_flex_mask),
+}
+
+
+def register() -> None:
+    """Register every ``sink_*`` name with transformers. Idempotent; run on ``import hf_sinks``."""
+    for name, (attention, mask) in ATTENTION_IMPLEMENTATIONS.items():
+        AttentionInterface.register(name, attention)
+        AttentionMaskInterface.register(name, mask)

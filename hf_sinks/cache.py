@@ -1,0 +1,378 @@
+"""`SinkCache`: a bounded transformers ``Cache`` keeping attention sinks plus a recent window (StreamingLLM).
+
+Layout of one layer (per batch row), fixed at ``S + W`` slots and allocated once:
+
+* slots ``0..S-1`` hold the row's first ``S`` *real* tokens (the sinks; left padding is skipped);
+* slots ``S..S+W-1`` are a ring holding the row's last ``W`` real tokens.
+
+A new token overwrites, in place, the slot of the token that just left the window, so a decode step copies one
+token per layer (a ``DynamicCache`` re-concatenates all of them). Keys are stored as the model rotated them. Window
+keys keep their mutual distances for free (RoPE is relative); only the sinks must move relative to the query, so
+their originals are kept aside and a shifted copy is written into their slots: O(S) work per step, always from the
+original (no drift), with the angle computed in fp64 (exact at any position).
+
+Two ways to attend over the cache:
+
+* a stock attention (``"sdpa"``, ``"eager"``) gets the slots as they are: exact for token-by-token decoding;
+* a registered ``"sink_*"`` attention (hf_sinks.attention) finds the layer through ``key._hf_sinks_layer`` and uses
+  its per-slot bookkeeping for the exact visibility rule inside multi-token chunks (long prompts, multi-turn),
+  left padding and per-query sink positions; it then commits the chunk (:meth:`SinkCacheLayer.commit`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .config import SinkConfig
+from .rope import RotaryParams, shift_rotary
+
+logger = logging.getLogger(__name__)
+
+#: Attribute set on the key tensor returned by ``update`` so sink attention functions can find the layer.
+LAYER_ATTRIBUTE = "_hf_sinks_layer"
+
+
+class SinkCacheLayer(CacheLayerMixin):
+    """One layer of a :class:`SinkCache` (see the module docstring for the slot layout)."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, cache: "SinkCache"):
+        super().__init__()
+        self.cache = cache
+        self.num_sink_tokens = cache.num_sink_tokens
+        self.window_length = cache.window_length
+        self.capacity = cache.num_sink_tokens + cache.window_length
+        self.seen = 0  # tokens processed, padding included (what generate slices prompts by)
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # a multi-token chunk not yet committed
+        self.acknowledged: bool | None = None  # did a sink attention function consume the previous update?
+        self._acknowledged_now = False
+        self._pending_info = None
+
+    # ------------------------------------------------------------------ state
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        cap, s = self.capacity, self.num_sink_tokens
+        self.keys = key_states.new_zeros(batch, heads, cap, head_dim)
+        self.values = value_states.new_zeros(batch, heads, cap, value_states.shape[-1])
+        self.sink_keys = key_states.new_zeros(batch, heads, s, head_dim)  # sinks as first rotated
+        self.real_idx = torch.full((batch, cap), -1, dtype=torch.long, device=self.device)  # -1: empty slot
+        self.positions = torch.zeros(batch, cap, dtype=torch.long, device=self.device)  # rotation of each slot
+        self.real_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.sink_shift = torch.zeros(batch, dtype=torch.long, device=self.device)  # shift now in the sink slots
+        self.filled = 0  # slots 0..filled-1 are in use in at least one row
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def stored_length(self) -> int:
+        """Slots in use (at most ``S + W``), the pending chunk excluded."""
+        return self.filled if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self._filled_after_pending()
+        if query_length == 1:
+            kv_length = min(stored + 1, self.capacity)  # decode writes in place
+        else:
+            kv_length = stored + query_length
+        return kv_length, self.seen - (kv_length - query_length)
+
+    def _filled_after_pending(self) -> int:
+        if not self.is_initialized:
+            return 0
+        if self.pending is None:
+            return self.filled
+        most = int(self.real_seen.max()) + self.pending[0].shape[-2]
+        return max(self.filled, min(most, self.capacity))
+
+    # ----------------------------------------------------------------- update
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.seen > 0:
+            self.acknowledged = self._acknowledged_now
+        if self.pending is not None:  # no sink attention committed the last chunk: a stock attention is in use
+            self._warn_if_dense_prefill()
+            self.commit()
+        self._acknowledged_now = False
+        q = key_states.shape[-2]
+        incoming = self.cache._incoming_for(self.seen, q)
+        self.seen += q
+
+        if q == 1:
+            valid, positions = incoming if incoming is not None else (None, None)
+            self._write(key_states, value_states, valid, positions)
+            self._shift_sinks_for_stock_attention(positions)
+            keys, values = self.keys[:, :, : self.filled], self.values[:, :, : self.filled]
+        else:
+            # Queries of a chunk need keys that the chunk itself would evict: attend over a copy, commit afterwards.
+            self.pending, self._pending_info = (key_states, value_states), incoming
+            keys = torch.cat([self.keys[:, :, : self.filled], key_states], dim=-2)
+            values = torch.cat([self.values[:, :, : self.filled], value_states], dim=-2)
+        setattr(keys, LAYER_ATTRIBUTE, self)
+        return keys, values
+
+    def acknowledge(self) -> None:
+        """Called by a sink attention function: it handles visibility and sink positions for this update."""
+        self._acknowledged_now = True
+
+    def commit(self, valid: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> None:
+        """Store the pending multi-token chunk: its row-wise validity (left padding) and rotation positions."""
+        if self.pending is None:
+            return
+        key_states, value_states = self.pending
+        if valid is None and positions is None and self._pending_info is not None:
+            valid, positions = self._pending_info
+        self.pending = self._pending_info = None
+        self._write(key_states, value_states, valid, positions)
+
+    def _warn_if_dense_prefill(self) -> None:
+        if int(self.real_seen.max()) + self.pending[0].shape[-2] > self.capacity:
+            logger.warning(
+                "SinkCache: a %d-token chunk went past the cache capacity (%d) under a stock attention, which cannot "
+                "mask it with the sink+window rule; load the model with attn_implementation='sink_sdpa' (or "
+                "'sink_eager') for exact long-prompt prefill.",
+                self.pending[0].shape[-2],
+                self.capacity,
+            )
+
+    def new_token_indices(self, valid: torch.Tensor | None, q: int) -> torch.Tensor:
+        """Real-token index of each of the next ``q`` tokens per row (``-1`` for padding)."""
+        if valid is None:
+            return self.real_seen[:, None] + torch.arange(q, device=self.device)
+        valid = valid.to(self.device, torch.bool)
+        idx = self.real_seen[:, None] + valid.long().cumsum(-1) - 1
+        return torch.where(valid, idx, torch.full_like(idx, -1))
+
+    def _write(self, key_states, value_states, valid, positions) -> None:
+        q = key_states.shape[-2]
+        s, w = self.num_sink_tokens, self.window_length
+        real = self.new_token_indices(valid, q)  # [B, q]
+        total = self.real_seen + (real >= 0).sum(-1)  # real tokens per row after this chunk
+        if positions is None:
+            positions = real + self._position_offset()[:, None]
+        positions = positions.to(self.device).expand(real.shape[0], -1)
+        keep = (real >= 0) & ((real < s) | (real >= (total - w)[:, None]))
+        slots = self.slot_of(real)
+        rows, cols = keep.nonzero(as_tuple=True)
+        dest = slots[rows, cols]
+        self.keys[rows, :, dest] = key_states[rows, :, cols]
+        self.values[rows, :, dest] = value_states[rows, :, cols]
+        self.real_idx[rows, dest] = real[rows, cols]
+        self.positions[rows, dest] = positions[rows, cols]
+        sink = keep & (real < s)
+        if sink.any():
+            srows, scols = sink.nonzero(as_tuple=True)
+            self.sink_keys[srows, :, real[srows, scols]] = key_states[srows, :, scols]
+            self.sink_shift[srows] = 0
+        self.real_seen = total
+        self.filled = max(self.filled, min(int(total.max()), self.capacity))
+
+    def slot_of(self, real: torch.Tensor) -> torch.Tensor:
+        """Slot of the token with real index ``real``: its own sink slot, or its place in the window ring."""
+        s = self.num_sink_tokens
+        return torch.where(real < s, real, s + (real - s).remainder(self.window_length))
+
+    # ------------------------------------------------------------ positions
+    def _position_offset(self) -> torch.Tensor:
+        """Per row, rotation position minus real index for new tokens (0 unless the cache re-based positions)."""
+        return -self.cache.position_base(self.real_seen.shape[0], self.device)
+
+    def query_cache_positions(self, real: torch.Tensor) -> torch.Tensor:
+        """Position of a query inside its visible set (DESIGN §2): its real index, capped at ``S + W - 1``."""
+        return real.clamp(max=self.capacity - 1)
+
+    def sink_offset(self) -> torch.Tensor:
+        """Per row, the rotation position of sink ``j`` minus ``j``."""
+        if self.filled == 0:
+            return self._position_offset()
+        return self.positions[:, 0] - self.real_idx[:, 0].clamp(min=0)
+
+    def sink_shift_for(self, real: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
+        """How far the sinks must move so a query at ``query_positions`` sees sink ``j`` at cache position ``j``."""
+        return query_positions - self.query_cache_positions(real) - self.sink_offset()
+
+    def _sinks_at(self, shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        n = min(self.num_sink_tokens, self.filled)
+        sinks = self.sink_keys[:, :, :n]
+        if bool((shift == 0).all()):
+            return sinks.to(dtype)
+        rotary = self.cache.rotary
+        if rotary is None:
+            raise ValueError(
+                "SinkCache needs the model's rotary parameters to re-position the sinks under a stock attention "
+                f"(attn_implementation='sdpa'/'eager'). Create it with SinkCache(..., config=model.config) or "
+                "SinkCache.from_model(model), or load the model with attn_implementation='sink_sdpa'."
+            )
+        return shift_rotary(sinks, shift[:, None, None], rotary).to(dtype)
+
+    def place_sinks(self, shift: torch.Tensor) -> None:
+        """Write the sinks, shifted by ``shift`` positions per row, into their slots (O(S) per call)."""
+        if self.num_sink_tokens == 0 or self.filled == 0 or bool((shift == self.sink_shift).all()):
+            return
+        n = min(self.num_sink_tokens, self.filled)
+        self.keys[:, :, :n] = self._sinks_at(shift, self.keys.dtype)
+        self.sink_shift = shift.clone()
+
+    def _shift_sinks_for_stock_attention(self, positions: torch.Tensor | None) -> None:
+        if self.num_sink_tokens == 0:
+            return
+        last = self.real_seen - 1
+        query_pos = last + self._position_offset() if positions is None else positions[:, -1].to(self.device)
+        shift = self.sink_shift_for(last, query_pos)
+        if self.cache.rotary is None and not bool((shift == self.sink_shift).all()):
+            if self.acknowledged is False:
+                self._sinks_at(shift, self.keys.dtype)  # raises the explanatory error
+            return  # a sink attention function will place them (it knows the model config)
+        self.place_sinks(shift)
+
+    def rebase(self, delta: torch.Tensor) -> None:
+        """Rotate window keys back by ``delta`` positions per row (sinks keep their originals)."""
+        if not self.is_initialized or self.filled == 0:
+            return
+        window = self.real_idx[:, : self.filled] >= self.num_sink_tokens  # [B, n]
+        shift = torch.where(window, -delta[:, None], torch.zeros_like(self.real_idx[:, : self.filled]))
+        self.keys[:, :, : self.filled] = shift_rotary(self.keys[:, :, : self.filled], shift[:, None, :], self.cache.rotary)
+        self.positions[:, : self.filled] += shift
+        if self.pending is not None and self._pending_info is not None:
+            valid, positions = self._pending_info
+            self._pending_info = (valid, positions - delta[:, None])
+
+    # ------------------------------------------------------------ batch ops
+    _ROW_STATE = ("keys", "values", "sink_keys", "real_idx", "positions", "real_seen", "sink_shift")
+
+    def _map_rows(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        for name in self._ROW_STATE:
+            setattr(self, name, fn(getattr(self, name)))
+        if self.pending is not None:
+            self.pending = tuple(fn(t) for t in self.pending)
+            if self._pending_info is not None:
+                self._pending_info = tuple(None if t is None else fn(t) for t in self._pending_info)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_rows(lambda t: t[indices.to(t.device)])
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.seen = 0
+        self.pending = self._pending_info = None
+        self.acknowledged = None
+        self._acknowledged_now = False
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("SinkCache evicts tokens; it cannot be cropped (assisted decoding is unsupported).")
+
+
+class SinkCache(Cache):
+    """A ``Cache`` that keeps the first ``num_sink_tokens`` tokens and the last ``window_length`` tokens per layer.
+
+    Use it with any supported model through ``generate``::
+
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sink_sdpa")
+        cache = hf_sinks.SinkCache(num_sink_tokens=4, window_length=1020)
+        model.generate(**inputs, past_key_values=cache, max_new_tokens=20_000)
+
+    Args:
+        num_sink_tokens: sinks ``S`` (>= 0).
+        window_length: recent window ``W`` (>= 1), the query included.
+        config: the model's transformers config. Only needed when a *stock* attention (``"sdpa"``/``"eager"``)
+            streams past capacity, so the cache can shift the sinks itself; ``sink_*`` attentions bring it.
+        rotary: explicit :class:`~hf_sinks.rope.RotaryParams` (takes precedence over ``config``).
+    """
+
+    def __init__(
+        self,
+        num_sink_tokens: int = 4,
+        window_length: int = 1020,
+        *,
+        config: Any = None,
+        rotary: RotaryParams | None = None,
+    ):
+        self.sink_config = SinkConfig(num_sink_tokens=num_sink_tokens, window_length=window_length)
+        super().__init__(layers=[])
+        if rotary is None and config is not None:
+            rotary = RotaryParams.from_config(config.get_text_config(decoder=True))
+        self.rotary = rotary
+        self._incoming: tuple[int, torch.Tensor | None, torch.Tensor | None] | None = None
+        self._base: torch.Tensor | None = None  # per-row offset subtracted from positions (set by the hook)
+
+    @classmethod
+    def from_config(cls, sink_config: SinkConfig | dict, **kwargs: Any) -> "SinkCache":
+        """Build from a :class:`SinkConfig` (or its dict form)."""
+        if isinstance(sink_config, dict):
+            sink_config = SinkConfig.from_dict(sink_config)
+        return cls(sink_config.num_sink_tokens, sink_config.window_length, **kwargs)
+
+    @classmethod
+    def from_model(cls, model: Any, num_sink_tokens: int | None = None, window_length: int | None = None) -> "SinkCache":
+        """Build for ``model``: sizes from ``model.config.attention_sinks`` (or defaults) and the model's rotary."""
+        overrides = {k: v for k, v in (("num_sink_tokens", num_sink_tokens), ("window_length", window_length)) if v is not None}
+        sink_config = SinkConfig.from_model_config(model.config, **overrides) or SinkConfig()
+        return cls.from_config(sink_config, rotary=RotaryParams.from_model(model))
+
+    # -------------------------------------------------------------- properties
+    @property
+    def num_sink_tokens(self) -> int:
+        return self.sink_config.num_sink_tokens
+
+    @property
+    def window_length(self) -> int:
+        return self.sink_config.window_length
+
+    @property
+    def capacity(self) -> int:
+        return self.sink_config.capacity
+
+    def get_stored_length(self, layer_idx: int = 0) -> int:
+        """Tokens actually held by ``layer_idx`` (``get_seq_length`` counts every token seen, as generate expects)."""
+        return self.layers[layer_idx].stored_length() if layer_idx < len(self.layers) else 0
+
+    def __repr__(self) -> str:
+        return (
+            f"SinkCache(num_sink_tokens={self.num_sink_tokens}, window_length={self.window_length}, "
+            f"layers={len(self.layers)}, seen={self.get_seq_length()})"
+        )
+
+    # ------------------------------------------------------------------ update
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(SinkCacheLayer(self))
+        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("SinkCache evicts tokens; it cannot be cropped (assisted decoding is unsupported).")
+
+    # --------------------------------------------------------------- positions
+    def position_base(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        if self._base is None:
+            return torch.zeros(batch_size, dtype=torch.long, device=device)
+        return self._base.to(device)
+
+    def _incoming_for(self, seen: int, q: int):
+        """Validity and positions announced by the position hook for the forward starting at ``seen``."""
+        if self._incoming is None or self._incoming[0] != seen:
+            return None
+        _, valid, positions = self._incoming
+        return valid, positions[:, -q:] if positions is not None else None

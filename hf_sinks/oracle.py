@@ -1,0 +1,102 @@
+"""The recompute oracle (DESIGN §2): what a streaming model must output, computed the slow, obvious way.
+
+For token ``i`` the oracle runs a fresh forward pass over only the tokens visible to ``i`` (sinks + window, by the
+visibility rule) with positions ``0..len-1`` and no cache, and takes the last logits. This is also the "sliding
+window with re-computation" baseline of the StreamingLLM paper.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention.reference import visible_indices
+
+
+@torch.no_grad()
+def recompute_logits(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    num_sink_tokens: int,
+    window_length: int,
+    start: int = 0,
+) -> torch.Tensor:
+    """Oracle next-token logits for every token of ``input_ids`` from ``start`` on.
+
+    Args:
+        model: a causal LM.
+        input_ids: ``[T]`` or ``[1, T]`` token ids of one sequence (no padding).
+        num_sink_tokens, window_length: ``S`` and ``W``.
+        start: first token to compute logits for.
+
+    Returns:
+        ``[T - start, vocab]`` logits; row ``k`` predicts the token after ``input_ids[start + k]``.
+    """
+    ids = input_ids.reshape(-1)
+    rows = []
+    for i in range(start, ids.numel()):
+        visible = ids[visible_indices(i, num_sink_tokens, window_length)][None]
+        positions = torch.arange(visible.shape[1], device=ids.device)[None]
+        out = model(input_ids=visible, position_ids=positions, use_cache=False)
+        rows.append(out.logits[0, -1])
+    return torch.stack(rows)
+
+
+# ------------------------------------------------------------------------------------ spec-attention model run
+_REFERENCE_NAME = "hf_sinks_reference"
+
+
+def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    from .attention.reference import reference_sink_attention
+    from .rope import shift_rotary
+
+    sinks, window, rotary = kwargs["hf_sinks_reference"]
+    length = query.shape[2]
+    positions = torch.arange(length, device=query.device)
+    # the model rotated q/k at positions 0..T-1; undo it exactly, then let the spec assign positions
+    raw_q = shift_rotary(query.double(), -positions, rotary)
+    raw_k = shift_rotary(key.double(), -positions, rotary)
+    out = reference_sink_attention(raw_q, raw_k, value.double(), sinks, window, rotary, scaling)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _register_reference() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(_REFERENCE_NAME, _reference_attention)
+    AttentionMaskInterface.register(_REFERENCE_NAME, sdpa_mask)
+
+
+@torch.no_grad()
+def reference_logits(model: torch.nn.Module, input_ids: torch.Tensor, num_sink_tokens: int, window_length: int):
+    """Logits of one full-sequence forward (no cache) where every attention layer is the fp64 spec.
+
+    This is what streaming computes for a model of any depth: each token's states at every layer come from
+    attending over *its own* visible set, with cache-relative positions. (For a one-layer model it coincides with
+    :func:`recompute_logits`; for deeper models recompute differs, as the StreamingLLM paper's Fig. 1 (c) vs (d).)
+
+    Args:
+        model: a causal LM routed through ``AttentionInterface``.
+        input_ids: ``[T]`` or ``[1, T]`` token ids of one sequence (no padding).
+
+    Returns:
+        ``[T, vocab]`` logits.
+    """
+    from .rope import RotaryParams
+
+    _register_reference()
+    ids = input_ids.reshape(1, -1)
+    rotary = RotaryParams.from_model(model)
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = _REFERENCE_NAME
+    try:
+        out = model(
+            input_ids=ids,
+            position_ids=torch.arange(ids.shape[1], device=ids.device)[None],
+            use_cache=False,
+            hf_sinks_reference=(num_sink_tokens, window_length, rotary),
+        )
+    finally:
+        config._attn_implementation = previous
+    return out.logits[0]

@@ -1,0 +1,94 @@
+"""Rotary-embedding helpers shared by the cache and the attention functions.
+
+All four supported families use the ``rotate_half`` convention on the first ``rotary_dim`` channels of each head
+(GPT-NeoX rotates only ``partial_rotary_factor`` of them). hf_sinks never re-applies a model's RoPE from scratch: it
+only *shifts* already-rotated keys or queries by a small integer number of positions, computing the angles in fp64
+so a shift is exact whatever position the stream has reached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# RoPE types whose frequencies depend on the current sequence length: a cached key cannot be shifted exactly.
+_DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
+
+
+@dataclass(frozen=True)
+class RotaryParams:
+    """The inverse frequencies a model rotates with, and how many channels of a head they cover."""
+
+    inv_freq: torch.Tensor  # [rotary_dim // 2], fp32, exactly the model's buffer when taken from the model
+    rotary_dim: int
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "RotaryParams":
+        """Take the model's own rotary buffer (exact even if the model was cast)."""
+        for module in model.modules():
+            inv_freq = getattr(module, "inv_freq", None)
+            if isinstance(inv_freq, torch.Tensor) and hasattr(module, "attention_scaling"):
+                _check_static(getattr(module, "rope_type", "default"))
+                return cls(inv_freq.detach().float(), 2 * inv_freq.numel())
+        raise ValueError(f"{type(model).__name__} has no rotary embedding module (no `inv_freq` buffer).")
+
+    @classmethod
+    def from_config(cls, config) -> "RotaryParams":
+        """Recompute the frequencies from a transformers config (what the model's rotary module does at init)."""
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        rope = dict(getattr(config, "rope_parameters", None) or {})
+        rope_type = rope.get("rope_type", "default")
+        _check_static(rope_type)
+        if rope_type == "default":
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+            base = rope["rope_theta"]
+            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        else:
+            inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+        return cls(inv_freq.float(), 2 * inv_freq.numel())
+
+
+def _check_static(rope_type: str) -> None:
+    if rope_type in _DYNAMIC_ROPE_TYPES:
+        raise ValueError(
+            f"rope_type={rope_type!r} changes its frequencies with the sequence length, so cached keys cannot be "
+            f"re-positioned exactly; hf_sinks supports static RoPE types (default, linear, llama3, yarn, ...)."
+        )
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def shift_rotary(x: torch.Tensor, delta: torch.Tensor, rotary: RotaryParams) -> torch.Tensor:
+    """Move rotated vectors ``x`` by ``delta`` positions (``R(p) x -> R(p + delta) x``).
+
+    Args:
+        x: ``[..., n, head_dim]`` keys or queries, already rotated by the model.
+        delta: integer shifts broadcastable to ``x.shape[:-1]`` (e.g. ``[B, 1, n]``).
+        rotary: the model's rotary parameters.
+
+    The angle ``delta * inv_freq`` is formed in fp64 so shifts stay exact for any ``delta``; the rotation itself runs
+    in fp32 (or the input dtype if wider) and the result is cast back.
+    """
+    rd = rotary.rotary_dim
+    inv_freq = rotary.inv_freq.to(device=x.device, dtype=torch.float64)
+    angles = delta.to(device=x.device, dtype=torch.float64).unsqueeze(-1) * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    cos, sin = angles.cos().to(compute), angles.sin().to(compute)
+    xr = x[..., :rd].to(compute)
+    rotated = (xr * cos + rotate_half(xr) * sin).to(x.dtype)
+    if rd == x.shape[-1]:
+        return rotated
+    return torch.cat((rotated, x[..., rd:]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, rotary: RotaryParams) -> torch.Tensor:
+    """Rotate raw vectors to absolute ``positions`` (used by the fp64 reference; same maths as :func:`shift_rotary`)."""
+    return shift_rotary(x, positions, rotary)

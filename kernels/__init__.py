@@ -1,0 +1,1 @@
+"""Triton kernels (installed as ``hf_sinks.kernels``). No transformers imports here."""
