@@ -3,6 +3,7 @@
 ``import hf_sinks`` registers the ``sink_sdpa``, ``sink_eager`` and ``sink_flex`` attention implementations.
 """
 
+from .api import SinkHandle, apply
 from .attention import register
 from .cache import SinkCache
 from .config import SinkConfig
@@ -11,6 +12,6 @@ from .rope import RotaryParams
 
 __version__ = "0.1.0"
 
-__all__ = ["MODEL_SPECS", "RotaryParams", "SinkCache", "SinkConfig", "__version__", "register"]
+__all__ = ["MODEL_SPECS", "RotaryParams", "SinkCache", "SinkConfig", "SinkHandle", "__version__", "apply", "register"]
 
 register()

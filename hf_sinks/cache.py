@@ -108,6 +108,12 @@ class SinkCacheLayer(CacheLayerMixin):
             self._warn_if_dense_prefill()
             self.commit()
         self._acknowledged_now = False
+        if self.acknowledged is False and bool((self.real_idx[:, : self.filled] < 0).any()):
+            raise ValueError(
+                "This SinkCache holds a left-padded batch, which a stock attention (attn_implementation="
+                "'sdpa'/'eager') cannot mask slot by slot; load the model with attn_implementation='sink_sdpa' "
+                "or 'sink_eager' to stream padded batches."
+            )
         q = key_states.shape[-2]
         incoming = self.cache._incoming_for(self.seen, q)
         self.seen += q
@@ -317,6 +323,7 @@ class SinkCache(Cache):
         self.rotary = rotary
         self._incoming: tuple[int, torch.Tensor | None, torch.Tensor | None] | None = None
         self._base: torch.Tensor | None = None  # per-row offset subtracted from positions (set by the hook)
+        self._real_seen: torch.Tensor | None = None  # per-row real tokens, as counted by the hook
 
     @classmethod
     def from_config(cls, sink_config: SinkConfig | dict, **kwargs: Any) -> "SinkCache":
@@ -369,6 +376,64 @@ class SinkCache(Cache):
         if self._base is None:
             return torch.zeros(batch_size, dtype=torch.long, device=device)
         return self._base.to(device)
+
+    def begin_forward(self, batch_size: int, q: int, attention_mask: torch.Tensor | None, device) -> torch.Tensor:
+        """Own the positions of the next forward (called by the position hook, before any layer runs).
+
+        Returns ``[B, q]`` position ids ``real_index - base``: relative distances are the true ones, and ``base``
+        advances (re-rotating resident window keys once, O(S + W) per layer every ~``S + W`` tokens) so positions
+        stay below ``2 (S + W)`` however long the stream: no fp32 angle loss at any stream length.
+        """
+        for layer in self.layers:  # a chunk left by a stock attention is stored before positions move
+            if layer.pending is not None:
+                layer._warn_if_dense_prefill()
+                layer.commit()
+        if self._real_seen is None or self._real_seen.shape[0] != batch_size:
+            self._real_seen = torch.zeros(batch_size, dtype=torch.long, device=device)
+            self._base = torch.zeros(batch_size, dtype=torch.long, device=device)
+        valid = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            valid = attention_mask[:, -q:].to(device=device, dtype=torch.bool)
+            valid = None if bool(valid.all()) else valid
+        if valid is None:
+            real = self._real_seen[:, None] + torch.arange(q, device=device)
+        else:
+            real = self._real_seen[:, None] + valid.long().cumsum(-1) - 1
+        if int((real[:, -1] - self._base).max()) >= 2 * self.capacity:
+            new_base = (self._real_seen - self.capacity).clamp(min=0)
+            delta = new_base - self._base
+            for layer in self.layers:
+                layer.rebase(delta)
+            self._base = new_base
+        positions = (real - self._base[:, None]).clamp(min=0)
+        if valid is not None:
+            positions = torch.where(valid, positions, torch.zeros_like(positions))
+            self._real_seen = self._real_seen + valid.sum(-1)
+        else:
+            self._real_seen = self._real_seen + q
+        self._incoming = (self.get_seq_length(), valid, positions)
+        return positions
+
+    def _map_rows(self, fn) -> None:
+        if self._real_seen is not None:
+            self._real_seen, self._base = fn(self._real_seen), fn(self._base)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        super().reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_rows(lambda t: t[indices.to(t.device)])
+        super().batch_select_indices(indices)
+
+    def reset(self) -> None:
+        super().reset()
+        self._real_seen = self._base = None
+        self._incoming = None
 
     def _incoming_for(self, seen: int, q: int):
         """Validity and positions announced by the position hook for the forward starting at ``seen``."""
