@@ -7,6 +7,8 @@ window with re-computation" baseline of the StreamingLLM paper.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from .attention.reference import visible_indices
@@ -19,6 +21,7 @@ def recompute_logits(
     num_sink_tokens: int,
     window_length: int,
     start: int = 0,
+    attn_implementation: str = "sdpa",
 ) -> torch.Tensor:
     """Oracle next-token logits for every token of ``input_ids`` from ``start`` on.
 
@@ -27,18 +30,32 @@ def recompute_logits(
         input_ids: ``[T]`` or ``[1, T]`` token ids of one sequence (no padding).
         num_sink_tokens, window_length: ``S`` and ``W``.
         start: first token to compute logits for.
+        attn_implementation: attention used for the fresh passes (independent of what the model is set to).
 
     Returns:
         ``[T - start, vocab]`` logits; row ``k`` predicts the token after ``input_ids[start + k]``.
     """
     ids = input_ids.reshape(-1)
     rows = []
-    for i in range(start, ids.numel()):
-        visible = ids[visible_indices(i, num_sink_tokens, window_length)][None]
-        positions = torch.arange(visible.shape[1], device=ids.device)[None]
-        out = model(input_ids=visible, position_ids=positions, use_cache=False)
-        rows.append(out.logits[0, -1])
+    with using_attention(model, attn_implementation):
+        for i in range(start, ids.numel()):
+            visible = ids[visible_indices(i, num_sink_tokens, window_length)][None]
+            positions = torch.arange(visible.shape[1], device=ids.device)[None]
+            out = model(input_ids=visible, position_ids=positions, use_cache=False)
+            rows.append(out.logits[0, -1])
     return torch.stack(rows)
+
+
+@contextmanager
+def using_attention(model: torch.nn.Module, name: str):
+    """Temporarily run ``model`` with attention implementation ``name`` (read at every forward)."""
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 # ------------------------------------------------------------------------------------ spec-attention model run
@@ -87,16 +104,11 @@ def reference_logits(model: torch.nn.Module, input_ids: torch.Tensor, num_sink_t
     _register_reference()
     ids = input_ids.reshape(1, -1)
     rotary = RotaryParams.from_model(model)
-    config = model.config
-    previous = config._attn_implementation
-    config._attn_implementation = _REFERENCE_NAME
-    try:
+    with using_attention(model, _REFERENCE_NAME):
         out = model(
             input_ids=ids,
             position_ids=torch.arange(ids.shape[1], device=ids.device)[None],
             use_cache=False,
             hf_sinks_reference=(num_sink_tokens, window_length, rotary),
         )
-    finally:
-        config._attn_implementation = previous
     return out.logits[0]

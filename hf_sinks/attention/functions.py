@@ -62,6 +62,7 @@ def _flex_kernel(q, k, v, mask, scaling, dropout, want_weights):
             return torch.where(full[b, 0, qi, ki], score, -float("inf"))
 
     gqa = q.shape[1] != k.shape[1]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the cache hands out strided views of its slots
     return flex_attention(q, k, v, score_mod=score_mod, scale=scaling, enable_gqa=gqa), None
 
 
