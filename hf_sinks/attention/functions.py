@@ -44,7 +44,7 @@ def _eager_kernel(q, k, v, mask, scaling, dropout, want_weights):
     scores = (q @ k.transpose(-1, -2)) * scaling
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
     weights = F.dropout(weights, p=dropout, training=dropout > 0)
     return weights @ v, (weights if want_weights else None)
 
