@@ -15,8 +15,8 @@ VOCAB = 96
 
 
 def tiny_config(arch: str = "llama", layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int = 16, **extra):
-    """A tiny random config of ``arch`` ("llama" or "mistral")."""
-    from transformers import LlamaConfig, MistralConfig
+    """A tiny random config of ``arch`` ("llama", "mistral" or "gpt_neox")."""
+    from transformers import GPTNeoXConfig, LlamaConfig, MistralConfig
 
     common = dict(
         vocab_size=VOCAB,
@@ -34,6 +34,10 @@ def tiny_config(arch: str = "llama", layers: int = 2, heads: int = 4, kv_heads: 
     if arch == "mistral":
         common.setdefault("sliding_window", None)
         return MistralConfig(**common)
+    if arch == "gpt_neox":  # no GQA; rotates only rotary_pct of each head
+        common.pop("num_key_value_heads")
+        common.setdefault("rotary_pct", 0.5)
+        return GPTNeoXConfig(**common)
     raise ValueError(arch)
 
 

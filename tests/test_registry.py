@@ -1,0 +1,96 @@
+"""Registration, the stock fallback, supported model types, and apply()/remove()."""
+
+import pytest
+import torch
+from conftest import random_ids, tiny_config, tiny_model
+from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM, DynamicCache
+
+import hf_sinks
+from hf_sinks.attention import ATTENTION_IMPLEMENTATIONS
+
+NAMES = sorted(ATTENTION_IMPLEMENTATIONS)
+
+
+def test_every_name_is_in_both_registries_and_register_is_idempotent():
+    hf_sinks.register()
+    hf_sinks.register()
+    for name in NAMES:
+        assert name in AttentionInterface._global_mapping
+        assert name in AttentionMaskInterface._global_mapping
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_from_pretrained_accepts_the_names(tmp_path, name):
+    tiny_model("llama", "sdpa").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=name)
+    assert model.config._attn_implementation == name
+
+
+@pytest.mark.parametrize("name,stock", [("sink_sdpa", "sdpa"), ("sink_eager", "eager")])
+@pytest.mark.parametrize("arch,extra", [("llama", {}), ("mistral", {"sliding_window": 5})])
+def test_without_sink_cache_they_are_exactly_the_stock_attention(name, stock, arch, extra):
+    prompt = random_ids(2, 9)
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = 0
+    outs = []
+    for impl in (name, stock):
+        model = tiny_model(arch, impl, **extra)
+        out = model.generate(prompt, attention_mask=mask, past_key_values=DynamicCache(config=model.config), max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        outs.append(torch.stack(out.logits))
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+
+
+def test_unsupported_model_type_is_refused_with_the_supported_list():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64)
+    model = Qwen2ForCausalLM._from_config(config, attn_implementation="sink_sdpa")
+    with pytest.raises(ValueError, match=r"model_type='qwen2'.*supported model types: \['gpt_neox', 'llama', 'mistral'\]"):
+        model(random_ids(1, 4) % 64)
+    with pytest.raises(ValueError, match="model_type='qwen2'"):
+        hf_sinks.apply(model)
+
+
+def test_every_model_spec_has_an_oracle_test_and_a_readme_row():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    oracle_tests = (root / "tests" / "test_streaming_oracle.py").read_text()
+    readme = (root / "README.md").read_text()
+    for model_type, spec in hf_sinks.MODEL_SPECS.items():
+        assert spec.route in ("interface", "patch")
+        assert f'"{model_type}"' in oracle_tests, f"no oracle test for {model_type}"
+        assert f"| `{model_type}` |" in readme, f"no README row for {model_type}"
+
+
+def test_apply_and_remove_restore_the_model_exactly():
+    model = tiny_model("llama", "sdpa")
+    prompt = random_ids(1, 12)
+    with torch.no_grad():
+        before = model(prompt).logits
+    handle = hf_sinks.apply(model, num_sink_tokens=2, window_length=6)
+    assert model.config._attn_implementation == "sink_sdpa"
+    assert model.config.attention_sinks == {"num_sink_tokens": 2, "window_length": 6, "position_mode": "cache"}
+    hf_sinks.apply(model, window_length=8)  # idempotent: replaces, never stacks hooks
+    assert len(model.model._forward_pre_hooks) == 1
+    model.generate(prompt, past_key_values=hf_sinks.SinkCache.from_model(model), max_new_tokens=12)
+    model._hf_sinks_handle.remove()
+    handle.remove()
+    assert model.config._attn_implementation == "sdpa"
+    assert not hasattr(model.config, "attention_sinks")
+    assert len(model.model._forward_pre_hooks) == 0
+    with torch.no_grad():
+        assert torch.equal(model(prompt).logits, before)
+
+
+def test_apply_refuses_a_non_sink_attention():
+    with pytest.raises(ValueError, match="'sdpa' is not a sink attention.*sink_eager"):
+        hf_sinks.apply(tiny_model("llama", "sdpa"), attn_implementation="sdpa")
+
+
+def test_sink_cache_from_model_reads_the_config_flag():
+    config = tiny_config("llama")
+    config.attention_sinks = {"num_sink_tokens": 1, "window_length": 5}
+    model = AutoModelForCausalLM.from_config(config)
+    cache = hf_sinks.SinkCache.from_model(model)
+    assert (cache.num_sink_tokens, cache.window_length) == (1, 5)
