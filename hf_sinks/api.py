@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import torch
@@ -16,18 +17,30 @@ _APPLIED = "_hf_sinks_handle"
 class SinkHandle:
     """What :func:`apply` changed on one model; :meth:`remove` restores it exactly. Also a context manager."""
 
-    def __init__(self, model: torch.nn.Module, sink_config: SinkConfig, previous_impl: str, previous_flag: Any):
+    def __init__(self, model: torch.nn.Module, sink_config: SinkConfig, attn_implementation: str):
         self.model = model
         self.sink_config = sink_config
-        self._previous_impl = previous_impl
-        self._previous_flag = previous_flag
+        self._previous_impl = model.config._attn_implementation
+        self._previous_flag = getattr(model.config, CONFIG_ATTRIBUTE, None)
+        self._unpatch = None
+        spec = get_spec(getattr(model.config, "model_type", None))
+        if spec.route == "patch":  # the model bypasses AttentionInterface: patch its attention instances
+            self._unpatch = importlib.import_module(f"hf_sinks.patches.{spec.model_type}").patch_model(model)
+            model.config._attn_implementation = attn_implementation
+        else:
+            model.set_attn_implementation(attn_implementation)
+        setattr(model.config, CONFIG_ATTRIBUTE, sink_config.to_dict())
         self._hook = install_position_hook(model)
 
     def remove(self) -> None:
         if getattr(self.model, _APPLIED, None) is not self:
             return
         self._hook.remove()
-        self.model.set_attn_implementation(self._previous_impl)
+        if self._unpatch is not None:
+            self._unpatch()
+            self.model.config._attn_implementation = self._previous_impl
+        else:
+            self.model.set_attn_implementation(self._previous_impl)
         if self._previous_flag is None:
             if hasattr(self.model.config, CONFIG_ATTRIBUTE):
                 delattr(self.model.config, CONFIG_ATTRIBUTE)
@@ -67,10 +80,6 @@ def apply(
     if previous is not None:
         previous.remove()
     sink_config = SinkConfig.from_model_config(model.config, **overrides) or SinkConfig()
-    previous_flag = getattr(model.config, "attention_sinks", None)
-    previous_impl = model.config._attn_implementation
-    model.set_attn_implementation(attn_implementation)
-    model.config.attention_sinks = sink_config.to_dict()
-    handle = SinkHandle(model, sink_config, previous_impl, previous_flag)
+    handle = SinkHandle(model, sink_config, attn_implementation)
     setattr(model, _APPLIED, handle)
     return handle

@@ -24,6 +24,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         ModelSpec("llama", "interface", "model", "GQA; any static RoPE type (default, linear, llama3, yarn)"),
         ModelSpec("mistral", "interface", "model", "its own sliding_window never hides the sinks"),
         ModelSpec("gpt_neox", "interface", "gpt_neox", "Pythia; partial rotary (rotary_pct)"),
+        ModelSpec("falcon", "patch", "transformer", "rotary variants (multi-query, new decoder architecture); ALiBi refused"),
     )
 }
 

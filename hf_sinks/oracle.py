@@ -60,13 +60,14 @@ def using_attention(model: torch.nn.Module, name: str):
 
 # ------------------------------------------------------------------------------------ spec-attention model run
 _REFERENCE_NAME = "hf_sinks_reference"
+_REFERENCE_ARGS: list = []  # (S, W, rotary) of the running reference_logits call (not every model forwards kwargs)
 
 
 def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     from .attention.reference import reference_sink_attention
     from .rope import shift_rotary
 
-    sinks, window, rotary = kwargs["hf_sinks_reference"]
+    sinks, window, rotary = _REFERENCE_ARGS[-1]
     length = query.shape[2]
     positions = torch.arange(length, device=query.device)
     # the model rotated q/k at positions 0..T-1; undo it exactly, then let the spec assign positions
@@ -104,11 +105,30 @@ def reference_logits(model: torch.nn.Module, input_ids: torch.Tensor, num_sink_t
     _register_reference()
     ids = input_ids.reshape(1, -1)
     rotary = RotaryParams.from_model(model)
-    with using_attention(model, _REFERENCE_NAME):
-        out = model(
-            input_ids=ids,
-            position_ids=torch.arange(ids.shape[1], device=ids.device)[None],
-            use_cache=False,
-            hf_sinks_reference=(num_sink_tokens, window_length, rotary),
-        )
+    _REFERENCE_ARGS.append((num_sink_tokens, window_length, rotary))
+    try:
+        with _routed_through_interface(model), using_attention(model, _REFERENCE_NAME):
+            out = model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=ids.device)[None], use_cache=False)
+    finally:
+        _REFERENCE_ARGS.pop()
     return out.logits[0]
+
+
+@contextmanager
+def _routed_through_interface(model: torch.nn.Module):
+    """Temporarily patch a model that bypasses AttentionInterface (Falcon) unless it already is."""
+    import importlib
+
+    from .models import get_spec
+
+    spec = get_spec(getattr(model.config, "model_type", None))
+    undo = None
+    if spec.route == "patch":
+        patch = importlib.import_module(f"hf_sinks.patches.{spec.model_type}")
+        if not patch.is_patched(model):
+            undo = patch.patch_model(model)
+    try:
+        yield
+    finally:
+        if undo is not None:
+            undo()

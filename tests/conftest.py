@@ -15,8 +15,8 @@ VOCAB = 96
 
 
 def tiny_config(arch: str = "llama", layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int = 16, **extra):
-    """A tiny random config of ``arch`` ("llama", "mistral" or "gpt_neox")."""
-    from transformers import GPTNeoXConfig, LlamaConfig, MistralConfig
+    """A tiny random config of ``arch``: llama, mistral, gpt_neox, falcon (multi-query), falcon_new, falcon_mha."""
+    from transformers import FalconConfig, GPTNeoXConfig, LlamaConfig, MistralConfig
 
     common = dict(
         vocab_size=VOCAB,
@@ -38,15 +38,29 @@ def tiny_config(arch: str = "llama", layers: int = 2, heads: int = 4, kv_heads: 
         common.pop("num_key_value_heads")
         common.setdefault("rotary_pct", 0.5)
         return GPTNeoXConfig(**common)
+    if arch.startswith("falcon"):
+        kv_heads = common.pop("num_key_value_heads")
+        common.pop("intermediate_size")
+        variant = {
+            "falcon": {},
+            "falcon_new": {"new_decoder_architecture": True, "num_kv_heads": kv_heads},
+            "falcon_mha": {"multi_query": False, "parallel_attn": False},
+        }[arch]
+        return FalconConfig(**common, **variant)
     raise ValueError(arch)
 
 
 def tiny_model(arch: str = "llama", attn_implementation: str = "sink_sdpa", seed: int = 0, **kwargs):
+    """A tiny random model using ``attn_implementation``; Falcon gets sink attentions through ``hf_sinks.apply``."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     config = tiny_config(arch, **kwargs)
-    config._attn_implementation = attn_implementation
+    if arch.startswith("falcon"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa" if "sink" in attn_implementation else attn_implementation)
+        if "sink" in attn_implementation:
+            hf_sinks.apply(model, attn_implementation=attn_implementation)
+        return model.eval()
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval()
 
 

@@ -45,7 +45,7 @@ def test_unsupported_model_type_is_refused_with_the_supported_list():
 
     config = Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64)
     model = Qwen2ForCausalLM._from_config(config, attn_implementation="sink_sdpa")
-    with pytest.raises(ValueError, match=r"model_type='qwen2'.*supported model types: \['gpt_neox', 'llama', 'mistral'\]"):
+    with pytest.raises(ValueError, match=r"model_type='qwen2'.*supported model types: \['falcon', 'gpt_neox', 'llama', 'mistral'\]"):
         model(random_ids(1, 4) % 64)
     with pytest.raises(ValueError, match="model_type='qwen2'"):
         hf_sinks.apply(model)
@@ -94,3 +94,28 @@ def test_sink_cache_from_model_reads_the_config_flag():
     model = AutoModelForCausalLM.from_config(config)
     cache = hf_sinks.SinkCache.from_model(model)
     assert (cache.num_sink_tokens, cache.window_length) == (1, 5)
+
+
+def test_falcon_alibi_is_refused_clearly():
+    config = tiny_config("falcon_mha", alibi=True)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match="alibi=True is not supported.*Rotary Falcons"):
+        hf_sinks.apply(model)
+
+
+def test_falcon_patch_is_per_instance_and_removable():
+    from transformers.models.falcon.modeling_falcon import FalconAttention
+
+    model, other = tiny_model("falcon", "sdpa"), tiny_model("falcon", "sdpa", seed=1)
+    prompt = random_ids(1, 10)
+    with torch.no_grad():
+        before = model(prompt).logits
+    handle = hf_sinks.apply(model, num_sink_tokens=2, window_length=5)
+    attentions = [m for m in model.modules() if isinstance(m, FalconAttention)]
+    assert all("forward" in vars(m) for m in attentions)
+    assert not any("forward" in vars(m) for m in other.modules() if isinstance(m, FalconAttention))
+    handle.remove()
+    assert not any("forward" in vars(m) for m in attentions)
+    assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        assert torch.equal(model(prompt).logits, before)

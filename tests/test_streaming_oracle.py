@@ -39,7 +39,10 @@ SIZES = [
 ]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt_neox"])
+ARCHS = ["llama", "mistral", "gpt_neox", "falcon", "falcon_new", "falcon_mha"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("impl", SINK_IMPLS + ["sdpa", "eager"])
 @pytest.mark.parametrize("sinks,window,prompt_len", SIZES)
 def test_one_layer_matches_recompute_oracle(arch, impl, sinks, window, prompt_len):
@@ -54,14 +57,14 @@ def test_one_layer_matches_recompute_oracle(arch, impl, sinks, window, prompt_le
     assert cache.get_stored_length() == min(sinks + window, out.sequences.shape[1] - 1)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt_neox"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("impl", SINK_IMPLS + ["sdpa"])
 @pytest.mark.parametrize(
     "heads,kv_heads,head_dim", [pytest.param(4, 2, 16, id="gqa2"), pytest.param(4, 1, 8, id="mqa"), pytest.param(3, 3, 10, id="mha-odd")]
 )
 def test_deep_model_matches_spec(arch, impl, heads, kv_heads, head_dim):
-    if arch == "gpt_neox" and kv_heads != heads:
-        pytest.skip("GPT-NeoX has no grouped-query attention")
+    if arch in ("gpt_neox", "falcon_mha") and kv_heads != heads:
+        pytest.skip("this architecture has no grouped-query attention")
     sinks, window, prompt_len = 3, 10, 5 if impl == "sdpa" else 29
     model = tiny_model(arch, impl, layers=3, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
     prompt = random_ids(1, prompt_len)
@@ -92,7 +95,7 @@ def test_below_capacity_identical_to_dynamic_cache(impl):
     torch.testing.assert_close(sink_logits, dense_logits, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "falcon_new"])
 @pytest.mark.parametrize("impl", SINK_IMPLS)
 @pytest.mark.parametrize("prompt_lens", [pytest.param((5, 9, 2), id="below"), pytest.param((30, 17, 8), id="above")])
 def test_left_padded_batch_equals_each_row(arch, impl, prompt_lens):
