@@ -5,6 +5,7 @@
 
 from .api import SinkHandle, apply
 from .attention import register
+from .auto import AutoModelForCausalLM
 from .cache import SinkCache
 from .config import SinkConfig
 from .models import MODEL_SPECS
@@ -12,6 +13,6 @@ from .rope import RotaryParams
 
 __version__ = "0.1.0"
 
-__all__ = ["MODEL_SPECS", "RotaryParams", "SinkCache", "SinkConfig", "SinkHandle", "__version__", "apply", "register"]
+__all__ = ["AutoModelForCausalLM", "MODEL_SPECS", "RotaryParams", "SinkCache", "SinkConfig", "SinkHandle", "__version__", "apply", "register"]
 
 register()

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
+import logging
 from typing import Any
 
 import torch
 
+from .cache import SinkCache
 from .config import CONFIG_ATTRIBUTE, SinkConfig
+from .rope import RotaryParams
 from .models import get_spec
 from .positions import install_position_hook
 
 _APPLIED = "_hf_sinks_handle"
+logger = logging.getLogger(__name__)
 
 
 class SinkHandle:
@@ -31,11 +36,43 @@ class SinkHandle:
             model.set_attn_implementation(attn_implementation)
         setattr(model.config, CONFIG_ATTRIBUTE, sink_config.to_dict())
         self._hook = install_position_hook(model)
+        self.num_attention_modules = self._count_attention_modules(spec.route)
+        self._wrap_generate()
+        logger.info(
+            "hf_sinks: %d attention modules of %s stream with %s (num_sink_tokens=%d, window_length=%d)",
+            self.num_attention_modules, spec.model_type, attn_implementation,
+            sink_config.num_sink_tokens, sink_config.window_length,
+        )
+
+    def _count_attention_modules(self, route: str) -> int:
+        if route == "patch":
+            return self._unpatch.count
+        count = sum(1 for m in self.model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx"))
+        if count == 0:
+            raise ValueError(f"hf_sinks.apply found no attention module in {type(self.model).__name__}; nothing would stream.")
+        return count
+
+    def _wrap_generate(self) -> None:
+        """``model.generate`` without ``past_key_values`` streams with a SinkCache of its own (instance attribute)."""
+        original = self.model.generate
+        handle = self
+
+        @functools.wraps(original)
+        def generate(*args: Any, **kwargs: Any):
+            generation_config = kwargs.get("generation_config") or handle.model.generation_config
+            wants_cache = kwargs.get("use_cache", generation_config.use_cache) is not False
+            chosen = kwargs.get("cache_implementation", generation_config.cache_implementation)
+            if kwargs.get("past_key_values") is None and wants_cache and chosen is None:
+                kwargs["past_key_values"] = SinkCache.from_config(handle.sink_config, rotary=RotaryParams.from_model(handle.model))
+            return original(*args, **kwargs)
+
+        self.model.generate = generate
 
     def remove(self) -> None:
         if getattr(self.model, _APPLIED, None) is not self:
             return
         self._hook.remove()
+        del self.model.generate
         if self._unpatch is not None:
             self._unpatch()
             self.model.config._attn_implementation = self._previous_impl
@@ -63,10 +100,19 @@ def apply(
 ) -> SinkHandle:
     """Make ``model`` stream with attention sinks.
 
-    Sets ``attn_implementation`` (a ``sink_*`` name), records the setup in ``model.config.attention_sinks`` and
-    installs the position hook (bounded positions, padding known to the cache). Sizes come from the arguments, else
-    ``model.config.attention_sinks``, else the defaults (4 + 1020). Applying again replaces the previous setup.
-    Use with ``model.generate(..., past_key_values=hf_sinks.SinkCache.from_model(model))``.
+    Per instance and reversibly: sets ``attn_implementation`` (a ``sink_*`` name; Falcon, which bypasses
+    transformers' AttentionInterface, gets its attention instances patched), records the setup in
+    ``model.config.attention_sinks`` (saved by ``save_pretrained``), installs the position hook (bounded positions,
+    padding known to the cache) and makes ``model.generate`` create a :class:`SinkCache` when given none.
+    Sizes come from the arguments, else ``model.config.attention_sinks``, else the defaults (4 + 1020). Applying
+    again replaces the previous setup.
+
+    Returns:
+        a :class:`SinkHandle`; ``.remove()`` (or leaving its ``with`` block) restores the model exactly.
+
+    Raises:
+        ValueError: unsupported model type (the message lists the supported ones), an ALiBi Falcon, a non-sink
+            ``attn_implementation``, or a model in which no attention module was found.
     """
     get_spec(getattr(model.config, "model_type", None))
     from .attention.registry import ATTENTION_IMPLEMENTATIONS

@@ -38,7 +38,12 @@ class SinkMask:
         valid = self.padding_mask[:, -q:]
         return None if bool(valid.all()) else valid
 
-    # A few transformers helpers probe masks for these; answer like the dense mask would.
+    # generate() precomputes masks for compileable caches (never a SinkCache) and calls .contiguous(): hand over
+    # the dense mask, which the model then treats as already prepared.
+    def contiguous(self) -> Any:
+        dense = self.dense()
+        return dense.contiguous() if dense is not None else None
+
     @property
     def shape(self) -> torch.Size:
         dense = self.dense()
