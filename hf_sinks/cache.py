@@ -68,6 +68,7 @@ class SinkCacheLayer(CacheLayerMixin):
         self.real_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.sink_shift = torch.zeros(batch, dtype=torch.long, device=self.device)  # shift now in the sink slots
         self.filled = 0  # slots 0..filled-1 are in use in at least one row
+        self.uniform: int | None = 0  # real tokens per row when every row has the same count (fast path)
         self.is_initialized = True
 
     def get_seq_length(self) -> int:
@@ -164,6 +165,8 @@ class SinkCacheLayer(CacheLayerMixin):
         return torch.where(valid, idx, torch.full_like(idx, -1))
 
     def _write(self, key_states, value_states, valid, positions) -> None:
+        if valid is None and self.uniform is not None and key_states.shape[-2] == 1:
+            return self._write_one(key_states, value_states, positions)
         q = key_states.shape[-2]
         s, w = self.num_sink_tokens, self.window_length
         real = self.new_token_indices(valid, q)  # [B, q]
@@ -186,6 +189,32 @@ class SinkCacheLayer(CacheLayerMixin):
             self.sink_shift[srows] = 0
         self.real_seen = total
         self.filled = max(self.filled, min(int(total.max()), self.capacity))
+        lockstep = self.uniform is not None and bool((real >= 0).all()) and bool((total == total[0]).all())
+        self.uniform = int(total[0]) if lockstep else None
+
+    def _write_one(self, key_states, value_states, positions) -> None:
+        """Decode fast path: every row holds the same real-token count, so the slot is one Python int."""
+        r = self.uniform
+        slot = self.slot_index(r)
+        self.keys[:, :, slot] = key_states[:, :, 0]
+        self.values[:, :, slot] = value_states[:, :, 0]
+        self.real_idx[:, slot] = r
+        if positions is not None:
+            self.positions[:, slot] = positions[:, -1].to(self.device)
+        elif self.cache._base is None:
+            self.positions[:, slot] = r
+        else:
+            self.positions[:, slot] = r - self.cache._base.to(self.device)
+        if r < self.num_sink_tokens:
+            self.sink_keys[:, :, r] = key_states[:, :, 0]
+        self.real_seen += 1
+        self.uniform = r + 1
+        self.filled = max(self.filled, min(r + 1, self.capacity))
+
+    def slot_index(self, real: int) -> int:
+        """:meth:`slot_of` for one Python int."""
+        s = self.num_sink_tokens
+        return real if real < s else s + (real - s) % self.window_length
 
     def slot_of(self, real: torch.Tensor) -> torch.Tensor:
         """Slot of the token with real index ``real``: its own sink slot, or its place in the window ring."""
@@ -227,14 +256,14 @@ class SinkCacheLayer(CacheLayerMixin):
 
     def place_sinks(self, shift: torch.Tensor) -> None:
         """Write the sinks, shifted by ``shift`` positions per row, into their slots (O(S) per call)."""
-        if self.num_sink_tokens == 0 or self.filled == 0 or bool((shift == self.sink_shift).all()):
+        if self.num_sink_tokens == 0 or self.filled == 0 or torch.equal(shift, self.sink_shift):
             return
         n = min(self.num_sink_tokens, self.filled)
         self.keys[:, :, :n] = self._sinks_at(shift, self.keys.dtype)
         self.sink_shift = shift.clone()
 
     def _shift_sinks_for_stock_attention(self, positions: torch.Tensor | None) -> None:
-        if self.num_sink_tokens == 0:
+        if self.num_sink_tokens == 0 or self.acknowledged:  # a sink attention places them with exact positions
             return
         last = self.real_seen - 1
         query_pos = last + self._position_offset() if positions is None else positions[:, -1].to(self.device)
@@ -259,6 +288,7 @@ class SinkCacheLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------ batch ops
     _ROW_STATE = ("keys", "values", "sink_keys", "real_idx", "positions", "real_seen", "sink_shift")
+    # (`uniform` survives row maps: reordering or repeating rows keeps them in lockstep; a selection does too)
 
     def _map_rows(self, fn) -> None:
         if not self.is_initialized:
@@ -282,6 +312,7 @@ class SinkCacheLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = None
         self.is_initialized = False
+        self.uniform = 0
         self.seen = 0
         self.pending = self._pending_info = None
         self.acknowledged = None

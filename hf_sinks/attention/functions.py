@@ -16,7 +16,7 @@ Without a ``SinkCache`` they defer to the stock transformers implementation of t
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -90,30 +90,49 @@ def _rotary_for(layer: SinkCacheLayer, module: torch.nn.Module) -> RotaryParams:
     return layer.cache.rotary
 
 
-def _decode(layer, query, key, value, positions, kernel, scaling, dropout, want_weights):
-    batch = query.shape[0]
+def prepare_decode(layer: SinkCacheLayer, positions: torch.Tensor | None) -> torch.Tensor:
+    """Decode step (the token is already in its slot): shift the sinks to the query; returns its real index ``[B]``."""
+    batch = layer.real_seen.shape[0]
     rows = torch.arange(batch, device=layer.device)
     real = layer.real_seen - 1
     slot = layer.slot_of(real)
     if positions is not None:  # trust the model's positions over the cache's default guess
         layer.positions[rows, slot] = positions[:, -1].to(layer.device).expand(batch)
     layer.place_sinks(layer.sink_shift_for(real, layer.positions[rows, slot]))
+    return real
+
+
+def _decode(layer, query, key, value, positions, kernel, scaling, dropout, want_weights):
+    prepare_decode(layer, positions)
     valid = layer.real_idx[:, : layer.filled] >= 0
     mask = None if bool(valid.all()) else valid[:, None, None, :]
     return kernel(query, key, value, mask, scaling, dropout, want_weights)
 
 
-def _chunk(layer, query, key, value, positions, valid, rotary, kernel, scaling, dropout, want_weights):
-    batch, _, q, _ = query.shape
-    s, w = layer.num_sink_tokens, layer.window_length
-    stored = layer.filled
+class ChunkInfo(NamedTuple):
+    """Per-row bookkeeping of a multi-token chunk over ``stored + q`` key columns (``-1``: padding / empty slot)."""
+
+    q_real: torch.Tensor  # [B, q] real-token index of each query
+    k_real: torch.Tensor  # [B, stored + q] real-token index of each key column
+    positions: torch.Tensor  # [B, q] rotation positions of the new tokens (what ``layer.commit`` stores)
+    shift: torch.Tensor  # [B, q] how far each query is rotated back when it scores the sink columns
+
+
+def prepare_chunk(
+    layer: SinkCacheLayer, key: torch.Tensor, positions: torch.Tensor | None, valid: torch.Tensor | None
+) -> ChunkInfo:
+    """Bookkeeping of a pending chunk; also restores the original sink keys in ``key`` (a fresh concatenation).
+
+    The sink slots may hold a copy shifted for the previous query; sink columns must start from the originals.
+    """
+    batch, q = key.shape[0], key.shape[2] - layer.filled
+    s, stored = layer.num_sink_tokens, layer.filled
     real_new = layer.new_token_indices(valid, q)  # [B, q], -1 for padding
     if positions is None:
         positions = real_new.clamp(min=0) + layer.sink_offset()[:, None]
     positions = positions.to(layer.device).expand(batch, q)
     col_real = torch.cat([layer.real_idx[:, :stored], real_new], dim=-1)  # [B, n]
 
-    # Sink columns use their original keys (the slots may hold a copy shifted for the previous query).
     n_sink_slots = min(s, stored)
     if n_sink_slots:
         key[:, :, :n_sink_slots] = layer.sink_keys[:, :, :n_sink_slots].to(key.dtype)
@@ -124,6 +143,14 @@ def _chunk(layer, query, key, value, positions, valid, rotary, kernel, scaling, 
         rows = torch.arange(batch, device=layer.device)
         sink_offset = positions[rows, first] - real_new[rows, first].clamp(min=0)
     shift = positions - layer.query_cache_positions(real_new.clamp(min=0)) - sink_offset[:, None]
+    return ChunkInfo(real_new, col_real, positions, shift)
+
+
+def _chunk(layer, query, key, value, positions, valid, rotary, kernel, scaling, dropout, want_weights):
+    batch, _, q, _ = query.shape
+    s, w = layer.num_sink_tokens, layer.window_length
+    stored = layer.filled
+    real_new, col_real, positions, shift = prepare_chunk(layer, key, positions, valid)
 
     is_sink = (col_real >= 0) & (col_real < s)
     is_window = col_real >= s
@@ -170,7 +197,11 @@ def _block_columns(stored, q, t0, t1, s, w, pads, device):
     )
 
 
-def make_sink_attention(kernel: Callable, stock: Callable, name: str) -> Callable:
+def make_sink_attention(
+    kernel: Callable, stock: Callable, name: str, decode: Callable = _decode, chunk: Callable = _chunk
+) -> Callable:
+    """The ``AttentionInterface`` function ``name``: ``stock`` without a SinkCache, else ``decode``/``chunk``."""
+
     def attention(
         module: torch.nn.Module,
         query: torch.Tensor,
@@ -193,10 +224,10 @@ def make_sink_attention(kernel: Callable, stock: Callable, name: str) -> Callabl
         positions = kwargs.get("position_ids")
         want_weights = bool(kwargs.get("output_attentions", False))
         if layer.pending is None:
-            out, weights = _decode(layer, query, key, value, positions, kernel, scaling, dropout, want_weights)
+            out, weights = decode(layer, query, key, value, positions, kernel, scaling, dropout, want_weights)
         else:
             valid = validity_from_mask(attention_mask, query.shape[2])
-            out, weights = _chunk(
+            out, weights = chunk(
                 layer, query, key, value, positions, valid, rotary, kernel, scaling, dropout, want_weights
             )
         return out.transpose(1, 2).contiguous(), weights
