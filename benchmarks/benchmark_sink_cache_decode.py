@@ -13,9 +13,9 @@ Rows, for each resident size R (512, 1024, 2048 = 4 sinks + R - 4 window):
 Procedure: all models share one set of weights. Each sink cache is prefilled past its capacity (so it is full and
 evicting on every step); the DynamicCache is prefilled with exactly R tokens and cropped back to R after every step
 (untimed), so it holds R tokens before each step, as the sink cache does. Then single-token decode steps (model
-forward with ``past_key_values``, q = 1) are timed one by one; blocks of ``--steps`` steps of each implementation
-alternate (A B C C B A ...) for ``--repeats`` rounds to cancel machine noise. Reported: the median over rounds of each
-block's median ms per step.
+forward with ``past_key_values``, q = 1) are timed one by one; in each of ``--repeats`` rounds every implementation
+runs ``--steps`` steps, interleaved in chunks of ``--chunk`` steps (A B C C B A ...) to cancel machine noise.
+Reported: the median over rounds of each round's median ms per step (min/max: over rounds).
 
 Writes ``docs/benchmarks/sink_cache_decode.csv`` and ``.png``::
 
@@ -66,11 +66,13 @@ def model_config(attn_implementation: str) -> LlamaConfig:
 
 
 def build_models() -> dict[str, LlamaForCausalLM]:
-    """One model per attention implementation, all with the same random weights."""
+    """One model per attention implementation, sharing one set of random weights (same tensors, same memory)."""
     torch.manual_seed(0)
     sink = LlamaForCausalLM(model_config("sink_sdpa")).eval()
-    stock = LlamaForCausalLM(model_config("sdpa")).eval()
-    stock.load_state_dict(sink.state_dict())
+    stock = LlamaForCausalLM(model_config("sdpa"))
+    stock.load_state_dict(sink.state_dict(), assign=True)
+    stock.eval()
+    assert stock.model.layers[0].mlp.up_proj.weight.data_ptr() == sink.model.layers[0].mlp.up_proj.weight.data_ptr()
     return {"sink_sdpa": sink, "sdpa": stock}
 
 
@@ -132,7 +134,7 @@ class Runner:
         return times
 
 
-def benchmark(sizes: list[int], steps: int, repeats: int, warmup: int) -> list[dict]:
+def benchmark(sizes: list[int], steps: int, repeats: int, warmup: int, chunk: int) -> list[dict]:
     models = build_models()
     gen = torch.Generator().manual_seed(1)
     rows = []
@@ -146,9 +148,13 @@ def benchmark(sizes: list[int], steps: int, repeats: int, warmup: int) -> list[d
         gc.disable()
         try:
             for _ in range(repeats):
-                for impl in order:
-                    blocks[impl].append(statistics.median(runners[impl].run(steps)))
-                order.reverse()  # A B C, C B A, ...: drift hits every implementation alike
+                times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+                for start in range(0, steps, chunk):  # chunks of a few steps each, in turn
+                    for impl in order:
+                        times[impl] += runners[impl].run(min(chunk, steps - start))
+                    order.reverse()  # A B C, C B A, ...: drift hits every implementation alike
+                for impl in IMPLS:
+                    blocks[impl].append(statistics.median(times[impl]))
         finally:
             gc.enable()
         base = statistics.median(blocks[BASELINE])
@@ -167,6 +173,7 @@ def benchmark(sizes: list[int], steps: int, repeats: int, warmup: int) -> list[d
                     ratio=round(ms / base, 4),
                     steps=steps,
                     repeats=repeats,
+                    chunk=chunk,
                     threads=torch.get_num_threads(),
                     dtype="float32",
                     torch=torch.__version__,
@@ -205,8 +212,9 @@ def plot(rows: list[dict], path: Path) -> None:
         bars = ax.bar(xs, ys, width, yerr=errs, capsize=3, label=impl, color=colors[impl])
         if impl != BASELINE:
             for bar, s in zip(bars, sizes):
-                ax.annotate(f"{by_size[s]['ratio']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                            ha="center", va="bottom", fontsize=8, xytext=(0, 6), textcoords="offset points")
+                top = max(bar.get_height(), by_size[s]["ms_max"])  # above the error bar
+                ax.annotate(f"{by_size[s]['ratio']:.2f}x", (bar.get_x() + bar.get_width() / 2, top),
+                            ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
     first = rows[0]
     ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
     ax.set_xlabel("resident tokens in the cache (sink cache: 4 sinks + window, full and evicting)")
@@ -217,7 +225,8 @@ def plot(rows: list[dict], path: Path) -> None:
         f"torch {first['torch']}, transformers {first['transformers']}",
         fontsize=10,
     )
-    ax.legend(fontsize=8, loc="upper left")
+    ax.set_ylim(0, 1.3 * max(r["ms_max"] for r in rows))
+    ax.legend(fontsize=8, loc="upper left", ncol=len(IMPLS), title="ratio = ms / dynamic_cache+sdpa", title_fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -236,8 +245,9 @@ def print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048], help="resident tokens (cache capacity)")
-    p.add_argument("--steps", type=int, default=64, help="timed decode steps per block")
-    p.add_argument("--repeats", type=int, default=5, help="alternating rounds of blocks")
+    p.add_argument("--steps", type=int, default=64, help="timed decode steps per implementation per round")
+    p.add_argument("--repeats", type=int, default=7, help="rounds; the reported figure is the median over rounds")
+    p.add_argument("--chunk", type=int, default=8, help="consecutive steps of one implementation before switching")
     p.add_argument("--warmup", type=int, default=8, help="untimed steps per implementation before timing")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 was fastest on the 2-core reference box)")
     p.add_argument("--out", type=Path, default=OUT_DIR / "sink_cache_decode.csv", help="CSV path; the PNG goes beside it")
@@ -245,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    rows = benchmark(args.sizes, args.steps, args.repeats, args.warmup)
+    rows = benchmark(args.sizes, args.steps, args.repeats, args.warmup, args.chunk)
     write_csv(rows, args.out)
     plot(rows, args.out.with_suffix(".png"))
     print_table(rows)

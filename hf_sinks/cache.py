@@ -28,7 +28,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .config import SinkConfig
-from .rope import RotaryParams, shift_rotary
+from .rope import RotaryParams, rotate_with, shift_rotary, shift_tables
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +252,8 @@ class SinkCacheLayer(CacheLayerMixin):
                 f"(attn_implementation='sdpa'/'eager'). Create it with SinkCache(..., config=model.config) or "
                 "SinkCache.from_model(model), or load the model with attn_implementation='sink_sdpa'."
             )
-        return shift_rotary(sinks, shift[:, None, None], rotary).to(dtype)
+        cos, sin = self.cache.sink_tables(shift, self.device, torch.promote_types(dtype, torch.float32))
+        return rotate_with(sinks, cos, sin, rotary.rotary_dim).to(dtype)
 
     def place_sinks(self, shift: torch.Tensor) -> None:
         """Write the sinks, shifted by ``shift`` positions per row, into their slots (O(S) per call)."""
@@ -355,6 +356,7 @@ class SinkCache(Cache):
         self._incoming: tuple[int, torch.Tensor | None, torch.Tensor | None] | None = None
         self._base: torch.Tensor | None = None  # per-row offset subtracted from positions (set by the hook)
         self._real_seen: torch.Tensor | None = None  # per-row real tokens, as counted by the hook
+        self._sink_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_config(cls, sink_config: SinkConfig | dict, **kwargs: Any) -> "SinkCache":
@@ -465,6 +467,15 @@ class SinkCache(Cache):
         super().reset()
         self._real_seen = self._base = None
         self._incoming = None
+
+    def sink_tables(self, shift: torch.Tensor, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin moving the sinks by ``shift`` per row; every layer of a step shares one computation."""
+        cached = self._sink_tables
+        if cached is not None and cached[0].device == shift.device and cached[1].dtype == dtype and torch.equal(cached[0], shift):
+            return cached[1], cached[2]
+        cos, sin = shift_tables(shift[:, None, None], self.rotary, device, dtype)
+        self._sink_tables = (shift.clone(), cos, sin)
+        return cos, sin
 
     def _incoming_for(self, seen: int, q: int):
         """Validity and positions announced by the position hook for the forward starting at ``seen``."""

@@ -65,6 +65,24 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def shift_tables(delta: torch.Tensor, rotary: RotaryParams, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of ``delta * inv_freq`` (angles in fp64), shaped ``delta.shape + (rotary_dim,)``, in ``dtype``."""
+    inv_freq = rotary.inv_freq.to(device=device, dtype=torch.float64)
+    angles = delta.to(device=device, dtype=torch.float64).unsqueeze(-1) * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_with(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """Apply a rotation given its cos/sin tables to the first ``rotary_dim`` channels of ``x``."""
+    compute = cos.dtype
+    xr = x[..., :rotary_dim].to(compute)
+    rotated = (xr * cos + rotate_half(xr) * sin).to(x.dtype)
+    if rotary_dim == x.shape[-1]:
+        return rotated
+    return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
+
+
 def shift_rotary(x: torch.Tensor, delta: torch.Tensor, rotary: RotaryParams) -> torch.Tensor:
     """Move rotated vectors ``x`` by ``delta`` positions (``R(p) x -> R(p + delta) x``).
 
@@ -76,17 +94,8 @@ def shift_rotary(x: torch.Tensor, delta: torch.Tensor, rotary: RotaryParams) -> 
     The angle ``delta * inv_freq`` is formed in fp64 so shifts stay exact for any ``delta``; the rotation itself runs
     in fp32 (or the input dtype if wider) and the result is cast back.
     """
-    rd = rotary.rotary_dim
-    inv_freq = rotary.inv_freq.to(device=x.device, dtype=torch.float64)
-    angles = delta.to(device=x.device, dtype=torch.float64).unsqueeze(-1) * inv_freq
-    angles = torch.cat((angles, angles), dim=-1)
-    compute = torch.promote_types(x.dtype, torch.float32)
-    cos, sin = angles.cos().to(compute), angles.sin().to(compute)
-    xr = x[..., :rd].to(compute)
-    rotated = (xr * cos + rotate_half(xr) * sin).to(x.dtype)
-    if rd == x.shape[-1]:
-        return rotated
-    return torch.cat((rotated, x[..., rd:]), dim=-1)
+    cos, sin = shift_tables(delta, rotary, x.device, torch.promote_types(x.dtype, torch.float32))
+    return rotate_with(x, cos, sin, rotary.rotary_dim)
 
 
 def apply_rotary(x: torch.Tensor, positions: torch.Tensor, rotary: RotaryParams) -> torch.Tensor:
