@@ -1,6 +1,7 @@
 """hf_sinks: attention sinks (StreamingLLM) for HuggingFace Transformers.
 
-``import hf_sinks`` registers the ``sink_sdpa``, ``sink_eager`` and ``sink_flex`` attention implementations.
+``import hf_sinks`` registers the ``sink_sdpa``, ``sink_eager``, ``sink_flex`` and ``sink_triton`` attention
+implementations.
 """
 
 from .api import SinkHandle, apply

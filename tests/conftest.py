@@ -9,6 +9,11 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+# Triton kernels (tests/kernels) run under the interpreter without CUDA. It must be on before anything imports triton:
+# torch._dynamo does, and hf_sinks imports it. `TRITON_INTERPRET=0 pytest tests/kernels` is the GPU lane.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import hf_sinks  # noqa: E402,F401  (registers the sink_* attention names)
 
 VOCAB = 96

@@ -15,6 +15,7 @@ Without a ``SinkCache`` they defer to the stock transformers implementation of t
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any, Callable, NamedTuple
 
@@ -49,8 +50,16 @@ def _eager_kernel(q, k, v, mask, scaling, dropout, want_weights):
     return weights @ v, (weights if want_weights else None)
 
 
-def _flex_kernel(q, k, v, mask, scaling, dropout, want_weights):
+@functools.lru_cache(maxsize=None)
+def _flex(compiled: bool):
     from torch.nn.attention.flex_attention import flex_attention
+
+    # compiled flex is the fused kernel; on CPU torch's Inductor flex is wrong at head_dim <= 16, so stay eager
+    return torch.compile(flex_attention, dynamic=True) if compiled else flex_attention
+
+
+def _flex_kernel(q, k, v, mask, scaling, dropout, want_weights):
+    flex_attention = _flex(q.is_cuda)
 
     if dropout > 0:
         raise ValueError("sink_flex does not support attention dropout; use sink_sdpa or sink_eager for training.")
@@ -198,9 +207,12 @@ def _block_columns(stored, q, t0, t1, s, w, pads, device):
 
 
 def make_sink_attention(
-    kernel: Callable, stock: Callable, name: str, decode: Callable = _decode, chunk: Callable = _chunk
+    kernel: Callable | None, stock: Callable, name: str, decode: Callable = _decode, chunk: Callable = _chunk
 ) -> Callable:
-    """The ``AttentionInterface`` function ``name``: ``stock`` without a SinkCache, else ``decode``/``chunk``."""
+    """The ``AttentionInterface`` function ``name``: ``stock`` without a SinkCache, else ``decode``/``chunk``.
+
+    ``decode``/``chunk`` receive ``kernel`` (an SDPA-like callable taking a dense mask); backends that call their
+    own kernel (``sink_triton``) pass ``kernel=None`` with their own ``decode``/``chunk``."""
 
     def attention(
         module: torch.nn.Module,

@@ -26,6 +26,7 @@ def reference_sink_attention(
     window_length: int,
     rotary: RotaryParams | None = None,
     scaling: float | None = None,
+    sink_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sink+window attention over a whole stream with cache-relative positions.
 
@@ -35,6 +36,8 @@ def reference_sink_attention(
         num_sink_tokens, window_length: ``S`` and ``W``.
         rotary: rotary parameters; ``None`` means no RoPE (positions do not matter then).
         scaling: softmax scale, default ``D ** -0.5``.
+        sink_logits: optional ``[H]`` learned per-head sink logits (gpt-oss style, unrelated to sink *tokens*): one
+            extra logit column in every softmax, dropped afterwards (mass without a value).
 
     Returns:
         ``[B, H, T, D]`` attention outputs.
@@ -52,6 +55,11 @@ def reference_sink_attention(
             positions = torch.arange(len(idx), device=query.device)
             k = apply_rotary(k, positions, rotary)
             qi = apply_rotary(qi, positions[-1:], rotary)
-        weights = torch.softmax((qi @ k.transpose(-1, -2)) * scaling, dim=-1)
+        scores = (qi @ k.transpose(-1, -2)) * scaling
+        if sink_logits is not None:
+            column = sink_logits.to(scores.dtype)[None, :, None, None].expand(batch, heads, 1, 1)
+            weights = torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1]
+        else:
+            weights = torch.softmax(scores, dim=-1)
         out[:, :, i : i + 1] = weights @ v
     return out

@@ -7,6 +7,7 @@ from transformers.masking_utils import flex_attention_mask
 
 from .functions import sink_eager_attention_forward, sink_flex_attention_forward, sink_sdpa_attention_forward
 from .masks import SinkMask, sink_eager_mask, sink_sdpa_mask
+from .triton import sink_triton_attention_forward
 
 
 def _sink_flex_mask(**kwargs):
@@ -19,6 +20,7 @@ ATTENTION_IMPLEMENTATIONS = {
     "sink_sdpa": (sink_sdpa_attention_forward, sink_sdpa_mask),
     "sink_eager": (sink_eager_attention_forward, sink_eager_mask),
     "sink_flex": (sink_flex_attention_forward, _sink_flex_mask),
+    "sink_triton": (sink_triton_attention_forward, sink_sdpa_mask),
 }
 
 

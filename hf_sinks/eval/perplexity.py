@@ -1,0 +1,280 @@
+"""Streaming perplexity: next-token NLL of a causal LM over a long token stream, under four attention regimes.
+
+Modes (StreamingLLM paper, Fig. 1):
+
+* ``"dense"``: a plain ``DynamicCache``, every token sees every earlier token and positions grow past the model's
+  training length (the cache, and per-token cost, grow without bound);
+* ``"window"``: window attention, a ``SinkCache`` with no sinks and the same budget ``S + W``, all of it window
+  (the paper's failing baseline once the first tokens are evicted);
+* ``"sink"``: attention sinks, ``SinkCache(S, W)``: the first ``S`` tokens plus the last ``W`` (StreamingLLM);
+* ``"recompute"``: sliding window with re-computation: for every token a fresh forward over only its visible
+  tokens (the ``S`` sinks and the last ``W``; pass ``num_sink_tokens=0`` for the paper's plain sliding window)
+  at positions ``0..len-1`` and no cache. Exact (it is :func:`hf_sinks.oracle.recompute_logits`), O(W) work per
+  token; ``chunk_size`` does not apply.
+
+Token-by-token vs chunked. With ``chunk_size > 1`` the stream is fed ``chunk_size`` tokens per forward. For
+``"dense"`` that is ordinary causal attention; for ``"sink"``/``"window"`` the ``sink_*`` attention functions apply
+the visibility rule (DESIGN §2) to every query of a chunk, with cache-relative positions, and each token's states at
+every layer are computed from its own visible set in both cases. So the two are the *same computation* up to
+floating-point summation order: chunking only batches queries (tests/eval check chunk 1 == chunk 16 to 1e-4 in
+NLL). Chunking is much faster on CPU; token-by-token is what a decoding server does.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .memory import MemoryMeter, cache_bytes
+
+MODES = ("dense", "window", "sink", "recompute")
+
+
+@dataclass
+class StreamingResult:
+    """What :func:`streaming_perplexity` measured.
+
+    Attributes:
+        mode: ``"dense"``, ``"window"``, ``"sink"`` or ``"recompute"``.
+        perplexity: ``exp(mean NLL)`` over every predicted token.
+        nll: ``[num_tokens - 1]`` float32, ``nll[k] = -log p(token k+1 | what token k sees)`` in nats.
+        tokens_per_second: predicted tokens / wall time of the streaming loop (forward passes + loss).
+        peak_memory_bytes: peak memory growth over the run (see ``memory_kind`` and :mod:`hf_sinks.eval.memory`).
+        memory_kind: ``"cuda_max_allocated"`` (CUDA: max allocated minus allocated at the start) or ``"cpu_rss"``
+            (CPU: peak growth of the process RSS, sampled after every forward; indicative only).
+        cache_bytes: ``[num_tokens - 1]`` int64, KV-cache bytes after the forward that processed token ``k``
+            (exact; 0 for ``"recompute"``, which keeps no cache).
+        rss_bytes: ``[num_tokens - 1]`` int64, the memory growth sampled after that forward (same source as
+            ``peak_memory_bytes``).
+        num_tokens: length of the input stream (``num_tokens - 1`` predictions).
+        num_sink_tokens, window_length: the cache actually used (``None`` for ``"dense"``; ``"window"`` reports
+            ``0`` and ``S + W``).
+        chunk_size: tokens per forward actually used (``1`` for ``"recompute"``).
+        elapsed_seconds: wall time of the streaming loop.
+    """
+
+    mode: str
+    perplexity: float
+    nll: torch.Tensor
+    tokens_per_second: float
+    peak_memory_bytes: int
+    memory_kind: str
+    cache_bytes: torch.Tensor
+    rss_bytes: torch.Tensor
+    num_tokens: int
+    num_sink_tokens: int | None
+    window_length: int | None
+    chunk_size: int
+    elapsed_seconds: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def log_perplexity(self) -> float:
+        """Mean NLL (nats)."""
+        return float(self.nll.double().mean())
+
+    @property
+    def peak_cache_bytes(self) -> int:
+        return int(self.cache_bytes.max()) if self.cache_bytes.numel() else 0
+
+    def cumulative_log_perplexity(self) -> torch.Tensor:
+        """``[num_tokens - 1]`` float64: mean NLL of the first ``k + 1`` predictions (the usual streaming curve)."""
+        nll = self.nll.double()
+        return nll.cumsum(0) / torch.arange(1, nll.numel() + 1, dtype=torch.float64)
+
+    def summary(self) -> dict:
+        """One flat row for tables."""
+        return {
+            "mode": self.mode,
+            "num_sink_tokens": self.num_sink_tokens,
+            "window_length": self.window_length,
+            "tokens": self.num_tokens,
+            "chunk_size": self.chunk_size,
+            "perplexity": self.perplexity,
+            "tokens_per_second": self.tokens_per_second,
+            "peak_cache_bytes": self.peak_cache_bytes,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "memory_kind": self.memory_kind,
+        }
+
+
+def validate(mode: str, num_sink_tokens: int, window_length: int, chunk_size: int, length: int | None = None) -> None:
+    """The argument checks of :func:`streaming_perplexity` (shared with the CLI): ``ValueError`` naming the value."""
+    if mode not in MODES:
+        raise ValueError(f"Unknown mode {mode!r}; allowed modes: {', '.join(MODES)}.")
+    if isinstance(window_length, bool) or not isinstance(window_length, int) or window_length <= 0:
+        raise ValueError(f"window_length={window_length!r} must be an integer >= 1.")
+    if isinstance(num_sink_tokens, bool) or not isinstance(num_sink_tokens, int) or num_sink_tokens < 0:
+        raise ValueError(f"num_sink_tokens={num_sink_tokens!r} must be an integer >= 0.")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1.")
+    if length is not None and length < 2:
+        raise ValueError(f"The input has {length} token(s); streaming perplexity needs at least 2.")
+
+
+def _as_stream(input_ids) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() == 2:
+        if ids.shape[0] != 1:
+            raise ValueError(f"input_ids has batch size {ids.shape[0]}; streaming perplexity takes one sequence ([T] or [1, T]).")
+        ids = ids[0]
+    if ids.dim() != 1:
+        raise ValueError(f"input_ids must be [T] or [1, T], got shape {tuple(ids.shape)}.")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {ids.dtype}.")
+    return ids.long()
+
+
+@contextmanager
+def sink_attention(model: torch.nn.Module, name: str = "sink_sdpa"):
+    """Run ``model`` with a ``sink_*`` attention for the duration (it already has one: nothing changes).
+
+    A stock attention would process a chunk that runs past the cache capacity with dense attention; the ``sink_*``
+    functions apply the visibility rule to every query of a chunk.
+    """
+    from ..oracle import _routed_through_interface, using_attention
+
+    if str(model.config._attn_implementation).startswith("sink_"):
+        yield
+        return
+    with _routed_through_interface(model), using_attention(model, name):
+        yield
+
+
+@torch.no_grad()
+def streaming_perplexity(
+    model: torch.nn.Module,
+    input_ids,
+    mode: str = "sink",
+    num_sink_tokens: int = 4,
+    window_length: int = 1020,
+    chunk_size: int = 1,
+    progress: bool = True,
+) -> StreamingResult:
+    """Next-token NLL of ``model`` over one long stream under ``mode`` (see the module docstring).
+
+    Args:
+        model: a causal LM (any attention; ``"sink"``/``"window"`` temporarily switch a stock attention to
+            ``sink_sdpa``, which is exact for chunks; load with ``attn_implementation="sink_sdpa"`` to avoid that).
+        input_ids: ``[T]`` or ``[1, T]`` token ids, ``T >= 2``.
+        mode: ``"dense"``, ``"window"``, ``"sink"`` or ``"recompute"``.
+        num_sink_tokens, window_length: ``S`` and ``W`` (``"window"`` uses a window of ``S + W``, no sinks, so it
+            has the same cache budget as ``"sink"``; ``"dense"`` ignores them).
+        chunk_size: tokens per forward (``"recompute"`` always runs one fresh forward per token).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        a :class:`StreamingResult`.
+
+    Raises:
+        ValueError: unknown mode, ``window_length <= 0``, ``num_sink_tokens < 0``, ``chunk_size <= 0``, fewer than
+            2 tokens, or a batch of several sequences.
+    """
+    ids = _as_stream(input_ids)
+    validate(mode, num_sink_tokens, window_length, chunk_size, ids.numel())
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    stream, targets = ids[:-1], ids[1:]
+    n = stream.numel()
+
+    sinks: int | None
+    window: int | None
+    if mode == "dense":
+        sinks = window = None
+    elif mode == "window":
+        sinks, window = 0, num_sink_tokens + window_length
+    else:
+        sinks, window = num_sink_tokens, window_length
+    if mode == "recompute":
+        chunk_size = 1
+
+    nll = torch.empty(n, dtype=torch.float32)
+    kv = torch.zeros(n, dtype=torch.int64)
+    rss = torch.zeros(n, dtype=torch.int64)
+    meter = MemoryMeter(device)
+    bar = _progress(n, f"{mode} ppl", progress)
+    total_nll = 0.0
+    start = time.perf_counter()
+    with ExitStack() as stack:
+        if mode in ("sink", "window"):
+            stack.enter_context(sink_attention(model))
+        if mode == "recompute":
+            steps = _recompute_steps(model, stream, sinks, window)
+        else:
+            steps = _cached_steps(model, stream, mode, sinks, window, chunk_size)
+        for begin, logits, cache in steps:
+            end = begin + logits.shape[0]
+            losses = F.cross_entropy(logits.float(), targets[begin:end], reduction="none")
+            nll[begin:end] = losses.cpu()
+            kv[begin:end] = cache_bytes(cache)
+            rss[begin:end] = meter.sample()
+            total_nll += float(losses.double().sum())
+            bar.update(end - begin)
+            bar.set_postfix(ppl=f"{math.exp(total_nll / end):.2f}", refresh=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    bar.close()
+    return StreamingResult(
+        mode=mode,
+        perplexity=math.exp(float(nll.double().mean())),
+        nll=nll,
+        tokens_per_second=n / elapsed if elapsed > 0 else float("inf"),
+        peak_memory_bytes=meter.peak_bytes(),
+        memory_kind=meter.kind,
+        cache_bytes=kv,
+        rss_bytes=rss,
+        num_tokens=n + 1,
+        num_sink_tokens=sinks,
+        window_length=window,
+        chunk_size=chunk_size,
+        elapsed_seconds=elapsed,
+    )
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tok", disable=not enabled, dynamic_ncols=True, leave=False)
+
+
+def make_cache(model: torch.nn.Module, mode: str, num_sink_tokens: int | None, window_length: int | None):
+    """The cache ``mode`` streams with: a ``DynamicCache`` for ``"dense"``, else a ``SinkCache`` for ``model``."""
+    from transformers import DynamicCache
+
+    from ..cache import SinkCache
+
+    if mode == "dense":
+        return DynamicCache()
+    return SinkCache.from_model(model, num_sink_tokens=num_sink_tokens, window_length=window_length)
+
+
+def _cached_steps(model, stream, mode, sinks, window, chunk_size):
+    cache = make_cache(model, mode, sinks, window)
+    for begin in range(0, stream.numel(), chunk_size):
+        chunk = stream[begin : begin + chunk_size][None]
+        out = model(input_ids=chunk, past_key_values=cache, use_cache=True)
+        yield begin, out.logits[0], cache
+
+
+def visible_positions(i: int, num_sink_tokens: int, window_length: int, device=None) -> torch.Tensor:
+    """Indices visible to query ``i`` (``j <= i`` and (``j < S`` or ``i - j < W``)), as a tensor, in O(S + W)."""
+    first_window = min(max(num_sink_tokens, i - window_length + 1), i + 1)
+    sinks = torch.arange(min(num_sink_tokens, i + 1), device=device)
+    return torch.cat([sinks, torch.arange(first_window, i + 1, device=device)])
+
+
+def _recompute_steps(model, stream, sinks, window):
+    for i in range(stream.numel()):
+        visible = stream[visible_positions(i, sinks, window, stream.device)][None]
+        positions = torch.arange(visible.shape[1], device=stream.device)[None]
+        out = model(input_ids=visible, position_ids=positions, use_cache=False, logits_to_keep=1)
+        yield i, out.logits[0, -1:], None
+
+
+__all__ = ["MODES", "StreamingResult", "make_cache", "sink_attention", "streaming_perplexity", "validate", "visible_positions"]
