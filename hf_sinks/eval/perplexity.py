@@ -214,8 +214,8 @@ def streaming_perplexity(
             kv[begin:end] = cache_bytes(cache)
             rss[begin:end] = meter.sample()
             total_nll += float(losses.double().sum())
-            bar.update(end - begin)
             bar.set_postfix(ppl=f"{math.exp(total_nll / end):.2f}", refresh=False)
+            bar.update(end - begin)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start

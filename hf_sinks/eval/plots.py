@@ -30,6 +30,15 @@ def moving_average(values: torch.Tensor, window: int) -> torch.Tensor:
     return (c[idx] - c[lo]) / (idx - lo)
 
 
+def _style(label: str, colors) -> dict:
+    """dense: black, drawn on top; window: dashed; sink: solid; recompute: dotted."""
+    mode = label.split()[0]
+    if mode == "dense":
+        return {"color": "black", "linewidth": 1.0, "zorder": 5}
+    return {"color": next(colors), "linewidth": 1.3,
+            "linestyle": {"window": "--", "recompute": ":"}.get(mode, "-")}
+
+
 def plot_perplexity(
     curves: Sequence[tuple[str, torch.Tensor, torch.Tensor]],
     path: str | Path,
@@ -45,13 +54,16 @@ def plot_perplexity(
     """
     plt = _pyplot()
     fig, (ax_ppl, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"][1:] * 4)
     for label, nll, kv in curves:
         x = torch.arange(1, nll.numel() + 1)
         smooth_n = max(1, min(smooth, nll.numel()))
-        ax_ppl.plot(x, moving_average(nll, smooth_n), label=label, linewidth=1.2)
-        ax_mem.plot(x, kv.double() / _MIB, label=label, linewidth=1.2)
+        first = min(smooth_n, nll.numel() // 4)  # skip the first tokens, whose trailing mean covers few tokens
+        style = _style(label, colors)
+        ax_ppl.plot(x[first:], moving_average(nll, smooth_n)[first:], label=label, **style)
+        ax_mem.plot(x, kv.double() / _MIB, label=label, **style)
     ax_ppl.set_xlabel("tokens streamed")
-    ax_ppl.set_ylabel(f"log perplexity (mean NLL of the last {smooth} tokens)")
+    ax_ppl.set_ylabel(f"log perplexity (mean NLL over the last {smooth} tokens)")
     ax_mem.set_xlabel("tokens streamed")
     ax_mem.set_ylabel("KV cache (MiB)")
     for ax in (ax_ppl, ax_mem):

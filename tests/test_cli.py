@@ -1,0 +1,187 @@
+"""The ``hf-sinks`` CLI on a tiny random Llama saved to disk with a tiny word-level tokenizer (CPU, seconds)."""
+
+import csv
+import io
+import re
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_model
+
+from hf_sinks.cli import build_parser, main
+
+WORDS = (
+    "the king is dead long live the king and the queen of the north is here to see the prince "
+    "who would be king if the old man in the tower had not lost the crown to a fool at sea "
+).split()
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "words.txt"
+    gen = torch.Generator().manual_seed(0)
+    picks = torch.randint(0, len(WORDS), (600,), generator=gen).tolist()
+    lines = [" ".join(WORDS[i] for i in picks[k : k + 12]) for k in range(0, len(picks), 12)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, text_file):
+    """A tiny Llama plus a word-level tokenizer (vocab < the model's) saved like any local HF model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny_model")
+    tiny_model("llama", layers=2).save_pretrained(path)
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([text_file.read_text()], trainers.WordLevelTrainer(
+        vocab_size=VOCAB, special_tokens=["<pad>", "<unk>", "<eos>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory, model_dir):
+    """The same model with a chat template on its tokenizer."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny_chat")
+    shutil.copytree(model_dir, path, dirs_exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos>\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant :{% endif %}"
+    )
+    tok.save_pretrained(path)
+    return path
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_perplexity(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["perplexity", "--model", str(model_dir), "--text-file", str(text_file), "--num-tokens", "120",
+                 "--modes", "dense,window,sink", "--num-sink-tokens", "2", "--window-length", "10,20",
+                 "--chunk-size", "16", "--output-dir", str(out), "--no-progress"])
+    assert code == 0
+    rows = read_csv(out / "perplexity.csv")
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    assert labels == ["dense", "window 0+12", "sink 2+10", "window 0+22", "sink 2+20"]
+    for label in labels:
+        sel = [r for r in rows if r["label"] == label]
+        assert [int(r["token_index"]) for r in sel] == list(range(1, 120))
+        nll = torch.tensor([float(r["nll"]) for r in sel], dtype=torch.float64)
+        cum = float(sel[-1]["cumulative_log_ppl"])
+        assert cum == pytest.approx(nll.mean().item(), abs=1e-5)
+    sink = [int(r["kv_cache_bytes"]) for r in rows if r["label"] == "sink 2+10"]
+    dense = [int(r["kv_cache_bytes"]) for r in rows if r["label"] == "dense"]
+    assert len(set(sink)) == 1 and dense[-1] > dense[0] and dense[-1] > sink[-1]
+    assert (out / "perplexity.png").stat().st_size > 1000
+    assert len(read_csv(out / "perplexity_summary.csv")) == 5
+    printed = capsys.readouterr().out
+    assert re.search(r"sink 2\+10\s+\d+\.\d+", printed) and "tokens/s" in printed and "peak KV MiB" in printed
+
+
+def test_perplexity_csv_every_and_recompute(model_dir, text_file, tmp_path):
+    out = tmp_path / "out"
+    assert main(["perplexity", "--model", str(model_dir), "--text-file", str(text_file), "--num-tokens", "40",
+                 "--modes", "recompute,sink", "--window-length", "8", "--csv-every", "5", "--output-dir", str(out),
+                 "--no-progress", "--no-plot"]) == 0
+    rows = read_csv(out / "perplexity.csv")
+    assert [int(r["token_index"]) for r in rows if r["mode"] == "recompute"] == list(range(1, 40, 5))
+    assert not (out / "perplexity.png").exists()
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--num-tokens", "100000"], r"larger than the text, which has \d+ tokens"),
+        (["--modes", "dense,bogus"], r"unknown mode 'bogus'; allowed modes: dense, window, sink, recompute"),
+        (["--window-length", "0"], r"--window-length=0 must be >= 1"),
+        (["--window-length", "-4"], r"--window-length=-4 must be >= 1"),
+        (["--chunk-size", "0"], r"--chunk-size=0 must be >= 1"),
+        (["--text-file", "/no/such/file.txt"], r"text file '/no/such/file.txt' does not exist"),
+        (["--model", "/no/such/model"], r"Model path '/no/such/model' does not exist"),
+    ],
+)
+def test_perplexity_errors(model_dir, text_file, tmp_path, capsys, extra, message):
+    args = ["perplexity", "--model", str(model_dir), "--text-file", str(text_file), "--num-tokens", "50",
+            "--output-dir", str(tmp_path), "--no-progress", "--no-plot"]
+    # later occurrences of an option win in argparse
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert "hf-sinks perplexity: error:" in err and re.search(message, err), err
+
+
+def test_generate_one_shot(model_dir, capsys):
+    code = main(["generate", "--model", str(model_dir), "--prompt", "the king is", "--max-new-tokens", "40",
+                 "--ignore-eos", "--num-sink-tokens", "2", "--window-length", "12", "--no-progress"])
+    assert code == 0
+    err = capsys.readouterr().err
+    m = re.search(r"\[(\d+) new tokens .* tokens/s .*seen (\d+) tokens, resident (\d+) \(capacity 14", err)
+    assert m, err
+    new, seen, resident = map(int, m.groups())
+    assert new == 40 and seen >= 40 + 3 - 1 and resident == 14
+
+
+@pytest.mark.parametrize("fixture", ["model_dir", "chat_model_dir"])
+def test_chat_reuses_one_cache(request, monkeypatch, capsys, fixture):
+    path = request.getfixturevalue(fixture)
+    monkeypatch.setattr("sys.stdin", io.StringIO("the king is dead\nlong live the queen\n\n"))
+    assert main(["chat", "--model", str(path), "--max-new-tokens", "20", "--ignore-eos", "--num-sink-tokens", "2",
+                 "--window-length", "16"]) == 0
+    err = capsys.readouterr().err
+    seen = [int(s) for s in re.findall(r"seen (\d+) tokens", err)]
+    resident = [int(s) for s in re.findall(r"resident (\d+)", err)]
+    assert len(seen) == 2 and seen[1] > seen[0] + 20  # the second turn continued the same cache
+    assert resident == [min(seen[0], 18), 18]
+
+
+def test_bench(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(model_dir), "--text-file", str(text_file), "--lengths", "16,48,96",
+                 "--num-sink-tokens", "2", "--window-length", "14", "--steps", "3", "--warmup", "1",
+                 "--prefill-chunk", "32", "--recompute-max-length", "48", "--recompute-steps", "2",
+                 "--output-dir", str(out), "--no-progress", "--threads", "1"]) == 0
+    rows = read_csv(out / "bench.csv")
+    by_mode = {}
+    for r in rows:
+        by_mode.setdefault(r["mode"], []).append(r)
+    assert [int(r["stream_length"]) for r in by_mode["sink"]] == [16, 48, 96]
+    assert [int(r["stream_length"]) for r in by_mode["recompute"]] == [16, 48]
+    assert {int(r["resident_tokens"]) for r in by_mode["sink"][1:]} == {16}
+    assert int(by_mode["dense"][-1]["resident_tokens"]) == 96 + 4  # warmup + timed steps were appended
+    assert int(by_mode["sink"][-1]["kv_cache_bytes"]) == int(by_mode["sink"][1]["kv_cache_bytes"])
+    assert int(by_mode["dense"][-1]["kv_cache_bytes"]) > int(by_mode["dense"][0]["kv_cache_bytes"])
+    assert (out / "bench.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert re.search(r"sink: .* \(ratio \d+\.\d+\)", printed)
+    assert re.search(r"speedup of the sink cache over sliding-window recompute at cache 16: \d+\.\d+x", printed)
+
+
+def test_bench_errors(model_dir, capsys):
+    assert main(["bench", "--model", str(model_dir), "--modes", "sink,nope"]) == 2
+    assert "unknown mode 'nope'; allowed modes: sink, dense, recompute" in capsys.readouterr().err
+    assert main(["bench", "--model", str(model_dir), "--lengths", "0,5"]) == 2
+    assert "--lengths=0 must be >= 1" in capsys.readouterr().err
+
+
+def test_generate_errors(model_dir, capsys):
+    assert main(["generate", "--model", str(model_dir), "--window-length", "0", "--prompt", "x"]) == 2
+    assert "--window-length=0 must be >= 1" in capsys.readouterr().err
+
+
+def test_parser_commands():
+    parser = build_parser()
+    for command in ("perplexity", "generate", "chat", "bench"):
+        assert parser.parse_args([command]).command == command
+    with pytest.raises(SystemExit):
+        parser.parse_args(["nope"])
