@@ -63,3 +63,85 @@ def reference_sink_attention(
             weights = torch.softmax(scores, dim=-1)
         out[:, :, i : i + 1] = weights @ v
     return out
+
+
+# ------------------------------------------------------------------ training-time S²-Attn / SF-Attn (the spec)
+def shifted_sparse_group(t: int, group_size: int, shifted: bool) -> int:
+    """Group of real token ``t``: ``[0, G), [G, 2G), ...``, or shifted: ``[0, G//2), [G//2, G//2 + G), ...``."""
+    if not shifted:
+        return t // group_size
+    half = group_size // 2
+    return 0 if t < half else 1 + (t - half) // group_size
+
+
+def shifted_sparse_visible(
+    i: int,
+    j: int,
+    head: int,
+    heads: int,
+    length: int,
+    group_size: int,
+    num_sink_tokens: int = 0,
+    sliding_window: int | None = None,
+) -> bool:
+    """Whether real token ``i`` sees real token ``j`` in ``head`` of ``sink_s2attn`` / ``sink_sfattn`` (``S > 0``).
+
+    Plain heads are the first ``heads - heads // 2``; a batch ``length`` (padding included) ``<= group_size`` is
+    plain causal attention.
+    """
+    if j > i:
+        return False
+    if j < num_sink_tokens:
+        return True
+    if sliding_window is not None and i - j >= sliding_window:
+        return False
+    if length <= group_size:
+        return True
+    shifted = head >= heads - heads // 2
+    return shifted_sparse_group(i, group_size, shifted) == shifted_sparse_group(j, group_size, shifted)
+
+
+def reference_shifted_sparse_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    group_size: int,
+    num_sink_tokens: int = 0,
+    padding_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    sink_logits: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """S²-/SF-Attn from an explicit boolean visibility mask, one row and head at a time (slow; run in fp64).
+
+    Tokens are numbered by their rank among the real tokens of their row (padding removed); padding queries see
+    only themselves. Shapes as :func:`hf_sinks.attention.shifted_sparse.shifted_sparse_attention`.
+    """
+    batch, heads, length, head_dim = query.shape
+    groups = heads // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scaling = head_dim**-0.5 if scaling is None else scaling
+    out = torch.empty(batch, heads, length, value.shape[-1], dtype=query.dtype, device=query.device)
+    for b in range(batch):
+        real = [t for t in range(length) if padding_mask is None or bool(padding_mask[b, t])]
+        rank = {t: r for r, t in enumerate(real)}
+        for h in range(heads):
+            mask = torch.zeros(length, length, dtype=torch.bool)
+            for qi in range(length):
+                if qi not in rank:
+                    mask[qi, qi] = True
+                    continue
+                for kj in real:
+                    mask[qi, kj] = shifted_sparse_visible(
+                        rank[qi], rank[kj], h, heads, length, group_size, num_sink_tokens, sliding_window
+                    )
+            scores = (query[b, h] @ key[b, h].T) * scaling
+            scores = scores.masked_fill(~mask, float("-inf"))
+            if sink_logits is not None:
+                column = sink_logits[h].to(scores.dtype).expand(length, 1)
+                weights = torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[:, :-1]
+            else:
+                weights = torch.softmax(scores, dim=-1)
+            out[b, h] = weights @ value[b, h]
+    return out

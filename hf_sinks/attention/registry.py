@@ -7,6 +7,7 @@ from transformers.masking_utils import flex_attention_mask
 
 from .functions import sink_eager_attention_forward, sink_flex_attention_forward, sink_sdpa_attention_forward
 from .masks import SinkMask, sink_eager_mask, sink_sdpa_mask
+from .shifted_sparse import sink_s2attn_attention_forward, sink_sfattn_attention_forward
 from .triton import sink_triton_attention_forward
 
 
@@ -21,6 +22,10 @@ ATTENTION_IMPLEMENTATIONS = {
     "sink_eager": (sink_eager_attention_forward, sink_eager_mask),
     "sink_flex": (sink_flex_attention_forward, _sink_flex_mask),
     "sink_triton": (sink_triton_attention_forward, sink_sdpa_mask),
+    # training-time S²-Attn / SF-Attn: they read only the padding mask (visibility depends on the head) and hand
+    # the lazy dense sdpa mask to the stock path in eval, the SinkMask to sink_sdpa with a SinkCache
+    "sink_s2attn": (sink_s2attn_attention_forward, sink_sdpa_mask),
+    "sink_sfattn": (sink_sfattn_attention_forward, sink_sdpa_mask),
 }
 
 

@@ -1,0 +1,384 @@
+"""Training-time sparse attentions: LongLoRA S²-Attn (``sink_s2attn``) and SinkLoRA SF-Attn (``sink_sfattn``).
+
+Pure PyTorch (one SDPA call per head half, differentiable by autograd; no flex, which has no CPU backward).
+
+Visibility (``G`` = group size, ``s = G // 2``, ``S`` = number of sink tokens; ``i``, ``j`` = indices of real
+tokens of one row, padding removed):
+
+* **plain heads** (the first ``H - H // 2`` heads): ``i`` sees ``j`` iff ``j <= i`` and ``i // G == j // G``
+  (groups ``[0, G), [G, 2G), ...``).
+* **shifted heads** (the last ``H // 2``): ``i`` sees ``j`` iff ``j <= i`` and both are in the same group of the
+  partition shifted by ``s``: ``[0, s), [s, s + G), [s + G, s + 2G), ...``. The first group is the partial head
+  of the sequence; *nothing wraps*. (The public LongLoRA ``roll`` puts the first ``s`` tokens into one group with the
+  last ``s`` and lets them see those future tokens; its FA-varlen path uses the partition above, as do we.)
+* ``sink_sfattn`` only: additionally ``i`` sees every ``j < S`` with ``j <= i`` (global, causal attention to the
+  first ``S`` tokens, SinkLoRA's sink tokens; their query rows stay causal, never global). SinkLoRA's "segmentation
+  and reassembly" puts the wrapped part of the shifted heads back in its unshifted place; the non-wrapping partition
+  above already is that, so ``sink_sfattn`` = ``sink_s2attn`` + global sinks.
+* The last group of either partition may be shorter (any ``T``, no divisibility needed). When the batch length
+  ``T`` (padding included) is ``<= G`` all heads use plain causal attention (the dense fallback).
+* Padding (a 2D mask from the model, left, right or anywhere): padding keys are never seen, and groups and sinks are
+  counted over the *real* tokens of each row (real tokens are packed to the front, attended, and put back), so a
+  left-padded row is split exactly like its unpadded version. Padding queries see only themselves (their outputs
+  are meaningless; give them label ``-100``).
+* A Mistral-style ``sliding_window`` passed by the model further requires ``i - j < sliding_window`` for group
+  keys; sink keys are exempt.
+* Learned per-head sink logits (gpt-oss style, unrelated to sink *tokens*): if the attention module has an attribute
+  ``sink_logits`` (a ``[num_heads]`` tensor/parameter, or a module such as :class:`SinkLogits` whose call returns
+  one; a module survives PEFT's ``modules_to_save`` wrapping), one extra logit per head joins every softmax
+  denominator, with no value attached.
+
+When they apply: only in training mode (``module.training``) on a full sequence without a cache. Otherwise
+(``model.eval()``, or keys longer than queries, i.e. a cache) they run plain causal attention: exactly
+transformers' ``sdpa`` (with the learned sink logits, if any), or, with a :class:`~hf_sinks.cache.SinkCache`, the
+``sink_sdpa`` streaming path. S²/SF-Attn are training-time approximations; LongLoRA and SinkLoRA evaluate and serve
+with full (or sink-cache) attention. ``torch.is_grad_enabled()`` is deliberately *not* consulted: reentrant
+gradient checkpointing runs the first forward under ``no_grad`` and must compute the same function as its recompute.
+
+Configuration, read from ``module.config`` at every call:
+
+* ``s2attn_group_size`` (int >= 2): fixed group size ``G``; or
+* ``s2attn_group_size_ratio`` (float in (0, 1], default ``0.25``, LongLoRA's 1/4): ``G = max(2, int(T * ratio))``
+  for a batch of length ``T``. Setting both is an error.
+* ``sfattn_num_sink_tokens`` (int >= 0), else ``config.attention_sinks["num_sink_tokens"]`` (the streaming setup, so
+  training and serving keep the same sinks), else 4.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from ..cache import LAYER_ATTRIBUTE
+from ..config import CONFIG_ATTRIBUTE
+from .masks import SinkMask
+
+#: Attribute of an attention module holding optional learned per-head sink logits (see :class:`SinkLogits`).
+SINK_LOGITS_ATTRIBUTE = "sink_logits"
+#: ``module.config`` attributes read by the shifted-sparse attentions.
+GROUP_SIZE_ATTRIBUTE = "s2attn_group_size"
+GROUP_RATIO_ATTRIBUTE = "s2attn_group_size_ratio"
+NUM_SINKS_ATTRIBUTE = "sfattn_num_sink_tokens"
+DEFAULT_GROUP_RATIO = 0.25
+DEFAULT_NUM_SINK_TOKENS = 4
+
+
+class SinkLogits(torch.nn.Module):
+    """Learned per-head sink logits (gpt-oss ``sinks``): set as ``attention_module.sink_logits = SinkLogits(H)``.
+
+    Calling it returns the ``[num_heads]`` parameter ``weight``. Reading it by calling (not by ``.weight``) keeps it
+    right under PEFT ``modules_to_save=["sink_logits"]``, whose wrapper dispatches calls to the trained copy.
+    """
+
+    def __init__(self, num_heads: int, init: float = 0.0):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.full((num_heads,), float(init)))
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+
+# ------------------------------------------------------------------------------------------- configuration
+def _int_at_least(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"config.{name}={value!r} is invalid: it must be an int >= {minimum}.")
+    return value
+
+
+def group_size_for(config: Any, length: int) -> int:
+    """The S² group size for a sequence of ``length`` tokens, from ``config`` (see the module docstring)."""
+    size = getattr(config, GROUP_SIZE_ATTRIBUTE, None)
+    ratio = getattr(config, GROUP_RATIO_ATTRIBUTE, None)
+    if size is not None and ratio is not None:
+        raise ValueError(
+            f"config.{GROUP_SIZE_ATTRIBUTE}={size!r} and config.{GROUP_RATIO_ATTRIBUTE}={ratio!r} are both set; "
+            "set only one of them."
+        )
+    if size is not None:
+        return _int_at_least(GROUP_SIZE_ATTRIBUTE, size, 2)
+    ratio = DEFAULT_GROUP_RATIO if ratio is None else ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(f"config.{GROUP_RATIO_ATTRIBUTE}={ratio!r} is invalid: it must be a number in (0, 1].")
+    return max(2, int(length * ratio))
+
+
+def num_sink_tokens_for(config: Any) -> int:
+    """Sink tokens of ``sink_sfattn``: ``config.sfattn_num_sink_tokens``, else ``config.attention_sinks``, else 4."""
+    value = getattr(config, NUM_SINKS_ATTRIBUTE, None)
+    if value is not None:
+        return _int_at_least(NUM_SINKS_ATTRIBUTE, value, 0)
+    recorded = getattr(config, CONFIG_ATTRIBUTE, None)
+    if recorded is not None:
+        from ..config import SinkConfig  # validates the streaming setup the same way everywhere
+
+        return SinkConfig.from_model_config(config).num_sink_tokens
+    return DEFAULT_NUM_SINK_TOKENS
+
+
+def sink_logits_of(module: torch.nn.Module, num_heads: int) -> torch.Tensor | None:
+    """``module.sink_logits`` as a ``[num_heads]`` tensor (a module is called), or ``None``."""
+    logits = getattr(module, SINK_LOGITS_ATTRIBUTE, None)
+    if logits is None:
+        return None
+    if isinstance(logits, torch.nn.Module):
+        logits = logits()
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (num_heads,):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"{type(module).__name__}.{SINK_LOGITS_ATTRIBUTE} must be a [{num_heads}] tensor, got {shape}.")
+    return logits
+
+
+# ----------------------------------------------------------------------------------------------- kernel
+def _padding_of(attention_mask: Any, batch: int, length: int) -> torch.Tensor | None:
+    """``[B, T]`` bool validity of the tokens (``None``: no padding) from what the model handed over."""
+    if isinstance(attention_mask, SinkMask):
+        attention_mask = attention_mask.padding_mask
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(
+            f"sink_s2attn/sink_sfattn build their own visibility and take only a 2D padding mask [batch, seq_len]; "
+            f"got {shape}. Pass attention_mask as a [batch, seq_len] 0/1 tensor (not a 4D mask)."
+        )
+    valid = attention_mask[:, -length:].bool()
+    if tuple(valid.shape) != (batch, length):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected [{batch}, {length}].")
+    return None if bool(valid.all()) else valid
+
+
+def _kv_for_heads(key, value, h0, h1, n_rep):
+    """Keys/values of query heads ``h0..h1-1`` and whether SDPA must broadcast them (GQA)."""
+    if h0 % n_rep == 0 and (h1 - h0) % n_rep == 0:
+        return key[:, h0 // n_rep : h1 // n_rep], value[:, h0 // n_rep : h1 // n_rep], n_rep > 1
+    idx = torch.arange(h0, h1, device=key.device) // n_rep  # a half that splits a KV group: repeat explicitly
+    return key.index_select(1, idx), value.index_select(1, idx), False
+
+
+def _grouped_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    valid: torch.Tensor,
+    group_size: int,
+    offset: int,
+    num_sink_tokens: int,
+    sink_logits: torch.Tensor | None,
+    sliding_window: int | None,
+    scaling: float,
+    dropout: float,
+    gqa: bool,
+) -> torch.Tensor:
+    """Causal attention inside groups ``[kG - offset, (k+1)G - offset)`` (clipped to ``[0, T)``) + sink prefix keys.
+
+    ``query`` ``[B, h, T, D]``, ``key``/``value`` ``[B, hk, T, D]``, ``valid`` ``[B, T]`` (True = real key; real
+    tokens first). Each group becomes a batch element of one SDPA call with a ``[G, S + G]`` mask. Returns
+    ``[B, h, T, D]``.
+    """
+    batch, heads, length, _ = query.shape
+    device = query.device
+    n = -(-(offset + length) // group_size)
+    back = n * group_size - offset - length
+
+    def grouped(x):  # [B, h, T, D] -> [B * n, h, G, D]; dummy positions padded with zeros at both ends
+        x = F.pad(x, (0, 0, offset, back))
+        return x.unflatten(2, (n, group_size)).transpose(1, 2).flatten(0, 1)
+
+    q, k, v = grouped(query), grouped(key), grouped(value)
+    t = (torch.arange(n * group_size, device=device) - offset).view(n, group_size)  # token index of each slot
+    key_ok = F.pad(valid, (offset, back), value=False).view(batch, n, 1, group_size)
+    visible = (t[:, None, :] <= t[:, :, None])[None] & key_ok  # [B, n, G, G]
+    if sliding_window is not None:  # sinks are exempt even inside the query's own group
+        near = (t[:, :, None] - t[:, None, :] < sliding_window) | (t[:, None, :] < num_sink_tokens)
+        visible &= near[None]
+    # every row keeps its own (possibly dummy) key: no empty softmax row, so no NaN in forward or backward
+    visible |= torch.eye(group_size, dtype=torch.bool, device=device)
+
+    sinks = min(num_sink_tokens, length)
+    if sinks:
+        j = torch.arange(sinks, device=device)
+        group_start = (torch.arange(n, device=device) * group_size - offset).clamp(min=0)
+        # a sink inside the query's own group is already a group key: count it once
+        sink_visible = (j[None, None, :] <= t[:, :, None]) & (j[None, None, :] < group_start[:, None, None])
+        sink_visible = sink_visible[None] & valid[:, None, None, :sinks]  # [B, n, G, S]
+        visible = torch.cat([sink_visible, visible], dim=-1)
+
+        def with_sinks(x, s):  # prepend the first S keys/values to every group
+            s = s[:, :, :sinks].unsqueeze(1).expand(-1, n, -1, -1, -1).flatten(0, 1)
+            return torch.cat([s, x], dim=2)
+
+        k, v = with_sinks(k, key), with_sinks(v, value)
+
+    mask: torch.Tensor = visible.flatten(0, 1).unsqueeze(1)  # [B * n, 1, G, keys]
+    if sink_logits is not None:
+        # one zero key/value column whose additive mask entry is the head's sink logit (exact, autograd-friendly)
+        k = F.pad(k, (0, 0, 0, 1))
+        v = F.pad(v, (0, 0, 0, 1))
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=device).masked_fill(~mask, float("-inf"))
+        column = sink_logits.to(query.dtype)[None, :, None, None].expand(mask.shape[0], heads, group_size, 1)
+        mask = torch.cat([mask.expand(-1, heads, -1, -1), column], dim=-1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+    out = out.unflatten(0, (batch, n)).transpose(1, 2).flatten(2, 3)  # [B, h, n * G, D]
+    return out[:, :, offset : offset + length]
+
+
+def shifted_sparse_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    group_size: int,
+    num_sink_tokens: int = 0,
+    padding_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sink_logits: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """S²-Attn (``num_sink_tokens=0``) or SF-Attn (``> 0``) over full sequences; the visibility of the module docstring.
+
+    Args:
+        query: ``[B, H, T, D]``; key, value: ``[B, H_kv, T, D]`` (GQA: ``H`` a multiple of ``H_kv``).
+        group_size: ``G >= 2``; ``T <= G`` gives plain causal attention.
+        num_sink_tokens: ``S``, the first real tokens every query also sees (causally).
+        padding_mask: ``[B, T]`` (True/1 = real token) or ``None``.
+        scaling: softmax scale, default ``D ** -0.5``.
+        dropout: attention dropout probability (applied as given; pass 0 in eval).
+        sink_logits: optional ``[H]`` learned per-head sink logits.
+        sliding_window: optional window limiting group keys (sinks exempt).
+
+    Returns:
+        ``[B, H, T, D]``.
+    """
+    batch, heads, length, head_dim = query.shape
+    if key.shape[2] != length:
+        raise ValueError(f"shifted-sparse attention needs keys for exactly the queries; got {key.shape[2]} keys for {length} queries.")
+    if heads % key.shape[1]:
+        raise ValueError(f"{heads} query heads are not a multiple of {key.shape[1]} key/value heads.")
+    _int_at_least("group_size", group_size, 2)
+    _int_at_least("num_sink_tokens", num_sink_tokens, 0)
+    n_rep = heads // key.shape[1]
+    scaling = head_dim**-0.5 if scaling is None else scaling
+    valid = _padding_of(padding_mask, batch, length) if padding_mask is not None else None
+
+    order = None
+    if valid is not None:  # pack real tokens to the front (stable), so groups and sinks count real tokens only
+        order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices
+        gather = order[:, None, :, None]
+        query = query.gather(2, gather.expand_as(query))
+        key = key.gather(2, gather.expand(-1, key.shape[1], -1, head_dim))
+        value = value.gather(2, gather.expand(-1, value.shape[1], -1, value.shape[-1]))
+        valid = torch.arange(length, device=query.device)[None] < valid.sum(1, keepdim=True)
+    else:
+        valid = torch.ones(batch, length, dtype=torch.bool, device=query.device)
+
+    if length <= group_size:  # dense fallback: one causal group for every head
+        halves = [(0, heads, length, 0)]
+    else:
+        split = heads - heads // 2  # plain heads first (as LongLoRA's chunk(2) of an odd head count)
+        halves = [(0, split, group_size, 0), (split, heads, group_size, group_size - group_size // 2)]
+    outs = []
+    for h0, h1, size, offset in halves:
+        if h1 == h0:
+            continue
+        k, v, gqa = _kv_for_heads(key, value, h0, h1, n_rep)
+        logits = None if sink_logits is None else sink_logits[h0:h1]
+        outs.append(
+            _grouped_attention(
+                query[:, h0:h1], k, v, valid, size, offset, num_sink_tokens, logits, sliding_window, scaling, dropout, gqa
+            )
+        )
+    out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+    if order is not None:  # back to the original token order
+        out = torch.empty_like(out).scatter(2, order[:, None, :, None].expand_as(out), out)
+    return out
+
+
+# ------------------------------------------------------------------------------------- inference paths
+def _dense_with_sink_logits(query, key, value, mask, sink_logits, scaling, dropout):
+    """Plain causal attention (``mask``: the stock 4D bool mask or ``None``) with one learned sink column per head."""
+    batch, heads, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    if mask is None:
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)[None, None]
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, float("-inf"))
+    mask = mask.to(query.dtype).expand(batch, heads, q_len, kv_len)
+    column = sink_logits.to(query.dtype)[None, :, None, None].expand(batch, heads, q_len, 1)
+    key = F.pad(key, (0, 0, 0, 1))
+    value = F.pad(value, (0, 0, 0, 1))
+    mask = torch.cat([mask, column], dim=-1)
+    gqa = heads != key.shape[1]
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+
+
+def _make(name: str, sinks: bool):
+    def attention(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Any,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        config = module.config
+        heads = query.shape[1]
+        sink_logits = sink_logits_of(module, heads)
+        if getattr(key, LAYER_ATTRIBUTE, None) is not None:  # a SinkCache: the streaming path
+            if sink_logits is not None:
+                raise ValueError(
+                    f"{name} with a SinkCache streams through sink_sdpa, which has no learned sink logits; "
+                    f"{type(module).__name__}.{SINK_LOGITS_ATTRIBUTE} is set. Use a DynamicCache (or no cache)."
+                )
+            from .functions import sink_sdpa_attention_forward
+
+            return sink_sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        if not module.training or key.shape[2] != query.shape[2]:  # inference or a cache: plain causal attention
+            dense = attention_mask.dense() if isinstance(attention_mask, SinkMask) else attention_mask
+            if sink_logits is None:
+                return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
+            out = _dense_with_sink_logits(query, key, value, dense, sink_logits, scaling, dropout)
+            return out.transpose(1, 2).contiguous(), None
+
+        length = query.shape[2]
+        out = shifted_sparse_attention(
+            query,
+            key,
+            value,
+            group_size=group_size_for(config, length),
+            num_sink_tokens=num_sink_tokens_for(config) if sinks else 0,
+            padding_mask=_padding_of(attention_mask, query.shape[0], length),
+            scaling=scaling,
+            dropout=dropout,
+            sink_logits=sink_logits,
+            sliding_window=kwargs.get("sliding_window"),
+        )
+        return out.transpose(1, 2).contiguous(), None
+
+    attention.__name__ = attention.__qualname__ = f"{name}_attention_forward"
+    attention.__doc__ = (
+        f"``attn_implementation={name!r}``: {'SF-Attn (S² + global sinks)' if sinks else 'S²-Attn'} in training, "
+        "plain causal attention otherwise (see hf_sinks.attention.shifted_sparse)."
+    )
+    return attention
+
+
+sink_s2attn_attention_forward = _make("sink_s2attn", sinks=False)
+sink_sfattn_attention_forward = _make("sink_sfattn", sinks=True)
+
+__all__ = [
+    "SINK_LOGITS_ATTRIBUTE",
+    "SinkLogits",
+    "group_size_for",
+    "num_sink_tokens_for",
+    "shifted_sparse_attention",
+    "sink_logits_of",
+    "sink_s2attn_attention_forward",
+    "sink_sfattn_attention_forward",
+]
