@@ -1,0 +1,366 @@
+"""`H2OCache`: attention sinks + a recent window + heavy hitters (H2O, Zhang et al. 2023), per layer and KV head.
+
+Semantics (the contract the tests check against a naive full-attention-matrix reference):
+
+* Budget ``C = num_sink_tokens + window_length + heavy_budget`` (``S + W + H``): every query sees at most ``C``
+  keys, itself included. Query ``t`` (absolute 0-based index) sees the tokens its KV head still holds plus itself.
+* Every token a KV head holds accumulates a **score**: the attention probability it receives from every query that
+  sees it (its own query included), summed over the query heads of the KV head's GQA group and over steps.
+* After query ``t`` has attended, when the head holds ``C`` tokens (``t`` included) it evicts one so the next query
+  fits: never a sink (``j < S``) nor a token inside the next query's window (``(t + 1) - j < W``); among the others
+  (the ``H`` heavy hitters plus the token that just left the window) the one with the **lowest score** goes, the
+  **oldest** on ties. Evicted tokens never come back. Each KV head (and batch row) evicts independently, so heads
+  keep different tokens; they always hold the same *number* of tokens.
+* ``heavy_budget=0`` is exactly the sink + window visibility rule of DESIGN §2: query ``t`` sees ``j <= t`` with
+  ``j < S`` or ``t - j < W``.
+* **Positions: original (H2O's scheme, not SinkCache's cache-relative one).** Keys are stored as the model rotated
+  them, at their original absolute positions, and are never re-rotated: a kept token keeps the position it had in the
+  text, and query ``t`` is at position ``t`` (the cache reports every token seen through ``get_seq_length``, so the
+  model assigns positions as it would without eviction). Relative distances are the true ones, so there is nothing to
+  re-position when arbitrary middle tokens are evicted; the price is that positions grow with the stream, so past the
+  model's training length RoPE extrapolates (SinkCache's cache-relative positions do not).
+
+The scores need the attention probabilities, which no fused kernel returns: use the registered ``h2o_sdpa``
+attention (:func:`register`). It processes a multi-token chunk (prompt, chunked streaming) in blocks of queries and,
+inside a block, query by query for the softmax and eviction (the logits and ``P @ V`` are batched), so a chunk gives
+*exactly* what token-by-token decoding gives, with memory bounded by ``heads x block x (C + block)``.
+
+::
+
+    hf_sinks.h2o_cache.register()
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="h2o_sdpa")
+    cache = H2OCache(num_sink_tokens=4, window_length=128, heavy_budget=124)
+    model.generate(**inputs, past_key_values=cache, max_new_tokens=2000)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+#: ``attn_implementation`` name of the score-accumulating attention.
+H2O_ATTENTION = "h2o_sdpa"
+#: Attribute set on the key tensor returned by ``update`` so the attention function can find the layer.
+LAYER_ATTRIBUTE = "_hf_sinks_h2o_layer"
+#: Queries per block in a multi-token chunk.
+QUERY_BLOCK = 256
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}.")
+
+
+class H2OCacheLayer(CacheLayerMixin):
+    """One layer of an :class:`H2OCache`: per batch row and KV head, the kept tokens in text order.
+
+    State (``n`` = tokens held, at most ``C - 1`` between forwards; equal for every row and head):
+    ``keys``/``values`` ``[B, KVH, n, D]``, ``token_index`` ``[B, KVH, n]`` (absolute index of each kept token, ascending)
+    and ``scores`` ``[B, KVH, n]`` float64 (accumulated attention).
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, cache: "H2OCache"):
+        super().__init__()
+        self.cache = cache
+        self.seen = 0
+        self.pending: tuple[torch.Tensor, torch.Tensor, int] | None = None  # new keys/values, index of the first
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_zeros(batch, heads, 0, head_dim)
+        self.values = value_states.new_zeros(batch, heads, 0, value_states.shape[-1])
+        self.token_index = torch.zeros(batch, heads, 0, dtype=torch.long, device=self.device)
+        self.scores = torch.zeros(batch, heads, 0, dtype=torch.float64, device=self.device)
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return self.cache.capacity
+
+    def stored_length(self) -> int:
+        return self.keys.shape[-2] if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self.stored_length()
+        return stored + query_length, self.seen - stored
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pending is not None:
+            raise ValueError(
+                f"H2OCache needs attn_implementation={H2O_ATTENTION!r}: the previous forward's attention did not "
+                f"accumulate scores (a stock attention cannot). Call hf_sinks.h2o_cache.register() and load the model "
+                f"with attn_implementation={H2O_ATTENTION!r} (or model.set_attn_implementation({H2O_ATTENTION!r}))."
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.pending = (key_states, value_states, self.seen)
+        self.seen += key_states.shape[-2]
+        keys = torch.cat([self.keys, key_states], dim=-2)
+        values = torch.cat([self.values, value_states], dim=-2)
+        setattr(keys, LAYER_ATTRIBUTE, self)
+        return keys, values
+
+    # ----------------------------------------------------------------------------------- attention
+    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention of the pending chunk's queries ``[B, H, q, D]`` with H2O eviction; commits the chunk.
+
+        Returns ``[B, H, q, Dv]``.
+        """
+        if self.pending is None:
+            raise ValueError("H2OCacheLayer.attend called without a pending update.")
+        new_keys, new_values, first = self.pending
+        self.pending = None
+        q = query.shape[2]
+        outs = []
+        for b0 in range(0, q, QUERY_BLOCK):
+            b1 = min(q, b0 + QUERY_BLOCK)
+            outs.append(self._attend_block(query[:, :, b0:b1], new_keys[:, :, b0:b1], new_values[:, :, b0:b1],
+                                           first + b0, scaling))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _attend_block(self, query, new_keys, new_values, first, scaling):
+        batch, heads, c, head_dim = query.shape
+        kv_heads = self.keys.shape[1]
+        groups = heads // kv_heads
+        s, w = self.cache.num_sink_tokens, self.cache.window_length
+        capacity = self.cache.capacity
+        old = self.keys.shape[2]
+        keys = torch.cat([self.keys, new_keys], dim=2)  # [B, KVH, n, D]
+        values = torch.cat([self.values, new_values], dim=2)
+        arrivals = first + torch.arange(c, device=self.device)
+        index = torch.cat([self.token_index, arrivals.expand(batch, kv_heads, c)], dim=-1)  # [B, KVH, n]
+        scores = torch.cat([self.scores, self.scores.new_zeros(batch, kv_heads, c)], dim=-1)
+        n = old + c
+
+        compute = torch.promote_types(query.dtype, torch.float32)
+        q = query.reshape(batch, kv_heads, groups, c, head_dim).to(compute)
+        logits = torch.matmul(q, keys[:, :, None].to(compute).transpose(-1, -2)) * scaling  # [B, KVH, g, c, n]
+        probs = torch.empty_like(logits)
+        held = torch.ones(batch, kv_heads, n, dtype=torch.bool, device=self.device)  # not evicted (yet)
+        held[..., old:] = False  # new tokens join as their query arrives
+        count = old  # tokens held per head, equal for every row and head
+        big = torch.iinfo(torch.long).max
+        for t in range(c):
+            held[..., old + t] = True
+            count += 1
+            row = logits[:, :, :, t].masked_fill(~held[:, :, None], float("-inf"))
+            p = torch.softmax(row, dim=-1)  # [B, KVH, g, n]
+            probs[:, :, :, t] = p
+            scores += p.sum(2, dtype=torch.float64)  # the GQA group's query heads add into the KV head's scores
+            if count >= capacity:  # make room for the next query: evict one non-sink token outside its window
+                nxt = int(arrivals[t]) + 1
+                candidates = held & (index >= s) & (index <= nxt - w)
+                masked = scores.masked_fill(~candidates, float("inf"))
+                lowest = masked.min(-1, keepdim=True).values
+                oldest = index.masked_fill(masked != lowest, big).argmin(-1, keepdim=True)  # ties: the oldest
+                held.scatter_(-1, oldest, False)
+                count -= 1
+        out = torch.matmul(probs.to(values.dtype), values[:, :, None])  # [B, KVH, g, c, Dv]
+        out = out.reshape(batch, heads, c, values.shape[-1])
+
+        # keep the held columns, in text order (they are already sorted by index within each head)
+        order = torch.argsort((~held).to(torch.int8), dim=-1, stable=True)[..., :count]
+        self.keys = keys.gather(2, order[..., None].expand(-1, -1, -1, keys.shape[-1]))
+        self.values = values.gather(2, order[..., None].expand(-1, -1, -1, values.shape[-1]))
+        self.token_index = index.gather(-1, order)
+        self.scores = scores.gather(-1, order)
+        return out.to(query.dtype)
+
+    # ------------------------------------------------------------------------------------ batch ops
+    _ROW_STATE = ("keys", "values", "token_index", "scores")
+
+    def _map_rows(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        for name in self._ROW_STATE:
+            setattr(self, name, fn(getattr(self, name)))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_rows(lambda t: t[indices.to(t.device)])
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.seen = 0
+        self.pending = None
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("H2OCache evicts tokens; it cannot be cropped (assisted decoding is unsupported).")
+
+
+class H2OCache(Cache):
+    """Sinks + recent window + heavy hitters, per layer and KV head (see the module docstring for the semantics).
+
+    Needs ``attn_implementation="h2o_sdpa"`` (call :func:`register` first); rows must not be padded.
+
+    Args:
+        num_sink_tokens: ``S`` first tokens always kept (>= 0).
+        window_length: ``W`` most recent tokens always kept, the query included (>= 1).
+        heavy_budget: ``H`` further tokens kept by accumulated attention (>= 0; 0 gives sinks + window).
+    """
+
+    def __init__(self, num_sink_tokens: int = 4, window_length: int = 128, heavy_budget: int = 124):
+        _check_int("num_sink_tokens", num_sink_tokens, 0)
+        _check_int("window_length", window_length, 1)
+        _check_int("heavy_budget", heavy_budget, 0)
+        super().__init__(layers=[])
+        self.num_sink_tokens = num_sink_tokens
+        self.window_length = window_length
+        self.heavy_budget = heavy_budget
+
+    @property
+    def capacity(self) -> int:
+        """Keys a query sees at most (itself included): ``S + W + H``."""
+        return self.num_sink_tokens + self.window_length + self.heavy_budget
+
+    def __repr__(self) -> str:
+        return (f"H2OCache(num_sink_tokens={self.num_sink_tokens}, window_length={self.window_length}, "
+                f"heavy_budget={self.heavy_budget}, layers={len(self.layers)}, seen={self.get_seq_length()})")
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(H2OCacheLayer(self))
+        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+    def get_stored_length(self, layer_idx: int = 0) -> int:
+        """Tokens each KV head of ``layer_idx`` holds (``get_seq_length`` counts every token seen)."""
+        return self.layers[layer_idx].stored_length() if layer_idx < len(self.layers) else 0
+
+    def kept_token_indices(self, layer_idx: int = 0) -> torch.Tensor:
+        """``[B, KVH, n]`` absolute indices of the tokens each KV head of ``layer_idx`` holds, ascending."""
+        layer = self.layers[layer_idx]
+        return layer.token_index.clone()
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("H2OCache evicts tokens; it cannot be cropped (assisted decoding is unsupported).")
+
+
+# ------------------------------------------------------------------------------------- attention
+def h2o_sdpa_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """``attn_implementation="h2o_sdpa"``: H2O attention with an :class:`H2OCache`, stock SDPA without one."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from .attention.masks import SinkMask
+
+    layer = getattr(key, LAYER_ATTRIBUTE, None)
+    if layer is None:
+        dense = attention_mask.dense() if isinstance(attention_mask, SinkMask) else attention_mask
+        return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
+    if isinstance(attention_mask, SinkMask) and attention_mask.new_token_validity(query.shape[2]) is not None:
+        raise ValueError("H2OCache does not support padded batches (the attention mask has padding).")
+    if dropout > 0:
+        raise ValueError(f"dropout={dropout} is not supported with an H2OCache (inference only).")
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = layer.attend(query, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register ``h2o_sdpa`` with transformers (``AttentionInterface`` + ``AttentionMaskInterface``). Idempotent."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    from .attention.masks import sink_sdpa_mask
+
+    AttentionInterface.register(H2O_ATTENTION, h2o_sdpa_attention_forward)
+    # the lazy mask: the attention reads only the padding; the dense mask is built only for the stock fallback
+    AttentionMaskInterface.register(H2O_ATTENTION, sink_sdpa_mask)
+
+
+# ------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def h2o_perplexity(
+    model: torch.nn.Module,
+    input_ids,
+    num_sink_tokens: int = 4,
+    window_length: int = 128,
+    heavy_budget: int = 124,
+    chunk_size: int = 64,
+    progress: bool = True,
+):
+    """Streaming perplexity with an :class:`H2OCache` (like :func:`hf_sinks.eval.streaming_perplexity`).
+
+    The stream is fed ``chunk_size`` tokens per forward; ``h2o_sdpa`` evicts query by query inside a chunk, so
+    every chunk size gives the token-by-token result (up to float summation order).
+
+    Returns:
+        a :class:`~hf_sinks.eval.perplexity.StreamingResult` with ``mode="h2o"`` and
+        ``extra={"heavy_budget": H}`` (``window_length`` is ``W``; the budget is ``S + W + H``).
+    """
+    from .eval.memory import MemoryMeter, cache_bytes
+    from .eval.perplexity import StreamingResult, _as_stream, _progress, validate
+    from .oracle import _routed_through_interface, using_attention
+
+    ids = _as_stream(input_ids)
+    validate("sink", num_sink_tokens, window_length, chunk_size, ids.numel())
+    _check_int("heavy_budget", heavy_budget, 0)
+    register()
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    stream, targets = ids[:-1], ids[1:]
+    n = stream.numel()
+    nll = torch.empty(n, dtype=torch.float32)
+    kv = torch.zeros(n, dtype=torch.int64)
+    rss = torch.zeros(n, dtype=torch.int64)
+    meter = MemoryMeter(device)
+    bar = _progress(n, "h2o ppl", progress)
+    cache = H2OCache(num_sink_tokens, window_length, heavy_budget)
+    total = 0.0
+    start = time.perf_counter()
+    with ExitStack() as stack:
+        stack.enter_context(_routed_through_interface(model))
+        stack.enter_context(using_attention(model, H2O_ATTENTION))
+        for begin in range(0, n, chunk_size):
+            chunk = stream[begin : begin + chunk_size][None]
+            logits = model(input_ids=chunk, past_key_values=cache, use_cache=True).logits[0]
+            end = begin + chunk.shape[1]
+            losses = F.cross_entropy(logits.float(), targets[begin:end], reduction="none")
+            nll[begin:end] = losses.cpu()
+            kv[begin:end] = cache_bytes(cache)
+            rss[begin:end] = meter.sample()
+            total += float(losses.double().sum())
+            bar.set_postfix(ppl=f"{math.exp(total / end):.2f}", refresh=False)
+            bar.update(end - begin)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    bar.close()
+    return StreamingResult(
+        mode="h2o", perplexity=math.exp(float(nll.double().mean())), nll=nll,
+        tokens_per_second=n / elapsed if elapsed > 0 else float("inf"), peak_memory_bytes=meter.peak_bytes(),
+        memory_kind=meter.kind, cache_bytes=kv, rss_bytes=rss, num_tokens=n + 1, num_sink_tokens=num_sink_tokens,
+        window_length=window_length, chunk_size=chunk_size, elapsed_seconds=elapsed,
+        extra={"heavy_budget": heavy_budget},
+    )
+
+
+__all__ = ["H2OCache", "H2OCacheLayer", "H2O_ATTENTION", "h2o_perplexity", "h2o_sdpa_attention_forward", "register"]
