@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -470,8 +471,9 @@ def plot_sink_heatmap(analysis: SinkAnalysis, path: str | Path, title: str = "")
     ax.set_yticks(range(0, analysis.num_layers, step))
     fig.colorbar(im, ax=ax, label=f"mean attention on the first {analysis.sink_tokens} token(s)")
     ax.legend(loc="upper right", fontsize=7, framealpha=0.6)
-    ax.set_title(title or f"sink score per head ({analysis.num_tokens} tokens; "
-                 f"{100 * analysis.sink_ratio:.0f} % sink heads at eps={analysis.epsilon:g})", fontsize=9)
+    default = (f"sink score per head ({analysis.num_tokens} tokens; {100 * analysis.sink_ratio:.0f} % sink heads at "
+               f"eps={analysis.epsilon:g})")
+    ax.set_title(textwrap.fill(title or default, 60), fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
@@ -496,7 +498,7 @@ def plot_sink_layers(analysis: SinkAnalysis, path: str | Path, title: str = "") 
     ax.set_ylabel(f"attention on the first {analysis.sink_tokens} token(s)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(title or f"sink score per layer ({analysis.num_tokens} tokens)", fontsize=9)
+    ax.set_title(textwrap.fill(title or f"sink score per layer ({analysis.num_tokens} tokens)", 100), fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
@@ -560,7 +562,8 @@ def cmd_analyze(args: Any) -> int:
     if not args.no_plot:
         try:
             paths["heatmap"] = plot_sink_heatmap(analysis, Path(args.output_dir) / "sink_heatmap.png",
-                                                 title=f"{title}: sink score (eps={args.epsilon:g})")
+                                                 title=f"{title}: sink score per head, {int(analysis.is_sink.sum())}/"
+                                                       f"{analysis.is_sink.numel()} heads > eps={args.epsilon:g}")
             paths["layers"] = plot_sink_layers(analysis, Path(args.output_dir) / "sink_layers.png", title=title)
         except ImportError as e:
             print(f"warning: no plot ({e})", file=sys.stderr)

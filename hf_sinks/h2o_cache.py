@@ -163,7 +163,7 @@ class H2OCacheLayer(CacheLayerMixin):
             probs[:, :, :, t] = p
             scores += p.sum(2, dtype=torch.float64)  # the GQA group's query heads add into the KV head's scores
             if count >= capacity:  # make room for the next query: evict one non-sink token outside its window
-                nxt = int(arrivals[t]) + 1
+                nxt = first + t + 1  # index of the next query (a Python int: no device sync)
                 candidates = held & (index >= s) & (index <= nxt - w)
                 masked = scores.masked_fill(~candidates, float("inf"))
                 lowest = masked.min(-1, keepdim=True).values
