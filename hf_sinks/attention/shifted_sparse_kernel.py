@@ -192,6 +192,12 @@ def check_inputs(q, k, v, group_size, num_sink_tokens, sink_logits=None, valid_s
     for name, bound in (("valid_start", valid_start), ("valid_end", valid_end)):
         if bound is not None and tuple(bound.shape) != (batch,):
             raise ValueError(f"{name} must be [B] = [{batch}]; got {tuple(bound.shape)}")
+    if valid_start is not None or valid_end is not None:  # out-of-range bounds would read out of bounds
+        lo = valid_start.tolist() if valid_start is not None else [0] * batch
+        hi = valid_end.tolist() if valid_end is not None else [length] * batch
+        if not all(0 <= a <= b <= length for a, b in zip(lo, hi)):
+            raise ValueError(f"need 0 <= valid_start <= valid_end <= T = {length} in every row; got valid_start "
+                             f"{lo}, valid_end {hi}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.numel() == 0 or v.numel() == 0:

@@ -301,6 +301,45 @@ def test_dispatcher_key_padding_mask_and_chunked_fallback(monkeypatch):
     assert start.tolist() == [2, 0, 0] and end.tolist() == [4, 0, 3]
 
 
+COMPILE_FOR_SM90 = r"""
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from hf_sinks.kernels import shifted_sparse_attention as K
+
+pointers = {n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+pointers.update({n: "*fp32" for n in ("LSE", "DELTA", "SINKS")}, VS="*i32", VE="*i32")
+common = dict(GROUPS=4, HEAD_DIM=80, HEAD_DIM_V=80, BLOCK_D=128, BLOCK_DV=128, PRECISION="tf32")
+jobs = [(K._shifted_sparse_attn_fwd_kernel, dict(BLOCK_M=64, BLOCK_N=64, HAS_SINK_LOGITS=True), 2),
+        (K._shifted_sparse_attn_bwd_dkdv_kernel, dict(BLOCK_M=32, BLOCK_N=32), 1),
+        (K._shifted_sparse_attn_bwd_dq_kernel, dict(BLOCK_M=32, BLOCK_N=32), 1)]
+for fn, extra, stages in jobs:
+    consts = {k: v for k, v in {**common, **extra}.items() if k in fn.arg_names}
+    signature = {n: "constexpr" if n in consts else pointers.get(n, "fp32" if n in ("qk_scale", "scaling") else "i32")
+                 for n in fn.arg_names}
+    source = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=stages))
+    print("compiled", fn.__name__)
+"""
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter does not type-check like the compiler: build the bf16 kernels for an H100 (sm_90) here, ahead
+    of time, with the launchers' tile sizes and a head dim that is not a power of two (ptxas ships with triton)."""
+    if GPU:
+        pytest.skip("on a GPU the other tests compile the kernels")
+    root = Path(__file__).resolve().parents[2]
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], cwd=root, env=env, capture_output=True,
+                            text=True)
+    if result.returncode and "ptxas" in result.stderr and "not found" in result.stderr.lower():
+        pytest.skip("no ptxas in this triton install")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert result.stdout.count("compiled") == 3
+
+
 # --------------------------------------------------------------------------------------------------- errors
 BAD = [
     pytest.param(dict(group_size=0), r"group_size must be a positive even int.*got 0", id="G0"),
@@ -314,6 +353,10 @@ BAD = [
     pytest.param(dict(sink_logits=torch.zeros(3)), r"sink_logits must be \[H\] = \[4\]; got \(3,\)", id="sinks"),
     pytest.param(dict(valid_start=torch.zeros(2, dtype=torch.long)), r"valid_start must be \[B\] = \[1\]",
                  id="valid-start"),
+    pytest.param(dict(valid_end=torch.tensor([9])), r"valid_end <= T = 8 in every row; got valid_start \[0\], "
+                 r"valid_end \[9\]", id="valid-end-past-T"),
+    pytest.param(dict(valid_start=torch.tensor([3]), valid_end=torch.tensor([2])), r"valid_start <= valid_end",
+                 id="valid-start-after-end"),
     pytest.param(dict(first_shifted_head=5), r"first_shifted_head must be an int in \[0, 4\]; got 5", id="first"),
 ]
 
