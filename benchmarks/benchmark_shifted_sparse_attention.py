@@ -123,7 +123,7 @@ def sdpa_fn(g, s, t, heads):
         groups = q.shape[1] // k.shape[1]
         outs = []
         for mask, (h0, h1) in zip(masks, ((0, half), (half, heads))):
-            kv = torch.arange(h0, h1, device=q.device) // groups  # a half may split a KV group: index, no repeat_kv
+            kv = torch.arange(h0, h1, device=q.device) // groups  # each query head's KV head (a copy, as repeat_kv)
             outs.append(F.scaled_dot_product_attention(q[:, h0:h1], k.index_select(1, kv), v.index_select(1, kv),
                                                        attn_mask=mask, scale=scale))
         return torch.cat(outs, dim=1)
