@@ -90,6 +90,8 @@ class SinkAnalysis:
             heads first.
         secondary_factor, secondary_min_heads, min_distance: the secondary-sink criterion used.
         token_texts: decoded text of every token (empty when ids were given without a tokenizer).
+        secondary_mass: ``[layers, heads]`` float64, share of the attention from queries at least ``min_distance``
+            after a key that lands on the reported secondary sinks (how much a head relies on them).
     """
 
     sink_scores: torch.Tensor
@@ -103,6 +105,7 @@ class SinkAnalysis:
     secondary_min_heads: int
     min_distance: int
     token_texts: list[str] = field(default_factory=list)
+    secondary_mass: torch.Tensor | None = None
 
     @property
     def num_layers(self) -> int:
@@ -155,11 +158,13 @@ class SinkAnalysis:
             f"{self.sink_tokens} token(s), epsilon = {self.epsilon}",
             f"sink heads: {int(self.is_sink.sum())}/{self.is_sink.numel()} ({100 * self.sink_ratio:.1f} %); "
             f"mean sink score {float(self.sink_scores.mean()):.3f}",
-            "per layer (mean score, sink heads):",
+            "per layer (mean score, sink heads" + (", share of far attention on the secondary sinks" if
+                                                   self.secondary_mass is not None else "") + "):",
         ]
         for l in range(self.num_layers):
             heads = [h for h in range(self.num_heads) if bool(self.is_sink[l, h])]
-            lines.append(f"  layer {l:>3}: {float(self.layer_mean[l]):.3f}  {len(heads)}/{self.num_heads}  {heads}")
+            extra = "" if self.secondary_mass is None else f"  secondary-sink mass {float(self.secondary_mass[l].mean()):.2f}"
+            lines.append(f"  layer {l:>3}: {float(self.layer_mean[l]):.3f}  {len(heads)}/{self.num_heads}{extra}  {heads}")
         lines.append(
             f"secondary sinks (ratio to uniform > {self.secondary_factor:g} in >= {self.secondary_min_heads} heads): "
             f"{len(self.secondary_sinks)}"
@@ -188,10 +193,14 @@ class SinkAnalysis:
                 writer.writerow({**row, "sink_score": f"{row['sink_score']:.6f}", "is_sink": int(row["is_sink"])})
         with paths["layer_summary"].open("w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["layer", "mean_sink_score", "sink_heads", "num_heads", "sink_head_fraction"])
+            writer.writerow(["layer", "mean_sink_score", "sink_heads", "num_heads", "sink_head_fraction",
+                             "secondary_sink_mass"])
             for l in range(self.num_layers):
+                secondary = "" if self.secondary_mass is None else f"{float(self.secondary_mass[l].mean()):.4f}"
                 writer.writerow([l, f"{float(self.layer_mean[l]):.6f}", int(self.is_sink[l].sum()), self.num_heads,
-                                 f"{float(self.layer_sink_ratio[l]):.4f}"])
+                                 f"{float(self.layer_sink_ratio[l]):.4f}", secondary])
+        (out / "summary.txt").write_text(self.summary(max_secondary=30) + "\n")
+        paths["summary"] = out / "summary.txt"
         with paths["secondary_sinks"].open("w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["token_index", "token_id", "token_text", "num_heads", "max_ratio", "max_received",
@@ -412,11 +421,13 @@ def analyze(
     received, ratio = _key_statistics(far_mass, sink_tokens, min_distance)
     texts = [tokenizer.decode([int(t)]) for t in ids] if tokenizer is not None else []
     secondary = _secondary_sinks(ratio, received, ids, texts, secondary_factor, secondary_min_heads)
+    hot = torch.tensor([x.token_index for x in secondary], dtype=torch.long)
+    secondary_mass = far_mass[:, :, hot].sum(-1) / far_mass.sum(-1).clamp(min=1e-300)
     analysis = SinkAnalysis(
         sink_scores=sink_scores, epsilon=float(epsilon), sink_tokens=sink_tokens, token_ids=ids.cpu(),
         key_ratio=ratio.float(), key_received=received.float(), secondary_sinks=secondary,
         secondary_factor=float(secondary_factor), secondary_min_heads=secondary_min_heads, min_distance=min_distance,
-        token_texts=texts,
+        token_texts=texts, secondary_mass=secondary_mass,
     )
     if output_dir is not None:
         analysis.save(output_dir)
@@ -492,10 +503,13 @@ def plot_sink_layers(analysis: SinkAnalysis, path: str | Path, title: str = "") 
                     alpha=0.2, label="min-max over heads")
     ax.plot(x, analysis.layer_mean.numpy(), marker="o", label="mean sink score")
     ax.plot(x, analysis.layer_sink_ratio.numpy(), marker="s", linestyle="--", label=f"fraction of heads > {analysis.epsilon:g}")
+    if analysis.secondary_mass is not None and len(analysis.secondary_sinks):
+        ax.plot(x, analysis.secondary_mass.mean(-1).numpy(), marker="^", linestyle=":",
+                label=f"share of attention on the {len(analysis.secondary_sinks)} secondary sinks")
     ax.axhline(analysis.epsilon, color="grey", linestyle=":", linewidth=1)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("layer")
-    ax.set_ylabel(f"attention on the first {analysis.sink_tokens} token(s)")
+    ax.set_ylabel(f"attention on the first {analysis.sink_tokens} token(s) / share")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(textwrap.fill(title or f"sink score per layer ({analysis.num_tokens} tokens)", 100), fontsize=9)

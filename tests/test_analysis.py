@@ -176,6 +176,7 @@ def test_secondary_sink_from_a_constructed_model():
     sink = result.secondary_sinks[0]
     assert sink.heads == [(0, 1), (0, 2), (0, 3)] and sink.layers == [0] and sink.token_id == 5
     assert sink.max_received > 0.99 and sink.max_ratio > 20
+    assert bool((result.secondary_mass[0, 1:] > 0.9).all()) and float(result.secondary_mass[0, 0]) < 0.1
     # the queries before token 10 spread uniformly, so the first-token score is small
     assert bool((result.sink_scores < 0.3).all())
 
@@ -255,7 +256,7 @@ def test_text_with_tokenizer_and_save(tmp_path):
     rows = list(csv.DictReader((tmp_path / "sink_scores.csv").open()))
     assert len(rows) == 2 * 4 and set(rows[0]) == {"layer", "head", "sink_score", "is_sink"}
     assert float(rows[5]["sink_score"]) == pytest.approx(float(result.sink_scores[1, 1]), abs=1e-6)
-    for name in ("secondary_sinks.csv", "layer_summary.csv", "sink_heatmap.png", "sink_layers.png"):
+    for name in ("secondary_sinks.csv", "layer_summary.csv", "summary.txt", "sink_heatmap.png", "sink_layers.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "sink heads:" in result.summary()
 
