@@ -248,3 +248,13 @@ def test_h2o_perplexity_matches_reference():
     assert model.config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match="heavy_budget=-1"):
         h2o_perplexity(model, ids, 2, 4, -1, progress=False)
+
+
+def test_beam_search_reorders_rows():
+    """Beam search reorders/repeats the cache rows; every beam still holds S + W + H - 1 tokens per KV head."""
+    model = tiny_model("llama", attn_implementation=H2O_ATTENTION, layers=2)
+    cache = H2OCache(1, 3, 3)
+    out = model.generate(random_ids(1, 10), past_key_values=cache, max_new_tokens=8, min_new_tokens=8,
+                         num_beams=2, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 18)
+    assert cache.kept_token_indices(0).shape[:1] == (2,) and cache.get_stored_length() == 6
