@@ -28,7 +28,7 @@ import torch
 
 from ..config import CONFIG_ATTRIBUTE
 from .data import PackedDataset, tokenize_text
-from .recipes import SinkRecipe, forget_dequantized_gguf, lora_recipe
+from .recipes import SinkRecipe, attention_is_registered, forget_dequantized_gguf, lora_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -259,15 +259,27 @@ def load_recipe(path: str | os.PathLike) -> SinkRecipe:
         return SinkRecipe.from_dict(json.load(f))
 
 
-def load_finetuned(base_model: torch.nn.Module, path: str | os.PathLike, merge: bool = True, is_trainable: bool = False):
+def load_finetuned(
+    base_model: torch.nn.Module,
+    path: str | os.PathLike,
+    merge: bool = True,
+    is_trainable: bool = False,
+    attn_implementation: str | None = "auto",
+):
     """Reload a :func:`finetune` output onto a fresh ``base_model`` (same weights it was trained from).
 
-    Replays the recipe's structural changes (sink-token row, learned sink modules, rope scaling; the training
-    attention is *not* set), loads the adapter with ``PeftModel.from_pretrained`` and, with ``merge=True``,
+    Replays the recipe's structural changes (sink-token row, learned sink modules, rope scaling), loads the adapter
+    with ``PeftModel.from_pretrained`` and, with ``merge=True``,
     ``merge_and_unload()``s it into a plain transformers model. The streaming setup is recorded in
     ``model.config.attention_sinks``, so ``hf_sinks.apply(model)`` streams with the recipe's sinks (e.g. one
     sink for ``sink_token``; prepend the token with :func:`hf_sinks.training.prepend_sink_token`, the tokenizer
     saved in ``path`` knows it).
+
+    Args:
+        attn_implementation: attention of the returned model. ``"auto"``: unchanged, except with learned sink
+            logits, where the recipe's training attention (e.g. ``sink_sfattn``, plain causal attention + the
+            learned logits outside training) is set when registered, because ``sdpa``/``eager`` ignore them.
+            ``None``: unchanged; a name: set it (not for Falcon).
 
     Returns:
         the merged model (``merge=True``) or the ``PeftModel``, in eval mode.
@@ -289,6 +301,11 @@ def load_finetuned(base_model: torch.nn.Module, path: str | os.PathLike, merge: 
 
         add_learned_sinks(base_model, recipe.learned_sink_init)
     setattr(base_model.config, CONFIG_ATTRIBUTE, recipe.sink_config.to_dict())
+    if attn_implementation == "auto":
+        wanted = recipe.attn_implementation if recipe.learned_sink_logits else None
+        attn_implementation = wanted if wanted is not None and attention_is_registered(wanted) else None
+    if attn_implementation is not None and base_model.config._attn_implementation != attn_implementation:
+        base_model.set_attn_implementation(attn_implementation)
     peft_model = PeftModel.from_pretrained(base_model, str(path), is_trainable=is_trainable)
     model = peft_model.merge_and_unload() if merge else peft_model
     return model.eval()

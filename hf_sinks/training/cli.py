@@ -1,0 +1,158 @@
+"""``hf-sinks train``: sink-aware LoRA fine-tuning from the command line (wired into ``hf_sinks.cli``).
+
+::
+
+    hf-sinks train --recipe sink_token --seq-len 256 --max-steps 200 --output-dir smollm2-sink
+    accelerate launch -m hf_sinks.training.cli --recipe sinklora --seq-len 4096 --bf16 --output-dir out/
+
+``--model default`` is the embedded SmolLM2-135M-Instruct; a local HF model directory or a ``.gguf`` file also
+works. The text defaults to hf_sinks' Shakespeare text (minus ``--held-out-tokens`` at its end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .recipes import RECIPES
+from .rope_scaling import KNOWN_ROPE_TYPES
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``train`` flags (HF-style names) to ``p``; shared by the CLI and ``examples/finetune_sinks.py``."""
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M GGUF), an HF model dir or a .gguf")
+    p.add_argument("--recipe", default="sinklora", choices=RECIPES, help="PEFT recipe (default sinklora)")
+    p.add_argument("--text-file", default=None, help="training text, UTF-8 (default: the Shakespeare text)")
+    p.add_argument("--held-out-tokens", type=int, default=0,
+                   help="leave the last N tokens of the text out of training (for a later evaluation)")
+    p.add_argument("--output-dir", default="hf_sinks_finetune", help="adapter, recipe, tokenizer, loss.csv/png")
+    p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default 16)")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--target-modules", default=None, help="comma-separated LoRA targets (default: per architecture)")
+    p.add_argument("--no-train-embeddings", action="store_true", help="freeze embeddings (sink_token: the sink row)")
+    p.add_argument("--no-train-norms", action="store_true", help="freeze the normalisation layers")
+    p.add_argument("--learned-sink-logits", action="store_true", help="add and train per-head learned sink logits")
+    p.add_argument("--attn-implementation", default="auto",
+                   help="attention to train with (default auto: sink_sfattn / sink_s2attn when registered)")
+    p.add_argument("--num-sink-tokens", type=int, default=None, help="sinks to stream with afterwards (recipe default)")
+    p.add_argument("--window-length", type=int, default=1020, help="window to stream with afterwards (default 1020)")
+    p.add_argument("--rope-scaling-type", default=None, choices=KNOWN_ROPE_TYPES, help="RoPE interpolation type")
+    p.add_argument("--rope-scaling-factor", type=float, default=None, help="RoPE interpolation factor")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per training sequence (default 512)")
+    p.add_argument("--max-steps", type=int, default=200, help="optimizer steps (default 200)")
+    p.add_argument("--learning-rate", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--lr-scheduler-type", default="constant_with_warmup")
+    p.add_argument("--per-device-train-batch-size", "--batch-size", dest="per_device_train_batch_size", type=int, default=1)
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
+    p.add_argument("--logging-steps", type=int, default=1)
+    p.add_argument("--max-rows", type=int, default=None, help="use at most this many packed sequences")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plot", action="store_true", help="no loss.png")
+    return p
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``train`` subcommand on ``subparsers`` (from ``parser.add_subparsers``); sets ``func=cmd_train``."""
+    p = subparsers.add_parser(
+        "train", help="sink-aware LoRA fine-tuning (SinkLoRA / LongLoRA / a dedicated sink token)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+    return p
+
+
+def rope_scaling_from_args(args) -> dict | None:
+    """``--rope-scaling-type/--rope-scaling-factor`` as a rope_scaling dict (``ValueError`` if only one is given)."""
+    kind, factor = args.rope_scaling_type, args.rope_scaling_factor
+    if kind is None and factor is None:
+        return None
+    if factor is None:
+        raise ValueError(f"--rope-scaling-type {kind} needs --rope-scaling-factor.")
+    return {"rope_type": kind or "linear", "factor": factor}
+
+
+def cmd_train(args) -> int:
+    """Run ``hf-sinks train``: load, build the recipe, :func:`~hf_sinks.training.finetune`, print where it went."""
+    import torch
+
+    from ..default_model import load_model_and_tokenizer
+    from .data import split_token_ids, tokenize_text
+    from .finetune import finetune
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.text_file is not None and str(args.text_file).lower() != "default" and not Path(args.text_file).expanduser().is_file():
+        raise FileNotFoundError(f"text file {args.text_file!r} does not exist (omit --text-file for the default text)")
+    rope_scaling = rope_scaling_from_args(args)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    print(f"loading model {args.model!r} ...", file=sys.stderr, flush=True)
+    model, tokenizer = load_model_and_tokenizer(args.model, attn_implementation="sdpa", dtype=dtype)
+    ids = tokenize_text(tokenizer, Path(args.text_file) if args.text_file and args.text_file != "default" else None)
+    if args.held_out_tokens:
+        ids, _ = split_token_ids(ids, args.held_out_tokens)
+    training_args = {}
+    if args.bf16:
+        training_args["bf16"] = True
+    if args.gradient_checkpointing:
+        training_args["gradient_checkpointing"] = True
+    attn = args.attn_implementation
+    t0 = time.perf_counter()
+    result = finetune(
+        model, tokenizer, args.recipe, ids,
+        seq_len=args.seq_len, max_steps=args.max_steps, learning_rate=args.learning_rate,
+        output_dir=args.output_dir, per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, warmup_steps=args.warmup_steps,
+        lr_scheduler_type=args.lr_scheduler_type, logging_steps=args.logging_steps, seed=args.seed,
+        max_rows=args.max_rows, progress=not args.no_progress, plot=not args.no_plot, training_args=training_args,
+        r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        target_modules=[t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else None,
+        train_embeddings=not args.no_train_embeddings, train_norms=not args.no_train_norms,
+        learned_sink_logits=args.learned_sink_logits, rope_scaling=rope_scaling,
+        attn_implementation=None if attn in ("none", "None") else attn,
+        num_sink_tokens=args.num_sink_tokens, window_length=args.window_length,
+    )
+    losses = result.losses
+    recipe = result.recipe
+    print(
+        f"trained {args.recipe} for {args.max_steps} steps in {time.perf_counter() - t0:.1f} s "
+        f"(attention {recipe.attn_implementation or model.config._attn_implementation}); "
+        f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no loss logged"
+    )
+    print(f"saved to {result.output_dir}/ (adapter_model.safetensors, hf_sinks_recipe.json, tokenizer, loss.csv)")
+    sinks = recipe.sink_config
+    hint = f"; prepend {recipe.sink_token!r} (id {recipe.sink_token_id}) to every stream" if recipe.sink_token else ""
+    print(f"stream it with {sinks.num_sink_tokens} sink token(s) + window {sinks.window_length}{hint}: "
+          f"hf_sinks.training.load_finetuned(base_model, {str(result.output_dir)!r}) then hf_sinks.apply(model)")
+    return 0
+
+
+def main(argv=None) -> int:
+    """``python -m hf_sinks.training.cli`` (also what ``accelerate launch -m hf_sinks.training.cli`` runs)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = add_train_arguments(argparse.ArgumentParser(prog="hf-sinks train", description=__doc__,
+                                                         formatter_class=argparse.RawDescriptionHelpFormatter))
+    args = parser.parse_args(argv)
+    try:
+        return cmd_train(args)
+    except (FileNotFoundError, ImportError, ValueError) as e:
+        print(f"hf-sinks train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+
+__all__ = ["add_train_arguments", "add_train_parser", "cmd_train", "main", "rope_scaling_from_args"]
