@@ -1,4 +1,4 @@
-"""DuoCache / duo_sdpa / HeadPattern / head identification (hf_sinks.duo_attention).
+"""DuoCache / duo_sdpa / HeadPattern / head identification (hf_sinks.duo).
 
 The reference is written here: one full-sequence forward (no cache, absolute positions) whose attention applies,
 per KV head, causal attention (retrieval heads) or the sink + window rule ``j <= i and (j < S or i - j < W)``
@@ -14,8 +14,8 @@ from transformers import AttentionInterface, AttentionMaskInterface, DynamicCach
 from transformers.masking_utils import sdpa_mask
 
 import hf_sinks
-from hf_sinks import duo_attention as duo
-from hf_sinks.duo_attention import DuoCache, HeadPattern
+from hf_sinks import duo
+from hf_sinks.duo import DuoCache, HeadPattern
 from hf_sinks.eval.memory import cache_bytes
 from hf_sinks.oracle import using_attention
 from hf_sinks.rope import RotaryParams
@@ -72,7 +72,7 @@ def streamed_logits(model, ids, cache, chunks):
 
 
 def mixed_pattern(model, seed=0):
-    layers, kv = duo._kv_shape(model.config)
+    layers, kv = duo.pattern._kv_shape(model.config)
     gen = torch.Generator().manual_seed(seed)
     retrieval = torch.rand(layers, kv, generator=gen) < 0.5
     retrieval[0, 0], retrieval[-1, -1] = True, False  # both kinds present
@@ -98,7 +98,7 @@ def test_all_retrieval_generate_equals_dynamic_cache(arch, kw):
 @pytest.mark.parametrize("arch,kw", ARCHS)
 @pytest.mark.parametrize("chunks", [[], [2, 13], [25]], ids=["decode", "chunks", "one_chunk"])
 def test_all_streaming_equals_rule_reference(arch, kw, chunks, monkeypatch):
-    monkeypatch.setattr(duo, "QUERY_BLOCK", 4)  # several query blocks per chunk
+    monkeypatch.setattr(duo.cache, "QUERY_BLOCK", 4)  # several query blocks per chunk
     model = tiny_model(arch, attn_implementation="duo_sdpa", **kw)
     ids = random_ids(1, 32)
     pattern = HeadPattern.streaming(model.config)
@@ -129,7 +129,7 @@ def test_all_streaming_equals_sink_cache_at_original_rotation():
 @pytest.mark.parametrize("arch,kw", ARCHS)
 @pytest.mark.parametrize("chunks", [[], [4, 7, 7, 7], [28]], ids=["decode", "chunked_prefill", "one_chunk"])
 def test_mixed_pattern_equals_per_head_reference(arch, kw, chunks, monkeypatch):
-    monkeypatch.setattr(duo, "QUERY_BLOCK", 8)
+    monkeypatch.setattr(duo.cache, "QUERY_BLOCK", 8)
     model = tiny_model(arch, attn_implementation="duo_sdpa", layers=3, **kw)
     ids = random_ids(1, 40)  # prompt of 25-28 tokens > S + W, then decoding past capacity
     pattern = mixed_pattern(model)
@@ -304,3 +304,29 @@ def test_identify_heads_l1_pushes_alpha_down():
     assert sparse.mean() < 0.5  # below its initial value
     floor = _train(model, reg_weight=5.0, initial=0.05).alpha
     assert floor.min() == 0 and (floor >= 0).all()  # clamped to [0, 1] after every step
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def test_duo_perplexity_matches_reference_for_any_chunk_size():
+    model = tiny_model("llama", attn_implementation="sdpa")
+    ids = random_ids(1, 30)[0]
+    pattern = mixed_pattern(model)
+    ref = reference_logits(model, ids[None, :-1], pattern)[0]
+    expected = torch.nn.functional.cross_entropy(ref, ids[1:], reduction="none")
+    for chunk in (1, 7, 64):
+        result = duo.duo_perplexity(model, ids, pattern, S, W, chunk_size=chunk, progress=False)
+        torch.testing.assert_close(result.nll, expected, atol=1e-5, rtol=0)
+        assert result.mode == "duo" and result.extra["streaming_fraction"] == pattern.streaming_fraction
+        assert int(result.cache_bytes[-1]) > 0
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_attention_mass_scores():
+    model = tiny_model("llama", attn_implementation="sdpa")
+    scores = duo.attention_mass_scores(model, random_ids(1, 24)[0], S, W)
+    assert scores.shape == (2, 2) and ((scores > 0) & (scores < 1)).all()
+    # a wider window drops fewer keys: less mass outside it, head by head
+    wider = duo.attention_mass_scores(model, random_ids(1, 24)[0], S, W + 4)
+    assert (wider < scores).all()
+    with pytest.raises(ValueError, match="num_sink_tokens"):
+        duo.attention_mass_scores(model, random_ids(1, 8)[0], S, W)

@@ -1,0 +1,205 @@
+"""Streaming perplexity with a :class:`DuoCache` and the ``python -m hf_sinks.duo`` command (identify, bench)."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .attention import register
+from .cache import DUO_ATTENTION, DuoCache
+from .identify import attention_mass_scores, identify_heads
+from .pattern import HeadPattern, _kv_shape
+
+@torch.no_grad()
+def duo_perplexity(
+    model: torch.nn.Module,
+    input_ids,
+    pattern: HeadPattern,
+    num_sink_tokens: int = 64,
+    window_length: int = 256,
+    chunk_size: int = 64,
+    progress: bool = True,
+):
+    """Streaming perplexity with a :class:`DuoCache` (like :func:`hf_sinks.eval.streaming_perplexity`).
+
+    The stream is fed ``chunk_size`` tokens per forward; ``duo_sdpa`` applies each head's visibility to every query
+    of a chunk, so any chunk size gives the token-by-token result (up to float summation order).
+
+    Returns:
+        a :class:`~hf_sinks.eval.perplexity.StreamingResult` with ``mode="duo"`` and
+        ``extra={"streaming_fraction": f}``.
+    """
+    from ..eval.memory import MemoryMeter, cache_bytes
+    from ..eval.perplexity import StreamingResult, _as_stream, _progress, validate
+    from ..oracle import _routed_through_interface, using_attention
+
+    ids = _as_stream(input_ids)
+    validate("sink", num_sink_tokens, window_length, chunk_size, ids.numel())
+    pattern.validate(model.config)
+    register()
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    stream, targets = ids[:-1], ids[1:]
+    n = stream.numel()
+    nll = torch.empty(n, dtype=torch.float32)
+    kv = torch.zeros(n, dtype=torch.int64)
+    rss = torch.zeros(n, dtype=torch.int64)
+    meter = MemoryMeter(device)
+    bar = _progress(n, "duo ppl", progress)
+    cache = DuoCache(pattern, num_sink_tokens, window_length)
+    total = 0.0
+    start = time.perf_counter()
+    with ExitStack() as stack:
+        stack.enter_context(_routed_through_interface(model))
+        stack.enter_context(using_attention(model, DUO_ATTENTION))
+        for begin in range(0, n, chunk_size):
+            chunk = stream[begin : begin + chunk_size][None]
+            logits = model(input_ids=chunk, past_key_values=cache, use_cache=True).logits[0]
+            end = begin + chunk.shape[1]
+            losses = F.cross_entropy(logits.float(), targets[begin:end], reduction="none")
+            nll[begin:end] = losses.cpu()
+            kv[begin:end] = cache_bytes(cache)
+            rss[begin:end] = meter.sample()
+            total += float(losses.double().sum())
+            bar.set_postfix(ppl=f"{math.exp(total / end):.2f}", refresh=False)
+            bar.update(end - begin)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    bar.close()
+    return StreamingResult(
+        mode="duo", perplexity=math.exp(float(nll.double().mean())), nll=nll,
+        tokens_per_second=n / elapsed if elapsed > 0 else float("inf"), peak_memory_bytes=meter.peak_bytes(),
+        memory_kind=meter.kind, cache_bytes=kv, rss_bytes=rss, num_tokens=n + 1, num_sink_tokens=num_sink_tokens,
+        window_length=window_length, chunk_size=chunk_size, elapsed_seconds=elapsed,
+        extra={"streaming_fraction": pattern.streaming_fraction},
+    )
+
+
+# ------------------------------------------------------------------------------------------------- command
+def _load(model: str | None, attn_implementation: str = "sdpa"):
+    from ..default_model import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(model, attn_implementation=attn_implementation)
+
+
+def _identify_command(args) -> None:
+    model, tokenizer = _load(args.model)
+    result = identify_heads(
+        model, tokenizer, num_steps=args.steps, lr=args.lr, reg_weight=args.reg_weight,
+        num_sink_tokens=args.sink_size, window_length=args.recent_size, context_length=tuple(args.context_length),
+        sparsity=args.sparsity, seed=args.seed,
+    )
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        path = result.pattern.save(args.output)
+        print(f"{result.pattern} -> {path} (final distill {result.history[-1]['distill']:.4g})")
+
+
+def _bench_command(args) -> None:
+    """Streaming perplexity: dense vs DuoCache (a pattern) vs SinkCache at the same peak KV bytes; CSV + PNG."""
+    import csv
+
+    from ..cache import SinkCache  # noqa: F401  (sink runs go through streaming_perplexity)
+    from ..eval.data import load_token_ids
+    from ..eval.perplexity import streaming_perplexity
+    from ..eval.plots import plot_perplexity
+
+    torch.manual_seed(0)
+    model, tokenizer = _load(args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = load_token_ids(tokenizer, args.text, args.num_tokens)[0]
+    s, w, chunk = args.sink_size, args.recent_size, args.chunk_size
+    if args.pattern:
+        pattern = HeadPattern.load(args.pattern, config=model.config)
+        scores, source = pattern.scores, f"file {args.pattern}"
+        if scores is None:
+            raise ValueError(f"{args.pattern} has no scores; the benchmark re-binarises scores at --sparsity.")
+    else:  # the heuristic: attention mass outside sinks + window, on the first --score-tokens of the text
+        scores = attention_mass_scores(model, ids[: args.score_tokens], s, w)
+        source = f"attention-mass heuristic on the first {args.score_tokens} tokens"
+    meta = {"source": source, "num_sink_tokens": s, "window_length": w}
+    pattern = HeadPattern.from_scores(scores, sparsity=args.sparsity, metadata=meta)
+    pattern.save(out / "pattern.json")
+    inverted = HeadPattern.from_scores(-scores, sparsity=args.sparsity, metadata={**meta, "inverted": True})
+    layers, kv_heads = _kv_shape(model.config)
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    per_token = layers * kv_heads * head_dim * 2 * next(model.parameters()).element_size()  # K + V, all heads
+
+    runs = [("dense", lambda: streaming_perplexity(model, ids, "dense", chunk_size=chunk, progress=False), "-", None)]
+    runs.append((f"duo {args.sparsity:.0%} streaming", lambda: duo_perplexity(model, ids, pattern, s, w, chunk, False),
+                 "heuristic", pattern.streaming_fraction))
+    runs.append((f"duo {args.sparsity:.0%} streaming, inverted pattern",
+                 lambda: duo_perplexity(model, ids, inverted, s, w, chunk, False), "inverted heuristic",
+                 inverted.streaming_fraction))
+    rows, curves, duo_peak = [], [], None
+    for label, run, pattern_name, fraction in runs:
+        result = run()
+        if label.startswith("duo") and duo_peak is None:
+            duo_peak = int(result.cache_bytes.max())
+        rows.append((label, pattern_name, fraction, result))
+        curves.append((label, result.nll, result.cache_bytes))
+        print(f"{label}: ppl {result.perplexity:.3f}, peak KV {int(result.cache_bytes.max()) / 2**20:.1f} MiB, "
+              f"{result.elapsed_seconds:.0f} s", flush=True)
+    # SinkCache holding as many tokens (every head) as the DuoCache's peak holds on average per head
+    same_w = duo_peak // per_token - s
+    for label, window in ((f"sink S={s} W={same_w} (same peak KV as duo)", same_w), (f"sink S={s} W={w}", w)):
+        result = streaming_perplexity(model, ids, "sink", s, window, chunk_size=chunk, progress=False)
+        rows.append((label, "-", None, result))
+        curves.append((label, result.nll, result.cache_bytes))
+        print(f"{label}: ppl {result.perplexity:.3f}, peak KV {int(result.cache_bytes.max()) / 2**20:.1f} MiB", flush=True)
+
+    with open(out / "perplexity.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "pattern", "streaming_fraction", "num_sink_tokens", "window_length", "num_tokens",
+                         "chunk_size", "perplexity", "peak_kv_bytes", "mean_kv_bytes", "final_kv_bytes",
+                         "tokens_per_second"])
+        for label, pattern_name, fraction, r in rows:
+            writer.writerow([label, pattern_name, "" if fraction is None else f"{fraction:.3f}",
+                             r.num_sink_tokens if r.num_sink_tokens is not None else "",
+                             r.window_length if r.window_length is not None else "", r.num_tokens, r.chunk_size,
+                             f"{r.perplexity:.4f}", int(r.cache_bytes.max()), int(r.cache_bytes.double().mean()),
+                             int(r.cache_bytes[-1]), f"{r.tokens_per_second:.1f}"])
+    title = (f"SmolLM2-135M, {ids.numel()} tokens: DuoCache ({args.sparsity:.0%} streaming KV heads, S={s}, W={w}; "
+             f"pattern: {source}) vs SinkCache vs dense")
+    plot_perplexity(curves, out / "perplexity.png", title=title, smooth=min(512, ids.numel() // 4))
+    print(f"wrote {out / 'perplexity.csv'}, {out / 'perplexity.png'}, {out / 'pattern.json'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m hf_sinks.duo {identify,bench}`` (``accelerate launch -m hf_sinks.duo identify``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m hf_sinks.duo", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ident = sub.add_parser("identify", help="find retrieval heads by optimisation (DuoAttention §3.2)")
+    ident.add_argument("--model", default=None, help="local HF model directory (default: the embedded SmolLM2)")
+    ident.add_argument("--output", required=True, help="pattern file to write (.safetensors or .json)")
+    ident.add_argument("--steps", type=int, default=2000)
+    ident.add_argument("--lr", type=float, default=0.02)
+    ident.add_argument("--reg-weight", type=float, default=0.05)
+    ident.add_argument("--sink-size", type=int, default=128)
+    ident.add_argument("--recent-size", type=int, default=256)
+    ident.add_argument("--context-length", type=int, nargs=2, default=[1000, 8000], metavar=("MIN", "MAX"))
+    ident.add_argument("--sparsity", type=float, default=0.5)
+    ident.add_argument("--seed", type=int, default=0)
+    bench = sub.add_parser("bench", help="streaming perplexity: dense vs DuoCache vs SinkCache at the same memory")
+    bench.add_argument("--model", default=None)
+    bench.add_argument("--text", default=None, help="text file (default: the bundled evaluation text)")
+    bench.add_argument("--out", default="docs/benchmarks/duo_attention_smollm2")
+    bench.add_argument("--pattern", default=None, help="saved HeadPattern with scores (default: the heuristic)")
+    bench.add_argument("--num-tokens", type=int, default=4096)
+    bench.add_argument("--score-tokens", type=int, default=2048)
+    bench.add_argument("--sink-size", type=int, default=64)
+    bench.add_argument("--recent-size", type=int, default=256)
+    bench.add_argument("--sparsity", type=float, default=0.5)
+    bench.add_argument("--chunk-size", type=int, default=128)
+    args = parser.parse_args(argv)
+    (_identify_command if args.command == "identify" else _bench_command)(args)

@@ -1,0 +1,203 @@
+"""`HeadPattern`: which (layer, KV head) is a retrieval head; binarising scores; safetensors / JSON storage."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: Format tag written into saved patterns.
+PATTERN_FORMAT = "hf_sinks.HeadPattern"
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}.")
+
+
+def _kv_shape(config: Any) -> tuple[int, int]:
+    """``(num_hidden_layers, num_key_value_heads)`` of a transformers config (MHA models: KV heads = heads)."""
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layers = config.num_hidden_layers
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return int(layers), int(kv_heads)
+
+
+# ------------------------------------------------------------------------------------------------- pattern
+@dataclass
+class HeadPattern:
+    """Which (layer, KV head) is a retrieval head (full KV) and which a streaming head (sinks + window).
+
+    Attributes:
+        retrieval: ``[num_layers, num_key_value_heads]`` bool, ``True`` = retrieval head.
+        scores: optional ``[num_layers, num_key_value_heads]`` float, higher = more retrieval-like (DuoAttention's
+            gate ``alpha``, or a heuristic score); what :meth:`from_scores` binarised.
+        metadata: JSON-serialisable extras (how the pattern was made: sizes, steps, source...).
+    """
+
+    retrieval: torch.Tensor
+    scores: torch.Tensor | None = None
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        retrieval = torch.as_tensor(self.retrieval)
+        if retrieval.dim() != 2 or retrieval.numel() == 0:
+            raise ValueError(
+                f"HeadPattern.retrieval must be a non-empty [num_layers, num_key_value_heads] tensor, got shape "
+                f"{tuple(retrieval.shape)}."
+            )
+        if retrieval.dtype != torch.bool:
+            if retrieval.is_floating_point() or not bool(((retrieval == 0) | (retrieval == 1)).all()):
+                raise ValueError(
+                    f"HeadPattern.retrieval must be boolean (or 0/1 integers), got dtype {retrieval.dtype}; "
+                    "use HeadPattern.from_scores to binarise scores."
+                )
+            retrieval = retrieval.bool()
+        self.retrieval = retrieval.cpu()
+        if self.scores is not None:
+            scores = torch.as_tensor(self.scores, dtype=torch.float32).cpu()
+            if scores.shape != self.retrieval.shape:
+                raise ValueError(
+                    f"HeadPattern.scores has shape {tuple(scores.shape)}, retrieval {tuple(self.retrieval.shape)}: "
+                    "they must match."
+                )
+            if not bool(torch.isfinite(scores).all()):
+                raise ValueError("HeadPattern.scores must be finite (no NaN or inf).")
+            self.scores = scores
+        if not isinstance(self.metadata, dict):
+            raise ValueError(f"HeadPattern.metadata must be a dict, got {type(self.metadata).__name__}.")
+
+    # ---------------------------------------------------------------------------- constructors
+    @classmethod
+    def from_scores(
+        cls,
+        scores: torch.Tensor,
+        sparsity: float | None = None,
+        threshold: float | None = None,
+        metadata: dict | None = None,
+    ) -> "HeadPattern":
+        """Binarise per-(layer, KV head) scores (higher = retrieval), as DuoAttention's deployment does.
+
+        Exactly one of:
+            sparsity: fraction of heads made **streaming**, in ``[0, 1]``: the ``round(sparsity * n)`` lowest scores
+                (ties: the earlier head in layer-major order).
+            threshold: heads with ``score >= threshold`` are retrieval heads.
+        """
+        if (sparsity is None) == (threshold is None):
+            raise ValueError(f"Give exactly one of sparsity= or threshold= (got sparsity={sparsity!r}, threshold={threshold!r}).")
+        scores = torch.as_tensor(scores, dtype=torch.float32).detach().cpu()
+        if scores.dim() != 2 or scores.numel() == 0:
+            raise ValueError(f"scores must be a non-empty [num_layers, num_key_value_heads] tensor, got {tuple(scores.shape)}.")
+        if not bool(torch.isfinite(scores).all()):
+            raise ValueError("scores must be finite (no NaN or inf).")
+        if sparsity is not None:
+            if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= 1:
+                raise ValueError(f"sparsity={sparsity!r} must be a number in [0, 1] (the fraction of streaming heads).")
+            flat = scores.flatten()
+            k = round(sparsity * flat.numel())
+            order = torch.argsort(flat, stable=True)
+            retrieval = torch.ones_like(flat, dtype=torch.bool)
+            retrieval[order[:k]] = False
+            retrieval = retrieval.view_as(scores)
+        else:
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+                raise ValueError(f"threshold={threshold!r} must be a finite number.")
+            retrieval = scores >= threshold
+        meta = dict(metadata or {})
+        meta.update({"sparsity": sparsity} if sparsity is not None else {"threshold": threshold})
+        return cls(retrieval, scores, meta)
+
+    @classmethod
+    def full(cls, config: Any) -> "HeadPattern":
+        """Every head a retrieval head (a ``DuoCache`` with it behaves as a ``DynamicCache``)."""
+        return cls(torch.ones(_kv_shape(config), dtype=torch.bool))
+
+    @classmethod
+    def streaming(cls, config: Any) -> "HeadPattern":
+        """Every head a streaming head (sinks + window everywhere, at absolute positions)."""
+        return cls(torch.zeros(_kv_shape(config), dtype=torch.bool))
+
+    # ------------------------------------------------------------------------------ properties
+    @property
+    def num_layers(self) -> int:
+        return self.retrieval.shape[0]
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return self.retrieval.shape[1]
+
+    @property
+    def streaming_fraction(self) -> float:
+        """Fraction of (layer, KV head) pairs that are streaming heads."""
+        return 1.0 - float(self.retrieval.float().mean())
+
+    def validate(self, config: Any) -> "HeadPattern":
+        """Raise ``ValueError`` unless the pattern is ``[num_hidden_layers, num_key_value_heads]`` of ``config``."""
+        expected = _kv_shape(config)
+        if tuple(self.retrieval.shape) != expected:
+            raise ValueError(
+                f"HeadPattern has shape {tuple(self.retrieval.shape)} but the model has {expected[0]} layers x "
+                f"{expected[1]} KV heads; the pattern must be [num_hidden_layers, num_key_value_heads]."
+            )
+        return self
+
+    def __repr__(self) -> str:
+        return (f"HeadPattern(layers={self.num_layers}, kv_heads={self.num_key_value_heads}, "
+                f"streaming_fraction={self.streaming_fraction:.3f}, scores={self.scores is not None})")
+
+    # ---------------------------------------------------------------------------------- storage
+    def to_dict(self) -> dict:
+        return {
+            "format": PATTERN_FORMAT,
+            "version": 1,
+            "retrieval": self.retrieval.int().tolist(),
+            "scores": None if self.scores is None else self.scores.tolist(),
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HeadPattern":
+        if not isinstance(data, dict) or data.get("format") != PATTERN_FORMAT:
+            raise ValueError(f"Not a saved HeadPattern (expected format={PATTERN_FORMAT!r}).")
+        scores = data.get("scores")
+        return cls(torch.tensor(data["retrieval"]), None if scores is None else torch.tensor(scores), data.get("metadata") or {})
+
+    def save(self, path: str | Path) -> Path:
+        """Write to ``*.safetensors`` (tensors + JSON metadata in the header) or ``*.json``, by extension."""
+        path = Path(path)
+        if path.suffix == ".json":
+            path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        elif path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            tensors = {"retrieval": self.retrieval.to(torch.uint8).contiguous()}
+            if self.scores is not None:
+                tensors["scores"] = self.scores.contiguous()
+            save_file(tensors, str(path), metadata={"format": PATTERN_FORMAT, "metadata": json.dumps(self.metadata)})
+        else:
+            raise ValueError(f"Unknown pattern file extension {path.suffix!r} in {str(path)!r}; use .safetensors or .json.")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, config: Any = None) -> "HeadPattern":
+        """Read a pattern written by :meth:`save`; with ``config``, also :meth:`validate` it."""
+        path = Path(path)
+        if path.suffix == ".json":
+            pattern = cls.from_dict(json.loads(path.read_text()))
+        elif path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                if header.get("format") != PATTERN_FORMAT:
+                    raise ValueError(f"{str(path)!r} is not a saved HeadPattern (expected format={PATTERN_FORMAT!r}).")
+                names = set(f.keys())
+                retrieval = f.get_tensor("retrieval")
+                scores = f.get_tensor("scores") if "scores" in names else None
+            pattern = cls(retrieval, scores, json.loads(header.get("metadata") or "{}"))
+        else:
+            raise ValueError(f"Unknown pattern file extension {path.suffix!r} in {str(path)!r}; use .safetensors or .json.")
+        return pattern.validate(config) if config is not None else pattern
