@@ -330,3 +330,16 @@ def test_attention_mass_scores():
     assert (wider < scores).all()
     with pytest.raises(ValueError, match="num_sink_tokens"):
         duo.attention_mass_scores(model, random_ids(1, 8)[0], S, W)
+
+
+def test_pattern_from_duo_attention_tsv(tmp_path):
+    (tmp_path / "full_attention_heads.tsv").write_text("0.9\t0.1\n0.2\t1.3\n")
+    (tmp_path / "config.json").write_text('{"sink_size": 64, "recent_size": 256, "lr": 0.02}')
+    pattern = HeadPattern.from_duo_attention(tmp_path, sparsity=0.5)
+    assert pattern.retrieval.tolist() == [[True, False], [False, True]]
+    assert pattern.scores[1, 1] == 1.0  # clipped to [0, 1] as the DuoAttention loader does
+    assert pattern.metadata["sink_size"] == 64 and pattern.metadata["recent_size"] == 256
+    assert HeadPattern.from_duo_attention(tmp_path / "full_attention_heads.tsv", sparsity=None, threshold=0.5).retrieval.sum() == 2
+    (tmp_path / "bad.tsv").write_text("0.9\tx\n")
+    with pytest.raises(ValueError, match="table of numbers"):
+        HeadPattern.from_duo_attention(tmp_path / "bad.tsv")

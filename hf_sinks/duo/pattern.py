@@ -111,6 +111,25 @@ class HeadPattern:
         return cls(retrieval, scores, meta)
 
     @classmethod
+    def from_duo_attention(cls, path: str | Path, sparsity: float | None = 0.5, threshold: float | None = None) -> "HeadPattern":
+        """Read a pattern of the DuoAttention repository: ``full_attention_heads.tsv`` (``num_layers`` rows of
+        ``num_kv_heads`` tab-separated gates; ``path`` may be the file or its folder, whose ``config.json`` sink/recent
+        sizes go into ``metadata``), binarised like :meth:`from_scores` (give ``sparsity=None`` with a threshold)."""
+        path = Path(path)
+        folder, tsv = (path, path / "full_attention_heads.tsv") if path.is_dir() else (path.parent, path)
+        rows = [line.split() for line in tsv.read_text().splitlines() if line.strip()]
+        try:
+            scores = torch.tensor([[float(x) for x in row] for row in rows]).clamp(0, 1)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{str(tsv)!r} is not a rectangular table of numbers: {err}") from None
+        metadata = {"source": str(tsv)}
+        config = folder / "config.json"
+        if config.is_file():
+            extra = json.loads(config.read_text())
+            metadata.update({k: extra[k] for k in ("sink_size", "recent_size") if k in extra})
+        return cls.from_scores(scores, sparsity=sparsity, threshold=threshold, metadata=metadata)
+
+    @classmethod
     def full(cls, config: Any) -> "HeadPattern":
         """Every head a retrieval head (a ``DuoCache`` with it behaves as a ``DynamicCache``)."""
         return cls(torch.ones(_kv_shape(config), dtype=torch.bool))
