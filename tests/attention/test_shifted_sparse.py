@@ -345,3 +345,19 @@ def test_learned_sink_logits_train_through_peft_modules_to_save():
     logits = attn.sink_logits().detach().double()
     ref = reference_shifted_sparse_attention(q, k, v, 6, 0, scaling=0.4, sink_logits=logits)
     torch.testing.assert_close(out.double(), ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
+    ids = random_ids(2, 14)
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model("llama", "sink_sfattn")
+        model.config.s2attn_group_size = 4
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            model.enable_input_require_grads()
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1])
