@@ -58,11 +58,17 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 
 
 class H2OCacheLayer(CacheLayerMixin):
-    """One layer of an :class:`H2OCache`: per batch row and KV head, the kept tokens in text order.
+    """One layer of an :class:`H2OCache`: ``C`` slots per batch row and KV head, allocated once.
 
-    State (``n`` = tokens held, at most ``C - 1`` between forwards; equal for every row and head):
-    ``keys``/``values`` ``[B, KVH, n, D]``, ``token_index`` ``[B, KVH, n]`` (absolute index of each kept token, ascending)
-    and ``scores`` ``[B, KVH, n]`` float64 (accumulated attention).
+    State: ``keys``/``values`` ``[B, KVH, C, D]``, ``token_index`` ``[B, KVH, C]`` (absolute index of the token in each
+    slot, ``-1``: empty) and ``scores`` ``[B, KVH, C]`` float64 (accumulated attention). Every row and head holds the
+    same number of tokens, ``count`` (at most ``C - 1`` between forwards), in slots ``0..count-1`` except for the one
+    ``free`` slot (``[B, KVH]``) an eviction left, where the next token goes. Slots are not in text order;
+    :meth:`kept_states` sorts.
+
+    Decoding (one token) writes the token into its free slot, attends over the ``C`` slots and evicts in place:
+    O(1) copies per step, like :class:`~hf_sinks.cache.SinkCache`. A multi-token chunk attends over the slots plus the
+    chunk (query by query inside, see the module docstring) and then compacts the survivors into slots ``0..count-1``.
     """
 
     is_compileable = False
@@ -73,15 +79,20 @@ class H2OCacheLayer(CacheLayerMixin):
         super().__init__()
         self.cache = cache
         self.seen = 0
-        self.pending: tuple[torch.Tensor, torch.Tensor, int] | None = None  # new keys/values, index of the first
+        self.count = 0
+        # the forward in flight: (new keys, new values, index of the first) for a chunk; () for a decode step
+        self.pending: tuple | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, head_dim = key_states.shape
+        cap = self.cache.capacity
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states.new_zeros(batch, heads, 0, head_dim)
-        self.values = value_states.new_zeros(batch, heads, 0, value_states.shape[-1])
-        self.token_index = torch.zeros(batch, heads, 0, dtype=torch.long, device=self.device)
-        self.scores = torch.zeros(batch, heads, 0, dtype=torch.float64, device=self.device)
+        self.keys = key_states.new_zeros(batch, heads, cap, head_dim)
+        self.values = value_states.new_zeros(batch, heads, cap, value_states.shape[-1])
+        self.token_index = torch.full((batch, heads, cap), -1, dtype=torch.long, device=self.device)
+        self.scores = torch.zeros(batch, heads, cap, dtype=torch.float64, device=self.device)
+        self.free = torch.zeros(batch, heads, dtype=torch.long, device=self.device)
+        self.count = 0
         self.is_initialized = True
 
     def get_seq_length(self) -> int:
@@ -91,11 +102,19 @@ class H2OCacheLayer(CacheLayerMixin):
         return self.cache.capacity
 
     def stored_length(self) -> int:
-        return self.keys.shape[-2] if self.is_initialized else 0
+        """Tokens each KV head holds (at most ``C - 1`` between forwards)."""
+        return self.count if self.is_initialized else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         stored = self.stored_length()
         return stored + query_length, self.seen - stored
+
+    def kept_states(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(token_index [B, KVH, n], keys [B, KVH, n, D], values, scores)`` of the held tokens, in text order."""
+        big = torch.iinfo(torch.long).max
+        order = self.token_index.masked_fill(self.token_index < 0, big).argsort(-1)[..., : self.count]
+        gather = lambda t: t.gather(2, order[..., None].expand(-1, -1, -1, t.shape[-1]))  # noqa: E731
+        return self.token_index.gather(-1, order), gather(self.keys), gather(self.values), self.scores.gather(-1, order)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -108,23 +127,42 @@ class H2OCacheLayer(CacheLayerMixin):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.pending = (key_states, value_states, self.seen)
-        self.seen += key_states.shape[-2]
-        keys = torch.cat([self.keys, key_states], dim=-2)
-        values = torch.cat([self.values, value_states], dim=-2)
+        q = key_states.shape[-2]
+        if q == 1:  # decode: the token goes into its row/head's free slot, in place
+            slot = self.free[..., None]  # [B, KVH, 1]
+            self.keys.scatter_(2, slot[..., None].expand(-1, -1, -1, self.keys.shape[-1]), key_states)
+            self.values.scatter_(2, slot[..., None].expand(-1, -1, -1, self.values.shape[-1]), value_states)
+            self.token_index.scatter_(-1, slot, self.seen)
+            self.scores.scatter_(-1, slot, 0.0)
+            self.count += 1
+            self.pending = ()
+            keys, values = self.keys[:, :, : self.count], self.values[:, :, : self.count]
+        else:
+            self.pending = (key_states, value_states, self.seen)
+            used = self._used()
+            keys = torch.cat([self.keys[:, :, :used], key_states], dim=-2)
+            values = torch.cat([self.values[:, :, :used], value_states], dim=-2)
+        self.seen += q
         setattr(keys, LAYER_ATTRIBUTE, self)
         return keys, values
 
+    def _used(self) -> int:
+        """Slots that may hold a token. Until the first eviction tokens fill slots ``0..count-1`` in order; after it
+        ``count == C - 1`` and the free slot can be any of the ``C``."""
+        return self.cache.capacity if self.count == self.cache.capacity - 1 else self.count
+
     # ----------------------------------------------------------------------------------- attention
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Attention of the pending chunk's queries ``[B, H, q, D]`` with H2O eviction; commits the chunk.
+        """Attention of the pending tokens' queries ``[B, H, q, D]`` with H2O eviction; commits them.
 
         Returns ``[B, H, q, Dv]``.
         """
         if self.pending is None:
             raise ValueError("H2OCacheLayer.attend called without a pending update.")
-        new_keys, new_values, first = self.pending
-        self.pending = None
+        pending, self.pending = self.pending, None
+        if not pending:
+            return self._attend_decode(query, scaling)
+        new_keys, new_values, first = pending
         q = query.shape[2]
         outs = []
         for b0 in range(0, q, QUERY_BLOCK):
@@ -133,56 +171,83 @@ class H2OCacheLayer(CacheLayerMixin):
                                            first + b0, scaling))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
+    def _evict(self, scores, index, held, nxt):
+        """Per row and head, the held non-sink slot outside the next query's window with the lowest score (oldest
+        on ties): ``[B, KVH, 1]``."""
+        s, w = self.cache.num_sink_tokens, self.cache.window_length
+        candidates = held & (index >= s) & (index <= nxt - w)
+        masked = scores.masked_fill(~candidates, float("inf"))
+        lowest = masked.min(-1, keepdim=True).values
+        return index.masked_fill(masked != lowest, torch.iinfo(torch.long).max).argmin(-1, keepdim=True)
+
+    def _attend_decode(self, query, scaling):
+        batch, heads, _, head_dim = query.shape
+        kv_heads = self.keys.shape[1]
+        n = self.count  # slots 0..n-1 all hold a token now (the new one filled the free slot)
+        compute = torch.promote_types(query.dtype, torch.float32)
+        q = query.reshape(batch, kv_heads, heads // kv_heads, head_dim).to(compute)
+        keys, values = self.keys[:, :, :n], self.values[:, :, :n]
+        p = torch.softmax(torch.matmul(q, keys.to(compute).transpose(-1, -2)) * scaling, dim=-1)  # [B, KVH, g, n]
+        self.scores[:, :, :n] += p.sum(2, dtype=torch.float64)
+        out = torch.matmul(p.to(values.dtype), values).reshape(batch, heads, 1, values.shape[-1])
+        if n >= self.cache.capacity:
+            index = self.token_index[:, :, :n]
+            slot = self._evict(self.scores[:, :, :n], index, index >= 0, self.seen)
+            self.token_index.scatter_(-1, slot, -1)
+            self.scores.scatter_(-1, slot, 0.0)
+            self.free = slot[..., 0]
+            self.count -= 1
+        else:
+            self.free.fill_(n)
+        return out.to(query.dtype)
+
     def _attend_block(self, query, new_keys, new_values, first, scaling):
         batch, heads, c, head_dim = query.shape
         kv_heads = self.keys.shape[1]
         groups = heads // kv_heads
-        s, w = self.cache.num_sink_tokens, self.cache.window_length
         capacity = self.cache.capacity
-        old = self.keys.shape[2]
-        keys = torch.cat([self.keys, new_keys], dim=2)  # [B, KVH, n, D]
-        values = torch.cat([self.values, new_values], dim=2)
+        old = self._used()
+        keys = torch.cat([self.keys[:, :, :old], new_keys], dim=2)  # [B, KVH, n, D]
+        values = torch.cat([self.values[:, :, :old], new_values], dim=2)
         arrivals = first + torch.arange(c, device=self.device)
-        index = torch.cat([self.token_index, arrivals.expand(batch, kv_heads, c)], dim=-1)  # [B, KVH, n]
-        scores = torch.cat([self.scores, self.scores.new_zeros(batch, kv_heads, c)], dim=-1)
+        index = torch.cat([self.token_index[:, :, :old], arrivals.expand(batch, kv_heads, c)], dim=-1)  # [B, KVH, n]
+        scores = torch.cat([self.scores[:, :, :old], self.scores.new_zeros(batch, kv_heads, c)], dim=-1)
         n = old + c
 
         compute = torch.promote_types(query.dtype, torch.float32)
-        q = query.reshape(batch, kv_heads, groups, c, head_dim).to(compute)
-        logits = torch.matmul(q, keys[:, :, None].to(compute).transpose(-1, -2)) * scaling  # [B, KVH, g, c, n]
+        q = query.reshape(batch, kv_heads, groups * c, head_dim).to(compute)
+        logits = torch.matmul(q, keys.to(compute).transpose(-1, -2)) * scaling  # [B, KVH, g * c, n]
+        logits = logits.view(batch, kv_heads, groups, c, n)
         probs = torch.empty_like(logits)
-        held = torch.ones(batch, kv_heads, n, dtype=torch.bool, device=self.device)  # not evicted (yet)
-        held[..., old:] = False  # new tokens join as their query arrives
-        count = old  # tokens held per head, equal for every row and head
-        big = torch.iinfo(torch.long).max
+        held = torch.cat([index[..., :old] >= 0, index.new_zeros(batch, kv_heads, c, dtype=torch.bool)], dim=-1)
+        count = self.count  # tokens held per head, equal for every row and head
         for t in range(c):
-            held[..., old + t] = True
+            held[..., old + t] = True  # a new token joins as its query arrives
             count += 1
             row = logits[:, :, :, t].masked_fill(~held[:, :, None], float("-inf"))
             p = torch.softmax(row, dim=-1)  # [B, KVH, g, n]
             probs[:, :, :, t] = p
             scores += p.sum(2, dtype=torch.float64)  # the GQA group's query heads add into the KV head's scores
-            if count >= capacity:  # make room for the next query: evict one non-sink token outside its window
-                nxt = first + t + 1  # index of the next query (a Python int: no device sync)
-                candidates = held & (index >= s) & (index <= nxt - w)
-                masked = scores.masked_fill(~candidates, float("inf"))
-                lowest = masked.min(-1, keepdim=True).values
-                oldest = index.masked_fill(masked != lowest, big).argmin(-1, keepdim=True)  # ties: the oldest
-                held.scatter_(-1, oldest, False)
+            if count >= capacity:  # make room for the next query (index first + t + 1: a Python int, no sync)
+                held.scatter_(-1, self._evict(scores, index, held, first + t + 1), False)
                 count -= 1
-        out = torch.matmul(probs.to(values.dtype), values[:, :, None])  # [B, KVH, g, c, Dv]
-        out = out.reshape(batch, heads, c, values.shape[-1])
+        out = torch.matmul(probs.view(batch, kv_heads, groups * c, n).to(values.dtype), values)
+        out = out.view(batch, kv_heads, groups, c, -1).reshape(batch, heads, c, values.shape[-1])
 
-        # keep the held columns, in text order (they are already sorted by index within each head)
+        # compact the held columns into slots 0..count-1 (in text order: columns are sorted within each head)
         order = torch.argsort((~held).to(torch.int8), dim=-1, stable=True)[..., :count]
-        self.keys = keys.gather(2, order[..., None].expand(-1, -1, -1, keys.shape[-1]))
-        self.values = values.gather(2, order[..., None].expand(-1, -1, -1, values.shape[-1]))
-        self.token_index = index.gather(-1, order)
-        self.scores = scores.gather(-1, order)
+        self.keys[:, :, :count] = keys.gather(2, order[..., None].expand(-1, -1, -1, keys.shape[-1]))
+        self.values[:, :, :count] = values.gather(2, order[..., None].expand(-1, -1, -1, values.shape[-1]))
+        self.token_index[:, :, :count] = index.gather(-1, order)
+        self.scores[:, :, :count] = scores.gather(-1, order)
+        self.token_index[:, :, count:] = -1
+        self.scores[:, :, count:] = 0.0
+        self.count = count
+        self.free.fill_(count)
         return out.to(query.dtype)
 
     # ------------------------------------------------------------------------------------ batch ops
-    _ROW_STATE = ("keys", "values", "token_index", "scores")
+    _ROW_STATE = ("keys", "values", "token_index", "scores", "free")
 
     def _map_rows(self, fn) -> None:
         if not self.is_initialized:
@@ -202,7 +267,7 @@ class H2OCacheLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = None
         self.is_initialized = False
-        self.seen = 0
+        self.seen = self.count = 0
         self.pending = None
 
     def crop(self, max_length: int) -> None:
@@ -249,8 +314,7 @@ class H2OCache(Cache):
 
     def kept_token_indices(self, layer_idx: int = 0) -> torch.Tensor:
         """``[B, KVH, n]`` absolute indices of the tokens each KV head of ``layer_idx`` holds, ascending."""
-        layer = self.layers[layer_idx]
-        return layer.token_index.clone()
+        return self.layers[layer_idx].kept_states()[0]
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError("H2OCache evicts tokens; it cannot be cropped (assisted decoding is unsupported).")

@@ -119,18 +119,35 @@ def test_chunks_match_reference(chunk, monkeypatch):
         assert cache.kept_token_indices(layer)[0].tolist() == ref_kept[layer][-1]
 
 
-def test_kept_keys_stay_at_their_original_positions():
+def test_mixed_chunks_and_decode_steps():
+    """Multi-turn pattern: prompt chunk, decode steps, another chunk, more steps; kept sets and logits as reference."""
+    model = tiny_model("llama", attn_implementation="sdpa", layers=2, heads=4, kv_heads=2)
+    ids = random_ids(1, 60, seed=13)[0]
+    ref_logits, ref_kept, _, _ = reference(model, ids, 1, 4, 6)
+    cache = H2OCache(1, 4, 6)
+    logits, bounds = [], [0, 17, 18, 19, 20, 21, 22, 31, 32, 33, 34, 45, 46, 60]
+    with using_attention(model, H2O_ATTENTION), torch.no_grad():
+        for b0, b1 in zip(bounds, bounds[1:]):
+            logits.append(model(input_ids=ids[None, b0:b1], past_key_values=cache).logits[0])
+            for layer in range(2):
+                assert cache.kept_token_indices(layer)[0].tolist() == ref_kept[layer][b1 - 1], (b1, layer)
+    torch.testing.assert_close(torch.cat(logits), ref_logits, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [1, 8])
+def test_kept_keys_stay_at_their_original_positions(chunk):
     """The positions contract: a kept key is exactly the model's key of that token rotated at its original index."""
     model = tiny_model("llama", attn_implementation="sdpa", layers=2, heads=4, kv_heads=2)
     ids = random_ids(1, 50, seed=11)[0]
     _, _, _, ref_keys = reference(model, ids, 2, 4, 5)
     cache = H2OCache(2, 4, 5)
-    stream(model, ids, cache, chunk=8)
+    stream(model, ids, cache, chunk=chunk)
     for layer in range(2):
-        index = cache.kept_token_indices(layer)[0]  # [KVH, n]
+        index, keys, _, _ = cache.layers[layer].kept_states()
+        index, keys = index[0], keys[0]  # [KVH, n], [KVH, n, D]
         assert int(index.max()) == 49 and int(index.min()) == 0
         expected = torch.stack([ref_keys[layer][kvh, index[kvh]] for kvh in range(index.shape[0])])
-        torch.testing.assert_close(cache.layers[layer].keys[0], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(keys, expected, atol=1e-5, rtol=1e-5)
 
 
 def _visibility_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
