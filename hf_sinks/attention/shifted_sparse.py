@@ -236,6 +236,7 @@ def shifted_sparse_attention(
     dropout: float = 0.0,
     sink_logits: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """S²-Attn (``num_sink_tokens=0``) or SF-Attn (``> 0``) over full sequences; the visibility of the module docstring.
 
@@ -248,6 +249,10 @@ def shifted_sparse_attention(
         dropout: attention dropout probability (applied as given; pass 0 in eval).
         sink_logits: optional ``[H]`` learned per-head sink logits.
         sliding_window: optional window limiting group keys (sinks exempt).
+        backend: ``"auto"`` (the fused Triton kernel ``hf_sinks.kernels.shifted_sparse_attention`` for CUDA tensors
+            when it can run, this module's SDPA path otherwise), ``"triton"`` (the kernel; a ``RuntimeError`` says
+            why when it cannot run, e.g. on CPU without ``TRITON_INTERPRET=1``) or ``"torch"`` (this module). The
+            kernel has no dropout and needs an even ``G``: those cases always take the SDPA path.
 
     Returns:
         ``[B, H, T, D]``.
@@ -274,10 +279,25 @@ def shifted_sparse_attention(
     else:
         valid = torch.ones(batch, length, dtype=torch.bool, device=query.device)
 
+    split = heads - heads // 2  # plain heads first (as LongLoRA's chunk(2) of an odd head count)
+    if _use_kernel(query.device, backend, dropout, group_size):
+        # the fused kernel shifts its last heads by G // 2 (= this module's offset for an even G); the dense fallback
+        # is one even group >= T with every head plain. Packed rows: real tokens are the columns [0, count).
+        dense = length <= group_size
+        from .shifted_sparse_kernel import shifted_sparse_attention as fused
+
+        out, _ = fused(
+            query, key, value, length + length % 2 if dense else group_size, num_sink_tokens, scaling, sink_logits,
+            valid_end=valid.sum(1).to(torch.int32), first_shifted_head=heads if dense else split,
+            sliding_window=sliding_window, backend="auto" if backend == "auto" else "triton",
+        )
+        if order is not None:
+            out = torch.empty_like(out).scatter(2, order[:, None, :, None].expand_as(out), out)
+        return out
+
     if length <= group_size:  # dense fallback: one causal group for every head
         halves = [(0, heads, length, 0)]
     else:
-        split = heads - heads // 2  # plain heads first (as LongLoRA's chunk(2) of an odd head count)
         halves = [(0, split, group_size, 0), (split, heads, group_size, group_size - group_size // 2)]
     outs = []
     for h0, h1, size, offset in halves:
@@ -294,6 +314,19 @@ def shifted_sparse_attention(
     if order is not None:  # back to the original token order
         out = torch.empty_like(out).scatter(2, order[:, None, :, None].expand_as(out), out)
     return out
+
+
+def _use_kernel(device: torch.device, backend: str, dropout: float, group_size: int) -> bool:
+    """Whether :func:`shifted_sparse_attention` runs the fused Triton kernel (see its ``backend`` argument)."""
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend={backend!r} is not one of 'auto', 'triton', 'torch'.")
+    if backend == "torch" or dropout or group_size % 2:
+        return False
+    if backend == "auto" and device.type != "cuda":  # the CPU interpreter is a test tool, never chosen by itself
+        return False
+    from .shifted_sparse_kernel import select_backend
+
+    return select_backend(device, backend) == "triton"
 
 
 # ------------------------------------------------------------------------------------- inference paths

@@ -361,3 +361,55 @@ def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append(model.model.layers[0].self_attn.q_proj.weight.grad)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+# ------------------------------------------------------------------- the fused kernel behind backend="triton"
+def _kernel_problem():
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    from hf_sinks.attention.shifted_sparse_kernel import triton_unavailable_reason
+
+    return triton_unavailable_reason(torch.device("cpu"))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("batch,heads,kv_heads,length,group,sinks,pad", [c for c in CASES if c.values[4] % 2 == 0])
+def test_fused_kernel_backend_matches_the_spec(batch, heads, kv_heads, length, group, sinks, pad):
+    """``backend="triton"`` (the Triton kernel; CPU interpreter here) computes the same function as the spec,
+    forward and gradients, with the argument mapping of ``shifted_sparse_attention`` (packing, dense fallback)."""
+    problem = _kernel_problem()
+    if problem is not None:
+        pytest.skip(f"the Triton kernel cannot run in this process: {problem}")
+    q, k, v = (t.detach().float().requires_grad_(True) for t in qkv(batch, heads, kv_heads, length))
+    mask = padding(pad, batch, length)
+    if pad == "holes":
+        mask = padding("left", batch, length)  # the kernel needs one contiguous run; holes are packed first anyway
+    logits = torch.linspace(-1, 1, heads).requires_grad_(True)
+    grad_out = torch.randn(batch, heads, length, 8, generator=torch.Generator().manual_seed(5))
+    weight = grad_out if mask is None else grad_out * mask[:, None, :, None]
+    results = []
+    for backend in ("triton", "spec"):
+        if backend == "spec":
+            out = reference_shifted_sparse_attention(q.double(), k.double(), v.double(), group, sinks, mask, scaling=0.4,
+                                                     sink_logits=logits.double())
+        else:
+            out = shifted_sparse_attention(q, k, v, group, sinks, mask, scaling=0.4, sink_logits=logits, backend=backend)
+        grads = torch.autograd.grad((out * weight.to(out.dtype)).sum(), [q, k, v, logits])
+        results.append((real_rows(out.detach().float(), mask), [g.float() for g in grads]))
+    (out_k, grads_k), (out_s, grads_s) = results
+    torch.testing.assert_close(out_k, out_s, rtol=1e-4, atol=1e-5)
+    for got, want in zip(grads_k, grads_s):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_backend_never_picks_the_interpreter_and_odd_groups_or_dropout_stay_on_sdpa():
+    from hf_sinks.attention.shifted_sparse import _use_kernel
+
+    cpu = torch.device("cpu")
+    assert not _use_kernel(cpu, "auto", 0.0, 4)  # CPU: SDPA path even when the interpreter could run the kernel
+    assert not _use_kernel(cpu, "triton", 0.0, 5)  # odd G: the kernel's partition differs, SDPA path
+    assert not _use_kernel(cpu, "triton", 0.1, 4)  # dropout: the kernel has none
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        _use_kernel(cpu, "cuda", 0.0, 4)
