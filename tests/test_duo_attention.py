@@ -343,3 +343,39 @@ def test_pattern_from_duo_attention_tsv(tmp_path):
     (tmp_path / "bad.tsv").write_text("0.9\tx\n")
     with pytest.raises(ValueError, match="table of numbers"):
         HeadPattern.from_duo_attention(tmp_path / "bad.tsv")
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer trained offline on the passkey texts (as tests/eval/test_passkey.py does)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from hf_sinks.eval.passkey import FILLER, INSTRUCTION, NEEDLE, QUESTION
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([INSTRUCTION, FILLER * 3, NEEDLE.format(key="12345"), QUESTION, duo.identify.FILLER], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_duo_passkey_all_retrieval_equals_dense(bpe_tokenizer):
+    from hf_sinks.eval.passkey import passkey_accuracy
+
+    model = tiny_model("llama", attn_implementation="sdpa", vocab_size=320)
+    grid = dict(context_lengths=(120,), depths=(0.0, 1.0), trials=1, chunk_size=32, max_new_tokens=3)
+    dense = passkey_accuracy(model, bpe_tokenizer, mode="dense", progress=False, **grid)
+    full = duo.eval.duo_passkey_accuracy(model, bpe_tokenizer, HeadPattern.full(model.config), S, W, **grid)
+    assert [r["answers"] for r in full] == [r["answers"] for r in dense]
+    assert full[0]["mode"] == "duo" and full[0]["label"].startswith("duo 0% streaming")
+
+
+def test_text_passkey_example(bpe_tokenizer):
+    ex = duo.make_passkey_example(150, random.Random(1), tokenizer=bpe_tokenizer, key_length=5)
+    text = bpe_tokenizer.decode(ex.input_ids)
+    answer = bpe_tokenizer.decode(ex.input_ids[ex.answer_mask]).strip()
+    key = answer.rstrip(".")
+    assert len(key) == 5 and key.isdigit() and f"The pass key is {key}." in text
+    assert text.rstrip().endswith(f"The pass key is {answer}") and abs(len(ex.input_ids) - 150) <= 25

@@ -81,6 +81,92 @@ def duo_perplexity(
     )
 
 
+@torch.no_grad()
+def duo_passkey_accuracy(
+    model: torch.nn.Module,
+    tokenizer,
+    pattern: HeadPattern,
+    num_sink_tokens: int = 64,
+    window_length: int = 256,
+    context_lengths=(2048,),
+    depths=(0.0, 0.5),
+    trials: int = 2,
+    chunk_size: int = 512,
+    max_new_tokens: int = 8,
+    digits: int = 5,
+    seed: int = 0,
+) -> list[dict]:
+    """:func:`hf_sinks.eval.passkey.passkey_accuracy` with a :class:`DuoCache`: the same prompts and keys (they
+    depend only on ``seed``, length, depth and trial), rows in the same format with ``mode="duo"``."""
+    import random
+
+    from ..eval.passkey import is_correct, make_passkey_prompt, random_key
+    from ..oracle import _routed_through_interface, using_attention
+
+    register()
+    pattern.validate(model.config)
+    device = next(model.parameters()).device
+    label = f"duo {pattern.streaming_fraction:.0%} streaming {num_sink_tokens}+{window_length}"
+    rows = []
+    with _routed_through_interface(model), using_attention(model, DUO_ATTENTION):
+        for length in context_lengths:
+            for depth in depths:
+                correct, answers, tokens, needle_depths = 0, [], [], []
+                for trial in range(trials):
+                    key = random_key(random.Random(f"{seed}-{length}-{depth}-{trial}"), digits)
+                    prompt = make_passkey_prompt(tokenizer, length, depth, key)
+                    ids = prompt.input_ids.to(device)[None]
+                    cache = DuoCache(pattern, num_sink_tokens, window_length)
+                    for begin in range(0, ids.shape[1], chunk_size):
+                        logits = model(input_ids=ids[:, begin : begin + chunk_size], past_key_values=cache,
+                                       use_cache=True, logits_to_keep=1).logits[:, -1]
+                    answer = []
+                    for _ in range(max_new_tokens):
+                        token = logits.argmax(-1)
+                        answer.append(int(token))
+                        logits = model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+                    text = tokenizer.decode(answer, skip_special_tokens=True)
+                    correct += is_correct(text, key)
+                    answers.append(f"{key}->{text.strip()!r}")
+                    tokens.append(len(prompt.input_ids))
+                    needle_depths.append(prompt.depth)
+                rows.append({
+                    "mode": "duo", "label": label, "context_length": length,
+                    "prompt_tokens": round(sum(tokens) / trials), "depth": depth,
+                    "needle_depth": round(sum(needle_depths) / trials, 4), "trials": trials, "correct": correct,
+                    "accuracy": correct / trials, "num_sink_tokens": num_sink_tokens, "window_length": window_length,
+                    "answers": " | ".join(answers),
+                })
+    return rows
+
+
+def _passkey_command(args) -> None:
+    """Passkey retrieval: dense vs DuoCache (a saved pattern) vs SinkCache at the DuoCache's peak KV; CSV."""
+    import csv
+
+    from ..eval.passkey import passkey_accuracy
+
+    model, tokenizer = _load(args.model)
+    pattern = HeadPattern.load(args.pattern, config=model.config)
+    s, w = args.sink_size, args.recent_size
+    lengths, depths = args.context_lengths, args.depths
+    common = dict(context_lengths=lengths, depths=depths, trials=args.trials, chunk_size=args.chunk_size)
+    # a SinkCache holding as many tokens as the DuoCache holds per head on average at the end of the prompt
+    same = round((1 - pattern.streaming_fraction) * max(lengths) + pattern.streaming_fraction * (s + w))
+    rows = passkey_accuracy(model, tokenizer, mode="dense", progress=False, **common)
+    rows += duo_passkey_accuracy(model, tokenizer, pattern, s, w, **common)
+    rows += passkey_accuracy(model, tokenizer, mode="sink", num_sink_tokens=s, window_length=same - s, progress=False, **common)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "passkey.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for row in rows:
+        print(f"{row['label']:>40} len {row['context_length']} depth {row['depth']}: {row['correct']}/{row['trials']}")
+    print(f"wrote {out / 'passkey.csv'}")
+
+
 # ------------------------------------------------------------------------------------------------- command
 def _load(model: str | None, attn_implementation: str = "sdpa"):
     from ..default_model import load_model_and_tokenizer
@@ -174,7 +260,7 @@ def _bench_command(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m hf_sinks.duo {identify,bench}`` (``accelerate launch -m hf_sinks.duo identify``)."""
+    """``python -m hf_sinks.duo {identify,bench,passkey}`` (``accelerate launch -m hf_sinks.duo identify``)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m hf_sinks.duo", description=__doc__.split("\n")[0])
@@ -201,5 +287,15 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--recent-size", type=int, default=256)
     bench.add_argument("--sparsity", type=float, default=0.5)
     bench.add_argument("--chunk-size", type=int, default=128)
+    passkey = sub.add_parser("passkey", help="passkey retrieval: dense vs DuoCache vs SinkCache at the same memory")
+    passkey.add_argument("--model", default=None)
+    passkey.add_argument("--pattern", required=True, help="saved HeadPattern (e.g. the bench's pattern.json)")
+    passkey.add_argument("--out", default="docs/benchmarks/duo_attention_smollm2")
+    passkey.add_argument("--context-lengths", type=int, nargs="+", default=[2048])
+    passkey.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.5])
+    passkey.add_argument("--trials", type=int, default=2)
+    passkey.add_argument("--sink-size", type=int, default=64)
+    passkey.add_argument("--recent-size", type=int, default=256)
+    passkey.add_argument("--chunk-size", type=int, default=512)
     args = parser.parse_args(argv)
-    (_identify_command if args.command == "identify" else _bench_command)(args)
+    {"identify": _identify_command, "bench": _bench_command, "passkey": _passkey_command}[args.command](args)
