@@ -275,3 +275,14 @@ def test_beam_search_reorders_rows():
                          num_beams=2, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 18)
     assert cache.kept_token_indices(0).shape[:1] == (2,) and cache.get_stored_length() == 6
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gpt_neox"])
+def test_other_architectures_match_reference(arch):
+    model = tiny_model(arch, attn_implementation="sdpa", layers=2)
+    ids = random_ids(1, 40, seed=17)[0]
+    ref_logits, ref_kept, _, _ = reference(model, ids, 2, 4, 5)
+    cache = H2OCache(2, 4, 5)
+    logits, _ = stream(model, ids, cache, chunk=6)
+    torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)
+    assert cache.kept_token_indices(1)[0].tolist() == ref_kept[1][-1]
