@@ -300,3 +300,16 @@ def test_attention_name_is_not_left_registered_as_model_default():
     model = tiny_model("llama", attn_implementation="eager", layers=1)
     analyze(model, random_ids(1, 8)[0], num_tokens=None, progress=False)
     assert model.config._attn_implementation == "eager" != ANALYSIS_ATTENTION
+
+
+@pytest.mark.parametrize("arch, extra", [("mistral", {}), ("mistral", {"sliding_window": 8}), ("gpt_neox", {})])
+def test_other_architectures_match_eager(arch, extra):
+    """Mistral (also with its own sliding window, from the mask builder) and GPT-NeoX."""
+    model = tiny_model(arch, attn_implementation="sdpa", layers=2, **extra)
+    ids = random_ids(1, 30, seed=8)[0]
+    attns, _ = eager_attentions(model, ids)
+    result = analyze(model, ids, num_tokens=None, min_distance=3, progress=False, query_block=8)
+    for layer, attn in enumerate(attns):
+        scores, received, _ = reference_statistics(attn, 1, 3)
+        torch.testing.assert_close(result.sink_scores[layer], scores.double(), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(result.key_received[layer].double(), received, atol=1e-6, rtol=1e-4, equal_nan=True)
