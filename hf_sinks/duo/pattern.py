@@ -188,7 +188,7 @@ class HeadPattern:
         """Write to ``*.safetensors`` (tensors + JSON metadata in the header) or ``*.json``, by extension."""
         path = Path(path)
         if path.suffix == ".json":
-            path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+            path.write_text(_pattern_json(self.to_dict()))
         elif path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
@@ -220,3 +220,14 @@ class HeadPattern:
         else:
             raise ValueError(f"Unknown pattern file extension {path.suffix!r} in {str(path)!r}; use .safetensors or .json.")
         return pattern.validate(config) if config is not None else pattern
+
+
+def _pattern_json(data: dict) -> str:
+    """JSON with one line per layer for the [L, KVH] tables (readable diffs), the rest indented."""
+
+    def table(rows):
+        return "null" if rows is None else "[\n" + ",\n".join("  " + json.dumps(row) for row in rows) + "\n ]"
+
+    parts = [f" {json.dumps(k)}: " + (table(v) if k in ("retrieval", "scores") else json.dumps(v, indent=1).replace("\n", "\n "))
+             for k, v in data.items()]
+    return "{\n" + ",\n".join(parts) + "\n}\n"
