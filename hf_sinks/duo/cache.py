@@ -1,4 +1,4 @@
-"""`DuoCache`: retrieval heads keep the full KV, streaming heads sinks + window, in separate tensors (see ``hf_sinks.duo``)."""
+"""`DuoCache`: retrieval heads keep the full KV, streaming heads sinks + window, in separate tensors."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ LAYER_ATTRIBUTE = "_hf_sinks_duo_layer"
 #: Queries per block for streaming heads in a multi-token chunk: scores bounded by ``block x (S + W + block)``.
 QUERY_BLOCK = 512
 
+
 def _streaming_indices(seen: int, s: int, w: int) -> torch.Tensor:
     """Absolute indices a streaming head holds after ``seen`` tokens: the sinks and the last ``W``, ascending."""
     if seen <= s + w:
@@ -24,7 +25,9 @@ def _streaming_indices(seen: int, s: int, w: int) -> torch.Tensor:
     return torch.cat([torch.arange(s), torch.arange(seen - w, seen)])
 
 
-def visibility_mask(query_index: torch.Tensor, key_index: torch.Tensor, num_sink_tokens: int, window_length: int) -> torch.Tensor:
+def visibility_mask(
+    query_index: torch.Tensor, key_index: torch.Tensor, num_sink_tokens: int, window_length: int
+) -> torch.Tensor:
     """``[q, k]`` bool: query ``i`` sees key ``j`` iff ``j <= i`` and (``j < S`` or ``i - j < W``)."""
     i, j = query_index[:, None], key_index[None, :]
     return (j <= i) & ((j < num_sink_tokens) | (i - j < window_length))
@@ -147,11 +150,15 @@ class DuoCacheLayer(CacheLayerMixin):
             hi = self._position(first + b1, first)
             lo = max(lo, sinks)
             cols = torch.cat([torch.arange(sinks), torch.arange(lo, max(lo, hi))])
-            mask = visibility_mask(torch.arange(first + b0, first + b1), index[cols], s, w).to(query.device)
+            if b1 - b0 == 1:  # decode: the sinks and the run above are exactly the query's visible keys
+                mask = None
+            else:
+                mask = visibility_mask(torch.arange(first + b0, first + b1), index[cols], s, w).to(query.device)
             cols = cols.to(query.device)
             k, v = keys.index_select(2, cols), values.index_select(2, cols)
             gqa = query.shape[1] != k.shape[1]
-            outs.append(F.scaled_dot_product_attention(query[:, :, b0:b1], k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa))
+            block = query[:, :, b0:b1]
+            outs.append(F.scaled_dot_product_attention(block, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _trim(self, keys, values, total):
@@ -159,7 +166,8 @@ class DuoCacheLayer(CacheLayerMixin):
         if total <= s + w:
             return keys, values  # fresh cat: exactly these tokens
         start = keys.shape[2] - w  # the last W of the others (held + new are contiguous after the sinks)
-        return torch.cat([keys[:, :, :s], keys[:, :, start:]], dim=2), torch.cat([values[:, :, :s], values[:, :, start:]], dim=2)
+        keys = torch.cat([keys[:, :, :s], keys[:, :, start:]], dim=2)
+        return keys, torch.cat([values[:, :, :s], values[:, :, start:]], dim=2)
 
     # ------------------------------------------------------------------------------- batch ops
     _ROW_STATE = ("retrieval_keys", "retrieval_values", "streaming_keys", "streaming_values")
@@ -187,7 +195,9 @@ class DuoCacheLayer(CacheLayerMixin):
         self.pending = None
 
     def crop(self, max_length: int) -> None:
-        raise NotImplementedError("DuoCache evicts streaming-head tokens; it cannot be cropped (assisted decoding is unsupported).")
+        raise NotImplementedError(
+            "DuoCache evicts streaming-head tokens; it cannot be cropped (assisted decoding is unsupported)."
+        )
 
 
 def _query_heads(kv_heads: torch.Tensor, groups: int) -> torch.Tensor:
@@ -261,4 +271,6 @@ class DuoCache(Cache):
         return total
 
     def crop(self, max_length: int) -> None:
-        raise NotImplementedError("DuoCache evicts streaming-head tokens; it cannot be cropped (assisted decoding is unsupported).")
+        raise NotImplementedError(
+            "DuoCache evicts streaming-head tokens; it cannot be cropped (assisted decoding is unsupported)."
+        )
