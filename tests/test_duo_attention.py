@@ -379,3 +379,10 @@ def test_text_passkey_example(bpe_tokenizer):
     key = answer.rstrip(".")
     assert len(key) == 5 and key.isdigit() and f"The pass key is {key}." in text
     assert text.rstrip().endswith(f"The pass key is {answer}") and abs(len(ex.input_ids) - 150) <= 25
+
+
+def test_plot_head_pattern(tmp_path):
+    pytest.importorskip("matplotlib")
+    pattern = HeadPattern.from_scores(torch.rand(4, 3), sparsity=0.5)
+    path = duo.eval.plot_head_pattern(pattern, tmp_path / "pattern.png")
+    assert path.stat().st_size > 1000

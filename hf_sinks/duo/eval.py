@@ -167,6 +167,34 @@ def _passkey_command(args) -> None:
     print(f"wrote {out / 'passkey.csv'}")
 
 
+def plot_head_pattern(pattern: HeadPattern, path: str | Path, title: str = "") -> Path:
+    """Heatmap of a pattern's scores (layers x KV heads), streaming heads hatched; the retrieval fraction per layer."""
+    from ..eval.plots import _pyplot
+
+    plt = _pyplot()
+    scores = pattern.scores if pattern.scores is not None else pattern.retrieval.float()
+    layers, kv_heads = scores.shape
+    fig, (ax, ax_frac) = plt.subplots(1, 2, figsize=(7, max(3.5, 0.22 * layers)), width_ratios=(kv_heads + 1, 3))
+    image = ax.imshow(scores.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    for layer, head in (~pattern.retrieval).nonzero().tolist():
+        ax.text(head, layer, "S", ha="center", va="center", fontsize=7, color="white")
+    ax.set_xlabel("KV head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(kv_heads))
+    fig.colorbar(image, ax=ax, label="score (higher = retrieval)")
+    ax_frac.barh(range(layers), pattern.retrieval.float().mean(1).numpy(), color="tab:blue")
+    ax_frac.set_ylim(layers - 0.5, -0.5)
+    ax_frac.set_xlim(0, 1)
+    ax_frac.set_xlabel("retrieval fraction")
+    ax_frac.set_yticks([])
+    fig.suptitle(title or f"{pattern} (S = streaming head)", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 # ------------------------------------------------------------------------------------------------- command
 def _load(model: str | None, attn_implementation: str = "sdpa"):
     from ..default_model import load_model_and_tokenizer
@@ -214,6 +242,7 @@ def _bench_command(args) -> None:
     meta = {"source": source, "num_sink_tokens": s, "window_length": w}
     pattern = HeadPattern.from_scores(scores, sparsity=args.sparsity, metadata=meta)
     pattern.save(out / "pattern.json")
+    plot_head_pattern(pattern, out / "pattern.png", title=f"SmolLM2-135M head pattern: {source}, {args.sparsity:.0%} streaming")
     inverted = HeadPattern.from_scores(-scores, sparsity=args.sparsity, metadata={**meta, "inverted": True})
     layers, kv_heads = _kv_shape(model.config)
     head_dim = model.config.hidden_size // model.config.num_attention_heads
