@@ -294,6 +294,7 @@ def test_identify_heads_trains_only_the_gates():
     assert result.history[0]["distill"] > 0  # the streaming path differs at these lengths
     assert result.pattern.scores is not None and result.pattern.streaming_fraction == 0.5
     assert model.config._attn_implementation == "sdpa"
+    assert all(p.requires_grad for p in model.parameters())  # restored after training
 
 
 def test_identify_heads_l1_pushes_alpha_down():

@@ -148,7 +148,8 @@ def identify_heads(
     register()
     accelerator = accelerator or Accelerator()
     device = accelerator.device
-    model.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.requires_grad_(False)  # only the gates train (restored afterwards)
     model.to(device)
     was_training = model.training
     model.eval()
@@ -194,6 +195,8 @@ def identify_heads(
             bar.set_postfix(distill=f"{record['distill']:.3g}", alpha=f"{record['reg']:.3f}", refresh=False)
     bar.close()
     model.train(was_training)
+    for p in trainable:
+        p.requires_grad_(True)
     scores = alpha.detach().float().cpu()
     metadata = {
         "method": "duo_attention_optimisation", "num_steps": num_steps, "lr": lr, "reg_weight": reg_weight,
