@@ -6,6 +6,9 @@
     hf-sinks generate --prompt "Once upon a time" --max-new-tokens 2000 --ignore-eos
     hf-sinks chat                                   # interactive multi-turn, one SinkCache for the whole session
     hf-sinks bench --lengths 1024,2048,4096,8192,16384 --output-dir out/
+    hf-sinks passkey --lengths 512,1024,2048,4096 --modes dense,sink
+    hf-sinks analyze --num-tokens 1024 --output-dir out/    # which layers/heads are attention sinks
+    hf-sinks train --recipe sink_token --max-steps 300      # sink-aware LoRA fine-tuning
 
 ``--model`` takes ``default`` (the embedded SmolLM2-135M-Instruct GGUF, see :mod:`hf_sinks.default_model`), a
 local Hugging Face model directory or a ``.gguf`` file. Nothing is downloaded from a model hub; the default text is
@@ -360,6 +363,54 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ passkey
+def cmd_passkey(args) -> int:
+    from .eval.passkey import PASSKEY_MODES, passkey_accuracy, plot_passkey
+
+    modes = _modes(args.modes, PASSKEY_MODES)
+    lengths = _int_list(args.lengths, "--lengths", minimum=16)
+    try:
+        depths = [float(d) for d in str(args.depths).split(",") if d.strip()]
+    except ValueError:
+        raise CLIError(f"--depths must be comma-separated numbers in [0, 1], got {args.depths!r}") from None
+    if not depths or any(not 0 <= d <= 1 for d in depths):
+        raise CLIError(f"--depths={args.depths!r} must be comma-separated numbers in [0, 1]")
+    for name, value, minimum in (("--trials", args.trials, 1), ("--window-length", args.window_length, 1),
+                                 ("--num-sink-tokens", args.num_sink_tokens, 0), ("--chunk-size", args.chunk_size, 1)):
+        if value < minimum:
+            raise CLIError(f"{name}={value} must be >= {minimum}")
+    _setup_torch(args.threads)
+    model, tokenizer = _load(args)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for mode in modes:
+        rows += passkey_accuracy(model, tokenizer, context_lengths=lengths, depths=depths, trials=args.trials, mode=mode,
+                                 num_sink_tokens=args.num_sink_tokens, window_length=args.window_length,
+                                 chunk_size=args.chunk_size, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                 progress=not args.no_progress)
+    csv_path = out_dir / "passkey.csv"
+    with csv_path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    png = None
+    if not args.no_plot:
+        png = plot_passkey(rows, out_dir / "passkey.png", title=f"Passkey retrieval, {_model_name(args.model)} "
+                           f"({args.trials} trials x {len(depths)} depths); {_machine()}")
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    table = []
+    for n in lengths:
+        cells = []
+        for label in labels:
+            sel = [r for r in rows if r["label"] == label and r["context_length"] == n]
+            cells.append(f"{sum(r['correct'] for r in sel)}/{sum(r['trials'] for r in sel)}")
+        table.append([n] + cells)
+    print(_table(table, ["context"] + labels))
+    print(f"wrote {csv_path}" + (f" and {png}" if png else ""))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------- parser
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default",
@@ -374,7 +425,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-sinks", description="Attention sinks (StreamingLLM) for Transformers.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{perplexity,generate,chat,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{perplexity,generate,chat,bench,passkey,analyze,train}")
 
     p = sub.add_parser("perplexity", help="streaming perplexity over a long text: dense vs window vs sink (CSV + PNG)")
     _common(p)
@@ -420,6 +471,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="hf_sinks_bench")
     p.add_argument("--no-plot", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("passkey", help="passkey retrieval accuracy vs context length: dense vs sink cache (CSV + PNG)")
+    _common(p)
+    p.add_argument("--window-length", type=int, default=1020, help="window W (default 1020)")
+    p.add_argument("--lengths", default="512,1024,2048,4096", help="prompt lengths in tokens")
+    p.add_argument("--depths", default="0,0.5,1", help="relative depths of the key in the filler (0 = start)")
+    p.add_argument("--trials", type=int, default=2, help="prompts per (length, depth), each with its own key")
+    p.add_argument("--modes", default="dense,sink", help="comma-separated: dense,sink")
+    p.add_argument("--chunk-size", type=int, default=512, help="prompt tokens per forward (sink mode)")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens decoded for the answer")
+    p.add_argument("--seed", type=int, default=0, help="seed of the keys (the same prompts for every mode)")
+    p.add_argument("--output-dir", default="hf_sinks_passkey")
+    p.add_argument("--no-plot", action="store_true")
+    p.set_defaults(func=cmd_passkey)
+
+    # subcommands that live with their feature
+    from .analysis import add_analyze_parser
+    from .training.cli import add_train_parser
+
+    add_analyze_parser(sub)
+    add_train_parser(sub)
     return parser
 
 

@@ -181,7 +181,33 @@ def test_generate_errors(model_dir, capsys):
 
 def test_parser_commands():
     parser = build_parser()
-    for command in ("perplexity", "generate", "chat", "bench"):
+    for command in ("perplexity", "generate", "chat", "bench", "passkey", "analyze", "train"):
         assert parser.parse_args([command]).command == command
     with pytest.raises(SystemExit):
         parser.parse_args(["nope"])
+
+
+def test_passkey(model_dir, tmp_path, capsys):
+    out = tmp_path / "passkey"
+    assert main(["passkey", "--model", str(model_dir), "--lengths", "48,96", "--depths", "0,1", "--trials", "1",
+                 "--num-sink-tokens", "2", "--window-length", "30", "--chunk-size", "16", "--max-new-tokens", "2",
+                 "--output-dir", str(out), "--no-progress", "--threads", "1"]) == 0
+    rows = read_csv(out / "passkey.csv")
+    assert [(r["mode"], int(r["context_length"]), float(r["depth"])) for r in rows] == [
+        (mode, n, d) for mode in ("dense", "sink") for n in (48, 96) for d in (0.0, 1.0)]
+    assert all(int(r["trials"]) == 1 and 0 <= int(r["correct"]) <= 1 for r in rows)
+    assert {r["label"] for r in rows} == {"dense", "sink 2+30"}
+    assert (out / "passkey.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert re.search(r"context\s+dense\s+sink 2\+30", printed)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--modes", "dense,window"], "unknown mode 'window'; allowed modes: dense, sink"),
+    (["--depths", "0,1.5"], "--depths='0,1.5' must be comma-separated numbers in [0, 1]"),
+    (["--lengths", "8"], "--lengths=8 must be >= 16"),
+    (["--trials", "0"], "--trials=0 must be >= 1"),
+])
+def test_passkey_errors(model_dir, capsys, extra, message):
+    assert main(["passkey", "--model", str(model_dir)] + extra) == 2
+    assert message in capsys.readouterr().err
