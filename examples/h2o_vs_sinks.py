@@ -10,6 +10,7 @@ for chunks: each query sees what token-by-token decoding would show it):
 * ``dense``: full cache (reference);
 * ``sink S+W``: ``SinkCache(S, W)`` with ``W = budget - S`` (cache-relative positions);
 * ``h2o S+W'+H``: ``H2OCache(S, W', H)``, same budget ``S + W' + H`` (original positions);
+* ``h2o S+W'+H cache-pos``: the same with ``positions="cache"`` (run name ``h2o_cache``);
 * ``h2o S+W+0``: H2O with no heavy hitters = sinks + window at original positions (separates the position scheme
   from the heavy hitters);
 * ``h2o 0+W'+(H+S)``: H2O without pinned sinks (H2O keeps the first tokens only if their scores earn it);
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-sink-tokens", type=int, default=4)
     p.add_argument("--window-length", type=int, default=128, help="H2O recent window W'")
     p.add_argument("--heavy-budget", type=int, default=124, help="H2O heavy hitters H")
-    p.add_argument("--runs", default="dense,sink,h2o,h2o_no_heavy,h2o_no_sinks,window")
+    p.add_argument("--runs", default="dense,sink,h2o,h2o_cache,h2o_no_heavy,h2o_no_sinks,window")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output-dir", default="h2o_vs_sinks")
     p.add_argument("--no-progress", action="store_true")
@@ -68,6 +69,8 @@ def main(argv=None) -> int:
         "sink": (f"sink {s}+{budget - s}", (s, budget - s, 0),
                  lambda: streaming_perplexity(model, ids, "sink", s, budget - s, chunk_size=chunk, progress=progress)),
         "h2o": (f"h2o {s}+{w}+{h}", (s, w, h), lambda: h2o_perplexity(model, ids, s, w, h, chunk, progress)),
+        "h2o_cache": (f"h2o {s}+{w}+{h} cache-pos", (s, w, h),
+                      lambda: h2o_perplexity(model, ids, s, w, h, chunk, progress, positions="cache")),
         "h2o_no_heavy": (f"h2o {s}+{budget - s}+0", (s, budget - s, 0),
                          lambda: h2o_perplexity(model, ids, s, budget - s, 0, chunk, progress)),
         "h2o_no_sinks": (f"h2o 0+{w}+{h + s}", (0, w, h + s), lambda: h2o_perplexity(model, ids, 0, w, h + s, chunk, progress)),

@@ -13,12 +13,18 @@ Semantics (the contract the tests check against a naive full-attention-matrix re
   keep different tokens; they always hold the same *number* of tokens.
 * ``heavy_budget=0`` is exactly the sink + window visibility rule of DESIGN §2: query ``t`` sees ``j <= t`` with
   ``j < S`` or ``t - j < W``.
-* **Positions: original (H2O's scheme, not SinkCache's cache-relative one).** Keys are stored as the model rotated
-  them, at their original absolute positions, and are never re-rotated: a kept token keeps the position it had in the
-  text, and query ``t`` is at position ``t`` (the cache reports every token seen through ``get_seq_length``, so the
-  model assigns positions as it would without eviction). Relative distances are the true ones, so there is nothing to
-  re-position when arbitrary middle tokens are evicted; the price is that positions grow with the stream, so past the
-  model's training length RoPE extrapolates (SinkCache's cache-relative positions do not).
+* **Positions.** Keys are always *stored* as the model rotated them, at their original absolute positions (the
+  cache reports every token seen through ``get_seq_length``, so the model assigns positions as without eviction).
+  ``H2OCache(positions=...)`` chooses what attention sees:
+
+  - ``"original"`` (default; H2O's own scheme): nothing is re-rotated. A kept token keeps the position it had in the
+    text and query ``t`` is at position ``t``: true distances to every kept token, so sinks and heavy hitters drift
+    thousands of positions away from the query on a long stream (on SmolLM2 this costs perplexity after ~4k tokens,
+    see docs/benchmarks/h2o_smollm2_12k).
+  - ``"cache"`` (StreamingLLM-style, like SinkCache): the query that sees ``m`` keys sits at ``m - 1`` and those keys
+    at ``0..m-1`` in text order, so the window keeps its true distances and sinks + heavy hitters sit just before it.
+    With ``heavy_budget=0`` these are exactly DESIGN §2's cache positions. Each attention rotates the held keys from
+    their stored originals (angles in fp64: no drift; O(C) per step and KV head).
 
 The scores need the attention probabilities, which no fused kernel returns: use the registered ``h2o_sdpa``
 attention (:func:`register`). It processes a multi-token chunk (prompt, chunked streaming) in blocks of queries and,
@@ -50,6 +56,8 @@ H2O_ATTENTION = "h2o_sdpa"
 LAYER_ATTRIBUTE = "_hf_sinks_h2o_layer"
 #: Queries per block in a multi-token chunk.
 QUERY_BLOCK = 256
+#: ``H2OCache(positions=...)``: keep original positions, or re-position inside the visible set.
+POSITION_MODES = ("original", "cache")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -180,6 +188,21 @@ class H2OCacheLayer(CacheLayerMixin):
         lowest = masked.min(-1, keepdim=True).values
         return index.masked_fill(masked != lowest, torch.iinfo(torch.long).max).argmin(-1, keepdim=True)
 
+    def _reposition(self, keys, ranks, index, visible, query_index, dtype):
+        """Keys rotated from their original positions to cache positions (``positions="cache"``).
+
+        The query at ``query_index`` seeing ``visible`` keys sits at ``visible - 1`` and the key of rank ``r`` at
+        ``r``; the model rotated both at their original indices, so keeping the query where it is, the key moves by
+        ``(r - index) + (query_index - (visible - 1))``: 0 for the window (its distances are the true ones).
+        Always from the stored originals, angles in fp64: no drift."""
+        from .rope import shift_rotary
+
+        if self.cache.rotary is None:
+            raise ValueError("H2OCache(positions='cache') needs the model's rotary parameters; pass rotary="
+                             "RotaryParams.from_model(model) (the h2o_sdpa attention sets them from the model config).")
+        shift = ranks - index + (query_index - (visible - 1))
+        return shift_rotary(keys.to(dtype), shift, self.cache.rotary)
+
     def _attend_decode(self, query, scaling):
         batch, heads, _, head_dim = query.shape
         kv_heads = self.keys.shape[1]
@@ -187,6 +210,10 @@ class H2OCacheLayer(CacheLayerMixin):
         compute = torch.promote_types(query.dtype, torch.float32)
         q = query.reshape(batch, kv_heads, heads // kv_heads, head_dim).to(compute)
         keys, values = self.keys[:, :, :n], self.values[:, :, :n]
+        if self.cache.positions == "cache":
+            index = self.token_index[:, :, :n]
+            ranks = torch.empty_like(index).scatter_(-1, index.argsort(-1), torch.arange(n, device=self.device).expand_as(index))
+            keys = self._reposition(keys, ranks, index, n, self.seen - 1, compute)
         p = torch.softmax(torch.matmul(q, keys.to(compute).transpose(-1, -2)) * scaling, dim=-1)  # [B, KVH, g, n]
         self.scores[:, :, :n] += p.sum(2, dtype=torch.float64)
         out = torch.matmul(p.to(values.dtype), values).reshape(batch, heads, 1, values.shape[-1])
@@ -207,24 +234,44 @@ class H2OCacheLayer(CacheLayerMixin):
         groups = heads // kv_heads
         capacity = self.cache.capacity
         old = self._used()
-        keys = torch.cat([self.keys[:, :, :old], new_keys], dim=2)  # [B, KVH, n, D]
-        values = torch.cat([self.values[:, :, :old], new_values], dim=2)
+        cache_positions = self.cache.positions == "cache"
+        old_keys, old_values = self.keys[:, :, :old], self.values[:, :, :old]
+        old_index, old_scores = self.token_index[:, :, :old], self.scores[:, :, :old]
+        if cache_positions and old:  # text order (slots are not, after decode steps): ranks are then a cumsum
+            big = torch.iinfo(torch.long).max
+            order = old_index.masked_fill(old_index < 0, big).argsort(-1)
+            old_keys = old_keys.gather(2, order[..., None].expand(-1, -1, -1, old_keys.shape[-1]))
+            old_values = old_values.gather(2, order[..., None].expand(-1, -1, -1, old_values.shape[-1]))
+            old_index, old_scores = old_index.gather(-1, order), old_scores.gather(-1, order)
+        keys = torch.cat([old_keys, new_keys], dim=2)  # [B, KVH, n, D]
+        values = torch.cat([old_values, new_values], dim=2)
         arrivals = first + torch.arange(c, device=self.device)
-        index = torch.cat([self.token_index[:, :, :old], arrivals.expand(batch, kv_heads, c)], dim=-1)  # [B, KVH, n]
-        scores = torch.cat([self.scores[:, :, :old], self.scores.new_zeros(batch, kv_heads, c)], dim=-1)
+        index = torch.cat([old_index, arrivals.expand(batch, kv_heads, c)], dim=-1)  # [B, KVH, n]
+        scores = torch.cat([old_scores, self.scores.new_zeros(batch, kv_heads, c)], dim=-1)
         n = old + c
 
         compute = torch.promote_types(query.dtype, torch.float32)
-        q = query.reshape(batch, kv_heads, groups * c, head_dim).to(compute)
-        logits = torch.matmul(q, keys.to(compute).transpose(-1, -2)) * scaling  # [B, KVH, g * c, n]
-        logits = logits.view(batch, kv_heads, groups, c, n)
-        probs = torch.empty_like(logits)
+        if cache_positions:  # logits depend on each query's visible set: computed step by step below
+            q = query.reshape(batch, kv_heads, groups, c, head_dim).to(compute)
+            logits = None
+            probs = torch.empty(batch, kv_heads, groups, c, n, dtype=compute, device=self.device)
+        else:
+            q = query.reshape(batch, kv_heads, groups * c, head_dim).to(compute)
+            logits = torch.matmul(q, keys.to(compute).transpose(-1, -2)) * scaling  # [B, KVH, g * c, n]
+            logits = logits.view(batch, kv_heads, groups, c, n)
+            probs = torch.empty_like(logits)
         held = torch.cat([index[..., :old] >= 0, index.new_zeros(batch, kv_heads, c, dtype=torch.bool)], dim=-1)
         count = self.count  # tokens held per head, equal for every row and head
         for t in range(c):
             held[..., old + t] = True  # a new token joins as its query arrives
             count += 1
-            row = logits[:, :, :, t].masked_fill(~held[:, :, None], float("-inf"))
+            if logits is None:
+                ranks = held.long().cumsum(-1) - 1  # columns are in text order
+                rotated = self._reposition(keys, ranks, index, count, first + t, compute)
+                row = torch.matmul(q[:, :, :, t], rotated.transpose(-1, -2)) * scaling  # [B, KVH, g, n]
+            else:
+                row = logits[:, :, :, t]
+            row = row.masked_fill(~held[:, :, None], float("-inf"))
             p = torch.softmax(row, dim=-1)  # [B, KVH, g, n]
             probs[:, :, :, t] = p
             scores += p.sum(2, dtype=torch.float64)  # the GQA group's query heads add into the KV head's scores
@@ -283,16 +330,33 @@ class H2OCache(Cache):
         num_sink_tokens: ``S`` first tokens always kept (>= 0).
         window_length: ``W`` most recent tokens always kept, the query included (>= 1).
         heavy_budget: ``H`` further tokens kept by accumulated attention (>= 0; 0 gives sinks + window).
+        positions: ``"original"`` (default; H2O's scheme: every token keeps its position in the text) or
+            ``"cache"`` (StreamingLLM-style: the query at ``m - 1`` and the ``m`` keys it sees at ``0..m-1`` in text
+            order; with ``heavy_budget=0`` exactly DESIGN §2's cache positions). See the module docstring.
+        rotary: the model's :class:`~hf_sinks.rope.RotaryParams` (``"cache"`` only; taken from the model's config at
+            the first forward when omitted).
     """
 
-    def __init__(self, num_sink_tokens: int = 4, window_length: int = 128, heavy_budget: int = 124):
+    def __init__(
+        self,
+        num_sink_tokens: int = 4,
+        window_length: int = 128,
+        heavy_budget: int = 124,
+        *,
+        positions: str = "original",
+        rotary: Any = None,
+    ):
         _check_int("num_sink_tokens", num_sink_tokens, 0)
         _check_int("window_length", window_length, 1)
         _check_int("heavy_budget", heavy_budget, 0)
+        if positions not in POSITION_MODES:
+            raise ValueError(f"positions={positions!r} is not supported; allowed: {', '.join(map(repr, POSITION_MODES))}.")
         super().__init__(layers=[])
         self.num_sink_tokens = num_sink_tokens
         self.window_length = window_length
         self.heavy_budget = heavy_budget
+        self.positions = positions
+        self.rotary = rotary
 
     @property
     def capacity(self) -> int:
@@ -301,7 +365,8 @@ class H2OCache(Cache):
 
     def __repr__(self) -> str:
         return (f"H2OCache(num_sink_tokens={self.num_sink_tokens}, window_length={self.window_length}, "
-                f"heavy_budget={self.heavy_budget}, layers={len(self.layers)}, seen={self.get_seq_length()})")
+                f"heavy_budget={self.heavy_budget}, positions={self.positions!r}, layers={len(self.layers)}, "
+                f"seen={self.get_seq_length()})")
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
@@ -345,6 +410,10 @@ def h2o_sdpa_attention_forward(
     if dropout > 0:
         raise ValueError(f"dropout={dropout} is not supported with an H2OCache (inference only).")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if layer.cache.positions == "cache" and layer.cache.rotary is None:
+        from .rope import RotaryParams
+
+        layer.cache.rotary = RotaryParams.from_config(module.config)
     out = layer.attend(query, scaling)
     return out.transpose(1, 2).contiguous(), None
 
@@ -370,6 +439,7 @@ def h2o_perplexity(
     heavy_budget: int = 124,
     chunk_size: int = 64,
     progress: bool = True,
+    positions: str = "original",
 ):
     """Streaming perplexity with an :class:`H2OCache` (like :func:`hf_sinks.eval.streaming_perplexity`).
 
@@ -378,7 +448,8 @@ def h2o_perplexity(
 
     Returns:
         a :class:`~hf_sinks.eval.perplexity.StreamingResult` with ``mode="h2o"`` and
-        ``extra={"heavy_budget": H}`` (``window_length`` is ``W``; the budget is ``S + W + H``).
+        ``extra={"heavy_budget": H, "positions": positions}`` (``window_length`` is ``W``; the budget is
+        ``S + W + H``).
     """
     from .eval.memory import MemoryMeter, cache_bytes
     from .eval.perplexity import StreamingResult, _as_stream, _progress, validate
@@ -397,7 +468,7 @@ def h2o_perplexity(
     rss = torch.zeros(n, dtype=torch.int64)
     meter = MemoryMeter(device)
     bar = _progress(n, "h2o ppl", progress)
-    cache = H2OCache(num_sink_tokens, window_length, heavy_budget)
+    cache = H2OCache(num_sink_tokens, window_length, heavy_budget, positions=positions)
     total = 0.0
     start = time.perf_counter()
     with ExitStack() as stack:
@@ -423,8 +494,8 @@ def h2o_perplexity(
         tokens_per_second=n / elapsed if elapsed > 0 else float("inf"), peak_memory_bytes=meter.peak_bytes(),
         memory_kind=meter.kind, cache_bytes=kv, rss_bytes=rss, num_tokens=n + 1, num_sink_tokens=num_sink_tokens,
         window_length=window_length, chunk_size=chunk_size, elapsed_seconds=elapsed,
-        extra={"heavy_budget": heavy_budget},
+        extra={"heavy_budget": heavy_budget, "positions": positions},
     )
 
 
-__all__ = ["H2OCache", "H2OCacheLayer", "H2O_ATTENTION", "h2o_perplexity", "h2o_sdpa_attention_forward", "register"]
+__all__ = ["H2OCache", "H2OCacheLayer", "H2O_ATTENTION", "POSITION_MODES", "h2o_perplexity", "h2o_sdpa_attention_forward", "register"]

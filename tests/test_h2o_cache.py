@@ -10,7 +10,8 @@ from transformers.masking_utils import sdpa_mask
 
 from hf_sinks.attention.reference import visible_indices
 from hf_sinks.h2o_cache import H2O_ATTENTION, H2OCache, h2o_perplexity, register
-from hf_sinks.oracle import using_attention
+from hf_sinks.oracle import reference_logits, using_attention
+from hf_sinks.rope import RotaryParams, apply_rotary, shift_rotary
 
 register()
 
@@ -22,12 +23,16 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
     """H2O written the obvious way: the full attention matrix A (fp64), kept sets as Python sets per KV head, and
     a token's score = the column sum of A over the rows seen so far (it receives nothing once evicted)."""
     s, w, heavy = _REF["args"]
+    mode, rotary = _REF.get("positions", ("original", None))
     capacity = s + w + heavy
     _, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     scaling = scaling if scaling is not None else dim**-0.5
     q, k, v = query[0].double(), key[0].double(), value[0].double()
+    if mode == "cache":  # undo the model's rotation at 0..T-1; each query re-positions its visible set below
+        q = shift_rotary(q, -torch.arange(length), rotary)
+        k = shift_rotary(k, -torch.arange(length), rotary)
     attn = torch.zeros(heads, length, length, dtype=torch.float64)
     held = [set() for _ in range(kv_heads)]
     kept_after = []  # step t -> per KV head, sorted kept indices after t's eviction
@@ -38,7 +43,13 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
             visible = sorted(held[kvh] | {t})
             visible_at[-1].append(visible)
             for h in range(kvh * groups, (kvh + 1) * groups):
-                logits = torch.stack([q[h, t] @ k[kvh, j] for j in visible]) * scaling
+                if mode == "cache":  # keys at 0..m-1 in text order, the query at m-1
+                    m = len(visible)
+                    qt = apply_rotary(q[h, t][None], torch.tensor([m - 1]), rotary)[0]
+                    kv = apply_rotary(k[kvh, visible], torch.arange(m), rotary)
+                    logits = torch.stack([qt @ kv[r] for r in range(m)]) * scaling
+                else:
+                    logits = torch.stack([q[h, t] @ k[kvh, j] for j in visible]) * scaling
                 attn[h, t, visible] = logits.softmax(-1)
             held[kvh] = set(visible)
             if len(held[kvh]) == capacity:
@@ -57,9 +68,9 @@ AttentionInterface.register("h2o_test_reference", _reference_attention)
 AttentionMaskInterface.register("h2o_test_reference", sdpa_mask)
 
 
-def reference(model, ids, s, w, heavy):
+def reference(model, ids, s, w, heavy, positions="original"):
     """Logits ``[T, V]`` plus, per layer, the kept sets after each step and the rotated keys (original positions)."""
-    _REF.update(args=(s, w, heavy), kept=[], visible=[], keys=[])
+    _REF.update(args=(s, w, heavy), kept=[], visible=[], keys=[], positions=(positions, RotaryParams.from_model(model)))
     with using_attention(model, "h2o_test_reference"), torch.no_grad():
         logits = model(input_ids=ids[None], use_cache=False).logits[0]
     return logits, _REF["kept"], _REF["visible"], _REF["keys"]
@@ -261,7 +272,7 @@ def test_h2o_perplexity_matches_reference():
     torch.testing.assert_close(one.nll, nll, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(many.nll, nll, atol=1e-4, rtol=1e-4)
     assert one.perplexity == pytest.approx(math.exp(float(nll.double().mean())), rel=1e-4)
-    assert one.mode == "h2o" and one.extra == {"heavy_budget": 6} and one.peak_cache_bytes > 0
+    assert one.mode == "h2o" and one.extra == {"heavy_budget": 6, "positions": "original"} and one.peak_cache_bytes > 0
     assert model.config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match="heavy_budget=-1"):
         h2o_perplexity(model, ids, 2, 4, -1, progress=False)
@@ -286,3 +297,49 @@ def test_other_architectures_match_reference(arch):
     logits, _ = stream(model, ids, cache, chunk=6)
     torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)
     assert cache.kept_token_indices(1)[0].tolist() == ref_kept[1][-1]
+
+
+# ------------------------------------------------------------------------------- positions="cache"
+@pytest.mark.parametrize("s, w, heavy, chunk", [(2, 4, 5, 1), (1, 3, 6, 5), (0, 5, 3, 16), (4, 2, 2, 1)])
+def test_cache_positions_match_reference(s, w, heavy, chunk, monkeypatch):
+    import hf_sinks.h2o_cache as h2o
+
+    monkeypatch.setattr(h2o, "QUERY_BLOCK", 6)
+    model = tiny_model("llama", attn_implementation="sdpa", layers=2, heads=4, kv_heads=2)
+    ids = random_ids(1, 44, seed=s + 3 * w)[0]
+    ref_logits, ref_kept, _, _ = reference(model, ids, s, w, heavy, positions="cache")
+    cache = H2OCache(s, w, heavy, positions="cache")
+    logits, kept = stream(model, ids, cache, chunk=chunk, record=True)
+    torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)
+    ends = [min(e, 44) for e in range(chunk, 44 + chunk, chunk)]
+    for step, end in enumerate(ends):
+        for layer in range(2):
+            assert kept[step][layer] == ref_kept[layer][end - 1], (end, layer)
+    assert not torch.allclose(logits, reference(model, ids, s, w, heavy)[0], atol=1e-3)  # the two modes differ
+
+
+@pytest.mark.parametrize("chunk", [1, 7])
+def test_cache_positions_without_heavy_hitters_are_the_sink_spec(chunk):
+    """heavy_budget=0 with positions='cache' is DESIGN §2 exactly: the fp64 spec (hf_sinks.oracle.reference_logits)."""
+    model = tiny_model("llama", attn_implementation="sdpa", layers=2, heads=4, kv_heads=2)
+    ids = random_ids(1, 40, seed=21)[0]
+    logits, _ = stream(model, ids, H2OCache(3, 6, 0, positions="cache"), chunk=chunk)
+    torch.testing.assert_close(logits, reference_logits(model, ids, 3, 6).float(), atol=2e-5, rtol=1e-4)
+
+
+def test_cache_positions_mixed_steps():
+    model = tiny_model("llama", attn_implementation="sdpa", layers=2, heads=4, kv_heads=2)
+    ids = random_ids(1, 50, seed=23)[0]
+    ref_logits, ref_kept, _, _ = reference(model, ids, 2, 3, 5, positions="cache")
+    cache = H2OCache(2, 3, 5, positions="cache")
+    bounds, logits = [0, 12, 13, 14, 15, 16, 17, 18, 29, 30, 31, 40, 41, 50], []
+    with using_attention(model, H2O_ATTENTION), torch.no_grad():
+        for b0, b1 in zip(bounds, bounds[1:]):
+            logits.append(model(input_ids=ids[None, b0:b1], past_key_values=cache).logits[0])
+            assert cache.kept_token_indices(1)[0].tolist() == ref_kept[1][b1 - 1], b1
+    torch.testing.assert_close(torch.cat(logits), ref_logits, atol=2e-5, rtol=1e-4)
+
+
+def test_bad_positions_mode():
+    with pytest.raises(ValueError, match="positions='relative'"):
+        H2OCache(positions="relative")
