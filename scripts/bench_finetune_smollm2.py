@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Real-model run of the ``sink_token`` recipe on SmolLM2-135M (CPU): train, then streaming perplexity before/after.
+"""Real-model run of a recipe (default ``sink_token``) on SmolLM2-135M (CPU): train, then streaming perplexity.
 
 Trains LoRA (r=8, q/k/v/o) + norms + one new ``<|sink|>`` embedding row on the default text (Shakespeare) minus its
 last ``--held-out`` tokens, with every training row ``[<|sink|>] + (seq_len - 1) text tokens``; then streams the
@@ -9,7 +9,8 @@ held-out tokens through ``hf_sinks`` (``SinkCache``, chunked) with the same cach
 * the base model with the *untrained* sink token prepended (mean-initialised row), 1 sink;
 * the fine-tuned model (reloaded from the saved adapter and merged) with its trained sink token, 1 sink;
 * the fine-tuned model *without* the sink token, 4 and 1 sinks (how much is plain domain adaptation);
-* dense attention (no eviction) for base and fine-tuned, as references.
+* dense attention (no eviction) for the base model, and window attention (no sinks, same budget) for base and
+  fine-tuned, as references.
 
 Every row scores the same targets (held-out tokens 1..N-1; with a sink token prepended, its own prediction of the
 first text token is dropped). Writes ``loss.csv``, ``loss.png``, ``perplexity.csv``, ``summary.json`` to
@@ -109,21 +110,22 @@ def main() -> None:
                "targets": nll.numel(), "perplexity": round(ppl, 4), "tokens_per_second": round(r.tokens_per_second, 1)}
         rows.append(row)
         print(row, flush=True)
+        with open(out / "perplexity.csv", "w", newline="") as f:  # rewritten after every row: partial results survive
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
 
     run("base", base, 0, mode="dense")
+    run("base", base, 0, mode="window")
     run("base", base, S)
     run("base", base, 1)
     if sink_id is not None:
         run("base + untrained sink token", base_with_row, 1, with_sink_token=True)
         run("fine-tuned", tuned, 1, with_sink_token=True)
-        run("fine-tuned", tuned, 0, mode="dense", with_sink_token=True)
+    run("fine-tuned", tuned, 0, mode="window")
     run("fine-tuned", tuned, S)
     run("fine-tuned", tuned, 1)
 
-    with open(out / "perplexity.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
     summary = {
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized fp32)", "recipe": args.recipe, "seq_len": args.seq_len,
         "max_steps": args.max_steps, "steps_done": steps_done, "learning_rate": args.learning_rate, "warmup_steps": args.warmup_steps,

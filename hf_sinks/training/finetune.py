@@ -209,6 +209,10 @@ def finetune(
         data_collator=default_data_collator,
         callbacks=[_TimeBudget(max_train_seconds)] if max_train_seconds else None,
     )
+    if not progress:  # no per-step log dicts on stdout either (Trainer prints them when tqdm is off)
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     trainer.train()
     peft_model.eval()
     history = list(trainer.state.log_history)

@@ -83,8 +83,8 @@ def forget_dequantized_gguf(model: torch.nn.Module) -> bool:
     method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
     if quantizer is None or str(getattr(method, "value", method)).lower() != "gguf":
         return False
-    if not all(p.is_floating_point() for p in model.parameters()):
-        return False
+    if getattr(quantizer, "packed_modules", None) or not all(p.is_floating_point() for p in model.parameters()):
+        return False  # weights really kept in GGUF blocks: not trainable, leave transformers' error to speak
     quantizer.remove_quantization_config(model)  # hf_quantizer, config.quantization_config, is_quantized
     for module in model.modules():
         if hasattr(getattr(module, "config", None), "_is_quantized"):
@@ -140,8 +140,9 @@ class SinkRecipe:
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """The structural changes, without PEFT: rope scaling, training attention, sink-token row, learned sinks.
 
-        :func:`hf_sinks.training.load_finetuned` replays exactly this on a fresh base model before loading the
-        adapter, so it is idempotent and needs no tokenizer.
+        Idempotent and tokenizer-free: :func:`hf_sinks.training.load_finetuned` replays the same changes (except
+        the training attention) on a fresh base model before loading the adapter. The sink row's initial value
+        does not matter there: PEFT saves trained token rows as values (``index_copy``), not as deltas.
         """
         forget_dequantized_gguf(model)
         if self.rope_scaling is not None:

@@ -190,3 +190,21 @@ def test_rope_errors_and_length_helper():
         lora_recipe(model, "longlora", rope_scaling={"rope_type": "linear", "factor": 0})
     assert rope_scaling_for_length(model.config, 4096) is None  # fits already
     assert rope_scaling_for_length(model.config, 10000) == {"rope_type": "linear", "factor": 3.0}  # ceil(10000/4096)
+
+
+def test_dequantized_gguf_model_becomes_trainable():
+    # The default SmolLM2 loads from a GGUF file dequantized to fp32 but keeps `hf_quantizer`, which makes Trainer
+    # refuse to train it; the recipe forgets that quantizer (the weights are plain tensors).
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.trainer_utils import validate_quantization_for_training
+    from transformers.utils.quantization_config import GgufConfig
+
+    model = tiny_model("llama", attn_implementation="sdpa")
+    quantizer = GgufHfQuantizer(GgufConfig(dequantize=True))
+    model.hf_quantizer = quantizer
+    model.is_quantized = True
+    model.config.quantization_config = quantizer.quantization_config
+    peft_model = lora_recipe(model, "longlora", attn_implementation=None).apply(model)
+    assert not model.is_quantized and getattr(model, "hf_quantizer", None) is None
+    assert not hasattr(model.config, "quantization_config")
+    validate_quantization_for_training(peft_model)  # raised "GGUF ... do not support training" before
