@@ -387,3 +387,23 @@ def test_plot_head_pattern(tmp_path):
     pattern = HeadPattern.from_scores(torch.rand(4, 3), sparsity=0.5)
     path = duo.eval.plot_head_pattern(pattern, tmp_path / "pattern.png")
     assert path.stat().st_size > 1000
+
+
+def test_attention_mass_scores_at_chosen_queries():
+    model = tiny_model("llama", attn_implementation="sdpa")
+    ids = random_ids(1, 24)[0]
+    every = duo.attention_mass_scores(model, ids, S, W)
+    explicit = duo.attention_mass_scores(model, ids, S, W, query_positions=torch.arange(S + W, 24))
+    torch.testing.assert_close(explicit, every)
+    early = duo.attention_mass_scores(model, ids, S, W, query_positions=torch.arange(0, S + W))
+    assert (early == 0).all()  # nothing is dropped before the window fills
+    with pytest.raises(ValueError, match="query_positions"):
+        duo.attention_mass_scores(model, ids, S, W, query_positions=torch.tensor([24]))
+
+
+def test_passkey_retrieval_scores_token_level():
+    model = tiny_model("llama", attn_implementation="sdpa")
+    scores = duo.passkey_retrieval_scores(model, None, S, W, context_length=40, num_examples=2, key_length=3)
+    assert scores.shape == (2, 2) and ((scores > 0) & (scores < 1)).all()
+    pattern = HeadPattern.from_scores(scores, sparsity=0.5)
+    assert pattern.streaming_fraction == 0.5

@@ -38,12 +38,19 @@ Modules: ``pattern`` (HeadPattern), ``cache`` (DuoCache), ``attention`` (``duo_s
 from .attention import DUO_GATE_ATTENTION, duo_gate_attention_forward, duo_sdpa_attention_forward, gated_attention, register
 from .cache import DUO_ATTENTION, DuoCache, DuoCacheLayer, visibility_mask
 from .eval import duo_perplexity
-from .identify import IdentificationResult, PasskeyExample, attention_mass_scores, identify_heads, make_passkey_example
+from .identify import (
+    IdentificationResult,
+    PasskeyExample,
+    attention_mass_scores,
+    identify_heads,
+    make_passkey_example,
+    passkey_retrieval_scores,
+)
 from .pattern import HeadPattern
 
 __all__ = [
     "DUO_ATTENTION", "DUO_GATE_ATTENTION", "DuoCache", "DuoCacheLayer", "HeadPattern", "IdentificationResult",
     "PasskeyExample", "attention_mass_scores", "duo_gate_attention_forward", "duo_perplexity",
-    "duo_sdpa_attention_forward", "gated_attention", "identify_heads", "make_passkey_example", "register",
+    "duo_sdpa_attention_forward", "gated_attention", "identify_heads", "make_passkey_example", "passkey_retrieval_scores", "register",
     "visibility_mask",
 ]

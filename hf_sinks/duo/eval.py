@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .attention import register
 from .cache import DUO_ATTENTION, DuoCache
-from .identify import attention_mass_scores, identify_heads
+from .identify import attention_mass_scores, identify_heads, passkey_retrieval_scores
 from .pattern import HeadPattern, _kv_shape
 
 @torch.no_grad()
@@ -153,18 +153,28 @@ def _passkey_command(args) -> None:
     common = dict(context_lengths=lengths, depths=depths, trials=args.trials, chunk_size=args.chunk_size)
     # a SinkCache holding as many tokens as the DuoCache holds per head on average at the end of the prompt
     same = round((1 - pattern.streaming_fraction) * max(lengths) + pattern.streaming_fraction * (s + w))
-    rows = passkey_accuracy(model, tokenizer, mode="dense", progress=False, **common)
-    rows += duo_passkey_accuracy(model, tokenizer, pattern, s, w, **common)
-    rows += passkey_accuracy(model, tokenizer, mode="sink", num_sink_tokens=s, window_length=same - s, progress=False, **common)
+    rows = []
+    if "dense" in args.methods:
+        rows += passkey_accuracy(model, tokenizer, mode="dense", progress=False, **common)
+    if "duo" in args.methods:
+        rows += duo_passkey_accuracy(model, tokenizer, pattern, s, w, **common)
+        for row in rows[-len(lengths) * len(depths):]:
+            row["label"] += f" ({pattern.metadata.get('source', args.pattern)})"
+    if "sink" in args.methods:
+        rows += passkey_accuracy(model, tokenizer, mode="sink", num_sink_tokens=s, window_length=same - s,
+                                 progress=False, **common)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "passkey.csv", "w", newline="") as f:
+    path = out / args.csv_name
+    append = args.append and path.exists()
+    with open(path, "a" if append else "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
+        if not append:
+            writer.writeheader()
         writer.writerows(rows)
     for row in rows:
         print(f"{row['label']:>40} len {row['context_length']} depth {row['depth']}: {row['correct']}/{row['trials']}")
-    print(f"wrote {out / 'passkey.csv'}")
+    print(f"wrote {path}")
 
 
 def plot_head_pattern(pattern: HeadPattern, path: str | Path, title: str = "") -> Path:
@@ -288,8 +298,28 @@ def _bench_command(args) -> None:
     print(f"wrote {out / 'perplexity.csv'}, {out / 'perplexity.png'}, {out / 'pattern.json'}")
 
 
+def _score_command(args) -> None:
+    """A pattern from a no-training heuristic (attention mass outside sinks + window), saved with its scores."""
+    from ..eval.data import load_token_ids
+
+    model, tokenizer = _load(args.model)
+    s, w = args.sink_size, args.recent_size
+    if args.source == "passkey":
+        scores = passkey_retrieval_scores(model, tokenizer, s, w, args.context_length, args.examples, seed=args.seed)
+        source = f"passkey heuristic ({args.examples} synthetic {args.context_length}-token prompts, answer queries)"
+    else:
+        ids = load_token_ids(tokenizer, args.text, args.context_length)[0]
+        scores = attention_mass_scores(model, ids, s, w)
+        source = f"text heuristic (first {args.context_length} tokens of the text, all queries)"
+    meta = {"source": source, "num_sink_tokens": s, "window_length": w}
+    pattern = HeadPattern.from_scores(scores, sparsity=args.sparsity, metadata=meta)
+    path = pattern.save(args.output)
+    plot_head_pattern(pattern, Path(args.output).with_suffix(".png"), title=f"{source}, {args.sparsity:.0%} streaming")
+    print(f"{pattern} -> {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m hf_sinks.duo {identify,bench,passkey}`` (``accelerate launch -m hf_sinks.duo identify``)."""
+    """``python -m hf_sinks.duo {identify,score,bench,passkey}`` (``accelerate launch -m hf_sinks.duo identify``)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m hf_sinks.duo", description=__doc__.split("\n")[0])
@@ -326,5 +356,21 @@ def main(argv: list[str] | None = None) -> None:
     passkey.add_argument("--sink-size", type=int, default=64)
     passkey.add_argument("--recent-size", type=int, default=256)
     passkey.add_argument("--chunk-size", type=int, default=512)
+    passkey.add_argument("--methods", nargs="+", choices=("dense", "duo", "sink"), default=["dense", "duo", "sink"])
+    passkey.add_argument("--csv-name", default="passkey.csv")
+    passkey.add_argument("--append", action="store_true", help="append rows to an existing CSV")
+    score = sub.add_parser("score", help="a pattern from the attention-mass heuristic (no training)")
+    score.add_argument("--model", default=None)
+    score.add_argument("--output", required=True, help="pattern file to write (.safetensors or .json; a .png beside)")
+    score.add_argument("--source", choices=("text", "passkey"), default="passkey")
+    score.add_argument("--text", default=None, help="text file for --source text (default: the bundled text)")
+    score.add_argument("--context-length", type=int, default=2048)
+    score.add_argument("--examples", type=int, default=2, help="passkey prompts to average (--source passkey)")
+    score.add_argument("--sink-size", type=int, default=64)
+    score.add_argument("--recent-size", type=int, default=256)
+    score.add_argument("--sparsity", type=float, default=0.5)
+    score.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
-    {"identify": _identify_command, "bench": _bench_command, "passkey": _passkey_command}[args.command](args)
+    commands = {"identify": _identify_command, "bench": _bench_command, "passkey": _passkey_command,
+                "score": _score_command}
+    commands[args.command](args)

@@ -209,16 +209,23 @@ def identify_heads(
 
 @torch.no_grad()
 def attention_mass_scores(
-    model: torch.nn.Module, input_ids: torch.Tensor, num_sink_tokens: int, window_length: int
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    num_sink_tokens: int,
+    window_length: int,
+    query_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Heuristic retrieval scores: attention mass each KV head puts *outside* its sinks + window (no training).
 
-    One full-attention forward over ``input_ids`` ``[T]``; for every query head, the mean over queries ``i >= S + W``
-    of the softmax mass on keys a streaming head would drop (``S <= j <= i - W``), then the max over the query heads
-    of each KV group (a group is streaming only if all its heads are). Higher = more retrieval-like; binarise with
-    :meth:`HeadPattern.from_scores`. ``[num_layers, num_key_value_heads]``.
+    One full-attention forward over ``input_ids`` ``[T]``; for every query head, the mean over the queries
+    ``query_positions`` (default: every ``i >= S + W``) of the softmax mass on keys a streaming head would drop
+    (``S <= j <= i - W``), then the max over the query heads of each KV group (a group is streaming only if all its
+    heads are). Higher = more retrieval-like; binarise with :meth:`HeadPattern.from_scores`.
+    ``[num_layers, num_key_value_heads]``.
     """
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
 
     from ..oracle import _routed_through_interface, using_attention
 
@@ -227,6 +234,12 @@ def attention_mass_scores(
     if t <= num_sink_tokens + window_length:
         raise ValueError(f"input_ids has {t} tokens: need more than num_sink_tokens + window_length = "
                          f"{num_sink_tokens + window_length} to measure mass outside the window.")
+    if query_positions is None:
+        rows = torch.arange(num_sink_tokens + window_length, t)
+    else:
+        rows = torch.as_tensor(query_positions, dtype=torch.long).flatten()
+        if rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= t:
+            raise ValueError(f"query_positions must be non-empty indices in [0, {t}), got {rows.tolist()[:8]}...")
     layers, kv_heads = _kv_shape(model.config)
     scores = torch.zeros(layers, kv_heads)
     name = "hf_sinks_duo_mass"
@@ -236,24 +249,44 @@ def attention_mass_scores(
         groups = query.shape[1] // key.shape[1]
         k = key.repeat_interleave(groups, 1)
         idx = torch.arange(t, device=query.device)
-        causal = idx[None] <= idx[:, None]
-        dropped = causal & ~visibility_mask(idx, idx, num_sink_tokens, window_length)
-        rows = slice(num_sink_tokens + window_length, t)
+        at = rows.to(query.device)
+        causal = idx[None] <= at[:, None]  # [rows, T]
+        dropped = causal & ~visibility_mask(at, idx, num_sink_tokens, window_length)
         total = query.new_zeros(query.shape[1])
-        for h in range(query.shape[1]):  # one head at a time: T x T scores, not H x T x T
-            logits = (query[0, h] @ k[0, h].T * scaling).masked_fill(~causal, float("-inf"))
+        for h in range(query.shape[1]):  # one head at a time: rows x T scores, not H x T x T
+            logits = (query[0, h, at] @ k[0, h].T * scaling).masked_fill(~causal, float("-inf"))
             p = torch.softmax(logits.float(), -1)
-            total[h] = (p * dropped)[rows].sum(-1).mean()
+            total[h] = (p * dropped).sum(-1).mean()
         scores[module.layer_idx] = total.view(key.shape[1], groups).amax(-1).cpu()
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         return sdpa_attention_forward(module, query, key, value, None, scaling=scaling, is_causal=True)
 
     AttentionInterface.register(name, mass)
-    from transformers import AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
     AttentionMaskInterface.register(name, sdpa_mask)
     with _routed_through_interface(model), using_attention(model, name):
         model(input_ids=ids, use_cache=False)
     return scores
+
+
+def passkey_retrieval_scores(
+    model: torch.nn.Module,
+    tokenizer: Any = None,
+    num_sink_tokens: int = 64,
+    window_length: int = 256,
+    context_length: int = 2048,
+    num_examples: int = 2,
+    key_length: int = 5,
+    seed: int = 1,
+) -> torch.Tensor:
+    """Heuristic retrieval scores from passkey prompts: :func:`attention_mass_scores` at the queries that predict
+    the answer (the tokens a streaming head would drop then include the needle), averaged over ``num_examples``
+    synthetic examples (:func:`make_passkey_example`; token-level without a tokenizer). ``[L, KVH]``."""
+    _check_int("num_examples", num_examples, 1)
+    rng = random.Random(seed)
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    total = None
+    for _ in range(num_examples):
+        example = make_passkey_example(context_length, rng, tokenizer, vocab, key_length)
+        answer = example.answer_mask.nonzero().flatten()
+        scores = attention_mass_scores(model, example.input_ids, num_sink_tokens, window_length, answer - 1)
+        total = scores if total is None else total + scores
+    return total / num_examples
