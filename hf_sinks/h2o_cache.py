@@ -75,7 +75,8 @@ class H2OCacheLayer(CacheLayerMixin):
     :meth:`kept_states` sorts.
 
     Decoding (one token) writes the token into its free slot, attends over the ``C`` slots and evicts in place:
-    O(1) copies per step, like :class:`~hf_sinks.cache.SinkCache`. A multi-token chunk attends over the slots plus the
+    O(1) copies per step, like :class:`~hf_sinks.cache.SinkCache` (``positions="cache"`` adds one O(C) rotation of
+    the held keys, on a temporary copy). A multi-token chunk attends over the slots plus the
     chunk (query by query inside, see the module docstring) and then compacts the survivors into slots ``0..count-1``.
     """
 
