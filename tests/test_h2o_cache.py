@@ -288,12 +288,13 @@ def test_beam_search_reorders_rows():
     assert cache.kept_token_indices(0).shape[:1] == (2,) and cache.get_stored_length() == 6
 
 
-@pytest.mark.parametrize("arch", ["mistral", "gpt_neox"])
-def test_other_architectures_match_reference(arch):
+@pytest.mark.parametrize("positions", ["original", "cache"])
+@pytest.mark.parametrize("arch", ["mistral", "gpt_neox"])  # gpt_neox: partial rotary, no GQA
+def test_other_architectures_match_reference(arch, positions):
     model = tiny_model(arch, attn_implementation="sdpa", layers=2)
     ids = random_ids(1, 40, seed=17)[0]
-    ref_logits, ref_kept, _, _ = reference(model, ids, 2, 4, 5)
-    cache = H2OCache(2, 4, 5)
+    ref_logits, ref_kept, _, _ = reference(model, ids, 2, 4, 5, positions=positions)
+    cache = H2OCache(2, 4, 5, positions=positions)
     logits, _ = stream(model, ids, cache, chunk=6)
     torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)
     assert cache.kept_token_indices(1)[0].tolist() == ref_kept[1][-1]
