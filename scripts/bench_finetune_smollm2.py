@@ -35,6 +35,22 @@ from pathlib import Path
 import torch
 
 
+def _train(args, model, tokenizer, train_ids, out: Path, t0: float):
+    """Fine-tune, copy the loss files to ``out``; returns ``(sink_token_id, seconds incl. load, steps done)``."""
+    from hf_sinks.training import finetune
+
+    result = finetune(
+        model, tokenizer, args.recipe, train_ids, seq_len=args.seq_len, max_steps=args.max_steps,
+        learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, output_dir=args.adapter_dir,
+        seed=args.seed, r=args.r, lora_alpha=2 * args.r,
+        max_train_seconds=args.max_train_minutes * 60 if args.max_train_minutes else None,
+    )
+    steps_done = max((row.get("step", 0) for row in result.log_history), default=0)
+    for name in ("loss.csv", "loss.png"):
+        shutil.copy(Path(args.adapter_dir) / name, out / name)
+    return result.recipe.sink_token_id, time.time() - t0, steps_done
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
@@ -49,16 +65,19 @@ def main() -> None:
     p.add_argument("--num-sink-tokens", type=int, default=4)
     p.add_argument("--cache-size", type=int, default=256, help="S + W for every streaming row")
     p.add_argument("--chunk-size", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="1 is much faster than 2 on a busy 2-core machine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default="docs/benchmarks/finetune_smollm2")
     p.add_argument("--adapter-dir", default="/tmp/hf_sinks_ft_smollm2")
+    p.add_argument("--eval-only", action="store_true",
+                   help="skip training: evaluate the adapter already in --adapter-dir (training fields of an existing "
+                        "summary.json in --output-dir are kept)")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
     from hf_sinks.default_model import load_model_and_tokenizer
     from hf_sinks.eval import streaming_perplexity
-    from hf_sinks.training import finetune, load_finetuned, prepend_sink_token, resize_for_sink_token
+    from hf_sinks.training import load_finetuned, load_recipe, prepend_sink_token, resize_for_sink_token
     from hf_sinks.training.data import split_token_ids, tokenize_text
 
     out = Path(args.output_dir)
@@ -71,18 +90,13 @@ def main() -> None:
     print(f"text: {ids.numel()} tokens; training on the first {train_ids.numel()}, held out the last {held_out.numel()}")
 
     # ------------------------------------------------------------------ train
-    result = finetune(
-        model, tokenizer, args.recipe, train_ids, seq_len=args.seq_len, max_steps=args.max_steps,
-        learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, output_dir=args.adapter_dir,
-        seed=args.seed, r=args.r, lora_alpha=2 * args.r,
-        max_train_seconds=args.max_train_minutes * 60 if args.max_train_minutes else None,
-    )
-    steps_done = max((row.get("step", 0) for row in result.log_history), default=0)
-    train_seconds = time.time() - t0
-    for name in ("loss.csv", "loss.png"):
-        shutil.copy(Path(args.adapter_dir) / name, out / name)
-    sink_id = result.recipe.sink_token_id
-    del model, result
+    previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+    if args.eval_only:
+        sink_id = load_recipe(args.adapter_dir).sink_token_id
+        train_seconds, steps_done = previous.get("seconds_train_incl_load"), previous.get("steps_done")
+        del model
+    else:
+        sink_id, train_seconds, steps_done = _train(args, model, tokenizer, train_ids, out, t0)
 
     # ------------------------------------------------------------------ evaluate
     def fresh_base():
@@ -131,8 +145,8 @@ def main() -> None:
         "max_steps": args.max_steps, "steps_done": steps_done, "learning_rate": args.learning_rate, "warmup_steps": args.warmup_steps,
         "r": args.r, "lora_alpha": 2 * args.r, "batch_size": 1, "train_tokens": train_ids.numel(),
         "held_out_tokens": held_out.numel(), "cache_size": C, "chunk_size": args.chunk_size,
-        "threads": args.threads, "seconds_total": round(time.time() - t0, 1), "seconds_train_incl_load": round(train_seconds, 1),
-        "machine": f"{platform.machine()} CPU, torch {torch.__version__}", "rows": rows,
+        "threads": args.threads, "seconds_total": round(time.time() - t0, 1), "seconds_train_incl_load": None if train_seconds is None else round(train_seconds, 1),
+        "machine": f"{platform.machine()} CPU, torch {torch.__version__}", "eval_only": args.eval_only, "rows": rows,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
