@@ -407,3 +407,25 @@ def test_passkey_retrieval_scores_token_level():
     assert scores.shape == (2, 2) and ((scores > 0) & (scores < 1)).all()
     pattern = HeadPattern.from_scores(scores, sparsity=0.5)
     assert pattern.streaming_fraction == 0.5
+
+
+# ------------------------------------------------------------------------------------------------- command
+def test_command_identify_score_bench(tmp_path, bpe_tokenizer):
+    model_dir = tmp_path / "model"
+    bpe_tokenizer.save_pretrained(model_dir)
+    tiny_model("llama", attn_implementation="sdpa", vocab_size=320).save_pretrained(model_dir)
+    text = tmp_path / "text.txt"
+    text.write_text(duo.identify.FILLER * 40)
+    run = duo.eval.main
+    run(["identify", "--model", str(model_dir), "--output", str(tmp_path / "alpha.safetensors"), "--steps", "2",
+         "--context-length", "40", "60", "--sink-size", "2", "--recent-size", "4"])
+    trained = HeadPattern.load(tmp_path / "alpha.safetensors")
+    assert trained.metadata["num_steps"] == 2 and trained.scores is not None
+    run(["score", "--model", str(model_dir), "--output", str(tmp_path / "p.json"), "--source", "passkey",
+         "--context-length", "60", "--sink-size", "2", "--recent-size", "4"])
+    assert (tmp_path / "p.png").exists() and HeadPattern.load(tmp_path / "p.json").streaming_fraction == 0.5
+    run(["bench", "--model", str(model_dir), "--text", str(text), "--out", str(tmp_path / "bench"), "--num-tokens", "80",
+         "--score-tokens", "40", "--sink-size", "2", "--recent-size", "6", "--chunk-size", "16"])
+    rows = (tmp_path / "bench" / "perplexity.csv").read_text().splitlines()
+    assert len(rows) == 6 and rows[1].startswith("dense")
+    assert {p.name for p in (tmp_path / "bench").iterdir()} >= {"perplexity.png", "pattern.json", "pattern.png"}
