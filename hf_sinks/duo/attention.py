@@ -90,8 +90,13 @@ def duo_gate_attention_forward(
     qi = torch.arange(n - q, n, device=query.device)
     kj = torch.arange(n, device=query.device)
     gqa = query.shape[1] != key.shape[1]
-    full = F.scaled_dot_product_attention(query, key, value, attn_mask=kj[None] <= qi[:, None], scale=scaling, enable_gqa=gqa)
-    stream = F.scaled_dot_product_attention(query, key, value, attn_mask=visibility_mask(qi, kj, s, w), scale=scaling, enable_gqa=gqa)
+    if q == n:  # the usual training forward: the fused causal kernel (flash on GPU) needs no mask
+        full = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
+    else:
+        causal = kj[None] <= qi[:, None]
+        full = F.scaled_dot_product_attention(query, key, value, attn_mask=causal, scale=scaling, enable_gqa=gqa)
+    rule = visibility_mask(qi, kj, s, w)
+    stream = F.scaled_dot_product_attention(query, key, value, attn_mask=rule, scale=scaling, enable_gqa=gqa)
     gate = alpha[module.layer_idx].to(query.dtype).repeat_interleave(query.shape[1] // key.shape[1])[None, :, None, None]
     out = gate * full + (1 - gate) * stream
     return out.transpose(1, 2).contiguous(), None
