@@ -3,7 +3,7 @@
 Every (layer, KV head) is either a **retrieval head** (full KV, grows with the text) or a **streaming head**
 (``num_sink_tokens`` first tokens + the ``window_length`` most recent, bounded). Which is which is a
 :class:`HeadPattern`, identified by optimisation (:func:`identify_heads`, DuoAttention §3.2) or by a heuristic
-(:func:`attention_mass_scores`). GQA groups stay together: the pattern is per *KV* head.
+(:func:`attention_mass_scores`, :func:`passkey_retrieval_scores`). GQA groups stay together: the pattern is per *KV* head.
 
 Semantics (what the tests check against a per-head full-sequence reference):
 
@@ -20,9 +20,8 @@ Semantics (what the tests check against a per-head full-sequence reference):
   retrieval heads and ``[B, KVH - R, min(n, S + W), D]`` for the streaming ones, so after ``n`` tokens the cache
   holds ``(1 - f) * n + f * (S + W)`` token slots per KV head on average (``f`` = streaming fraction).
 
-The cache needs ``attn_implementation="duo_sdpa"`` (call :func:`register`): a
-stock attention cannot attend heads over keys of different lengths. Without a ``DuoCache`` ``duo_sdpa`` is stock
-SDPA. ::
+The cache needs ``attn_implementation="duo_sdpa"`` (call :func:`register`): a stock attention cannot attend heads
+over keys of different lengths. Without a ``DuoCache`` ``duo_sdpa`` is stock SDPA. ::
 
     hf_sinks.duo.register()
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="duo_sdpa")
@@ -31,11 +30,18 @@ SDPA. ::
     model.generate(**inputs, past_key_values=cache, max_new_tokens=200)
 
 Modules: ``pattern`` (HeadPattern), ``cache`` (DuoCache), ``attention`` (``duo_sdpa``, ``duo_gate``, :func:`register`),
-``identify`` (:func:`identify_heads`, :func:`attention_mass_scores`), ``eval`` (:func:`duo_perplexity`, the command:
-``python -m hf_sinks.duo {identify,bench}``, also under ``accelerate launch -m hf_sinks.duo identify``).
+``identify`` (:func:`identify_heads`, :func:`attention_mass_scores`, :func:`passkey_retrieval_scores`), ``eval``
+(:func:`duo_perplexity`, passkey retrieval, the command ``python -m hf_sinks.duo {identify,score,bench,passkey}``,
+also under ``accelerate launch -m hf_sinks.duo identify``).
 """
 
-from .attention import DUO_GATE_ATTENTION, duo_gate_attention_forward, duo_sdpa_attention_forward, gated_attention, register
+from .attention import (
+    DUO_GATE_ATTENTION,
+    duo_gate_attention_forward,
+    duo_sdpa_attention_forward,
+    gated_attention,
+    register,
+)
 from .cache import DUO_ATTENTION, DuoCache, DuoCacheLayer, visibility_mask
 from .eval import duo_perplexity
 from .identify import (
@@ -51,6 +57,6 @@ from .pattern import HeadPattern
 __all__ = [
     "DUO_ATTENTION", "DUO_GATE_ATTENTION", "DuoCache", "DuoCacheLayer", "HeadPattern", "IdentificationResult",
     "PasskeyExample", "attention_mass_scores", "duo_gate_attention_forward", "duo_perplexity",
-    "duo_sdpa_attention_forward", "gated_attention", "identify_heads", "make_passkey_example", "passkey_retrieval_scores", "register",
-    "visibility_mask",
+    "duo_sdpa_attention_forward", "gated_attention", "identify_heads", "make_passkey_example",
+    "passkey_retrieval_scores", "register", "visibility_mask",
 ]
