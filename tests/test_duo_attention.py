@@ -429,3 +429,13 @@ def test_command_identify_score_bench(tmp_path, bpe_tokenizer):
     rows = (tmp_path / "bench" / "perplexity.csv").read_text().splitlines()
     assert len(rows) == 6 and rows[1].startswith("dense")
     assert {p.name for p in (tmp_path / "bench").iterdir()} >= {"perplexity.png", "pattern.json", "pattern.png"}
+
+
+def test_beam_search_all_retrieval_equals_dynamic_cache():
+    model = tiny_model("llama", attn_implementation="duo_sdpa")
+    prompt = random_ids(1, 6)
+    common = dict(max_new_tokens=10, do_sample=False, num_beams=3, num_return_sequences=2)
+    got = model.generate(prompt, past_key_values=DuoCache(HeadPattern.full(model.config), S, W), **common)
+    with using_attention(model, "sdpa"):
+        dense = model.generate(prompt, past_key_values=DynamicCache(), **common)
+    assert torch.equal(got, dense)
