@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         target_modules=args.target_modules.split(",") if args.target_modules else None,
         train_embeddings=not args.no_train_embeddings, train_norms=not args.no_train_norms,
         learned_sink_logits=args.learned_sink_logits, rope_scaling=rope_scaling_from_args(args),
-        attn_implementation=args.attn_implementation, num_sink_tokens=args.num_sink_tokens,
+        attn_implementation=None if args.attn_implementation.lower() == "none" else args.attn_implementation,
+        num_sink_tokens=args.num_sink_tokens,
         window_length=args.window_length, tokenizer=tokenizer,
     )
 

@@ -36,7 +36,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-train-norms", action="store_true", help="freeze the normalisation layers")
     p.add_argument("--learned-sink-logits", action="store_true", help="add and train per-head learned sink logits")
     p.add_argument("--attn-implementation", default="auto",
-                   help="attention to train with (default auto: sink_sfattn / sink_s2attn when registered)")
+                   help="attention to train with (default auto: sink_sfattn / sink_s2attn when registered; "
+                        "none: keep the model's)")
     p.add_argument("--num-sink-tokens", type=int, default=None, help="sinks to stream with afterwards (recipe default)")
     p.add_argument("--window-length", type=int, default=1020, help="window to stream with afterwards (default 1020)")
     p.add_argument("--rope-scaling-type", default=None, choices=KNOWN_ROPE_TYPES, help="RoPE interpolation type")
@@ -118,7 +119,7 @@ def cmd_train(args) -> int:
         target_modules=[t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else None,
         train_embeddings=not args.no_train_embeddings, train_norms=not args.no_train_norms,
         learned_sink_logits=args.learned_sink_logits, rope_scaling=rope_scaling,
-        attn_implementation=None if attn in ("none", "None") else attn,
+        attn_implementation=None if attn.lower() == "none" else attn,
         num_sink_tokens=args.num_sink_tokens, window_length=args.window_length,
     )
     losses = result.losses
