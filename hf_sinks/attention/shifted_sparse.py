@@ -24,7 +24,8 @@ tokens of one row, padding removed):
 * A Mistral-style ``sliding_window`` passed by the model further requires ``i - j < sliding_window`` for group
   keys; sink keys are exempt.
 * Learned per-head sink logits (gpt-oss style, unrelated to sink *tokens*): if the attention module has an attribute
-  ``sink_logits`` (a ``[num_heads]`` tensor/parameter, or a module such as :class:`SinkLogits` whose call returns
+  ``sink_logits`` (a ``[num_heads]`` tensor/parameter, or a module such as
+  :class:`hf_sinks.training.AttentionSinkLogits` whose call returns
   one; a module survives PEFT's ``modules_to_save`` wrapping), one extra logit per head joins every softmax
   denominator, with no value attached.
 
@@ -56,7 +57,7 @@ from ..cache import LAYER_ATTRIBUTE
 from ..config import CONFIG_ATTRIBUTE
 from .masks import SinkMask
 
-#: Attribute of an attention module holding optional learned per-head sink logits (see :class:`SinkLogits`).
+#: Attribute of an attention module holding optional learned per-head sink logits (see ``hf_sinks.training.AttentionSinkLogits``).
 SINK_LOGITS_ATTRIBUTE = "sink_logits"
 #: ``module.config`` attributes read by the shifted-sparse attentions.
 GROUP_SIZE_ATTRIBUTE = "s2attn_group_size"
@@ -64,21 +65,6 @@ GROUP_RATIO_ATTRIBUTE = "s2attn_group_size_ratio"
 NUM_SINKS_ATTRIBUTE = "sfattn_num_sink_tokens"
 DEFAULT_GROUP_RATIO = 0.25
 DEFAULT_NUM_SINK_TOKENS = 4
-
-
-class SinkLogits(torch.nn.Module):
-    """Learned per-head sink logits (gpt-oss ``sinks``): set as ``attention_module.sink_logits = SinkLogits(H)``.
-
-    Calling it returns the ``[num_heads]`` parameter ``weight``. Reading it by calling (not by ``.weight``) keeps it
-    right under PEFT ``modules_to_save=["sink_logits"]``, whose wrapper dispatches calls to the trained copy.
-    """
-
-    def __init__(self, num_heads: int, init: float = 0.0):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.full((num_heads,), float(init)))
-
-    def forward(self) -> torch.Tensor:
-        return self.weight
 
 
 # ------------------------------------------------------------------------------------------- configuration
@@ -407,7 +393,6 @@ sink_sfattn_attention_forward = _make("sink_sfattn", sinks=True)
 
 __all__ = [
     "SINK_LOGITS_ATTRIBUTE",
-    "SinkLogits",
     "group_size_for",
     "num_sink_tokens_for",
     "shifted_sparse_attention",

@@ -11,8 +11,8 @@ from transformers.masking_utils import sdpa_mask
 import hf_sinks
 from hf_sinks.attention.masks import SinkMask
 from hf_sinks.attention.reference import reference_shifted_sparse_attention, shifted_sparse_group, shifted_sparse_visible
+from hf_sinks.training.learned_sinks import AttentionSinkLogits
 from hf_sinks.attention.shifted_sparse import (
-    SinkLogits,
     group_size_for,
     num_sink_tokens_for,
     shifted_sparse_attention,
@@ -329,7 +329,7 @@ def test_learned_sink_logits_train_through_peft_modules_to_save():
     model = tiny_model("llama", "sink_sfattn")
     model.config.s2attn_group_size = 4
     for layer in model.model.layers:
-        layer.self_attn.sink_logits = SinkLogits(model.config.num_attention_heads, init=-1.0)
+        layer.self_attn.sink_logits = AttentionSinkLogits(model.config.num_attention_heads, init_value=-1.0)
     config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["sink_logits"])
     lora = peft.get_peft_model(model, config)
     lora.train()
