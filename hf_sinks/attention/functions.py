@@ -11,6 +11,9 @@ DESIGN §2 from the cache layer's per-slot bookkeeping:
   processed in blocks over only the keys they can see, so memory is bounded by the block, never the prompt.
 
 Without a ``SinkCache`` they defer to the stock transformers implementation of the same kernel.
+
+Learned per-head sink logits (gpt-oss style, ``module.sink_logits``, see :mod:`hf_sinks.attention.sink_logits`) join
+every softmax as one extra term per head, with and without a cache (:func:`with_sink_logits`; not ``sink_flex``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ..cache import LAYER_ATTRIBUTE, SinkCacheLayer
 from ..models import get_spec
 from ..rope import RotaryParams, shift_rotary
 from .masks import SinkMask, validity_from_mask
+from .sink_logits import sink_logits_of
 
 #: Queries per block in multi-token chunks: bounds the score matrix to ``BLOCK x (S + 2W + BLOCK)``.
 QUERY_BLOCK = 512
@@ -75,6 +79,39 @@ def _flex_kernel(q, k, v, mask, scaling, dropout, want_weights):
     return flex_attention(q, k, v, score_mod=score_mod, scale=scaling, enable_gqa=gqa), None
 
 
+def with_sink_logits(kernel: Callable, sink_logits: torch.Tensor | None) -> Callable:
+    """``kernel`` with learned per-head sink logits (gpt-oss style): one extra softmax term per head, no value.
+
+    Exact and differentiable through any of the kernels above: one extra key column whose score is the head's logit.
+    GQA shares keys between query heads, so the logit rides on the *query*: ``q' = [q | b_h / scaling]``,
+    ``k' = [k | 0]`` plus one key ``[0 .. 0 | 1]`` with a zero value, always visible. ``None``: ``kernel`` itself.
+    """
+    if sink_logits is None:
+        return kernel
+
+    def kernel_with_sink_logits(q, k, v, mask, scaling, dropout, want_weights):
+        batch, heads, q_len, _ = q.shape
+        column = (sink_logits.to(q.dtype) / scaling)[None, :, None, None].expand(batch, heads, q_len, 1)
+        q = torch.cat([q, column], dim=-1)
+        k = F.pad(F.pad(k, (0, 1)), (0, 0, 0, 1))
+        k[..., -1, -1] = 1.0
+        v = F.pad(v, (0, 0, 0, 1))
+        if mask is not None:
+            mask = F.pad(mask, (0, 1), value=True)
+        out, weights = kernel(q, k, v, mask, scaling, dropout, want_weights)
+        return out, (weights[..., :-1] if weights is not None else None)
+
+    return kernel_with_sink_logits
+
+
+def _boolean_mask(mask: torch.Tensor | None, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """A stock dense mask (``None`` = causal, bool, or additive float) as a ``[B|1, 1, q, k]`` bool mask."""
+    if mask is None:
+        return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)[None, None]
+    mask = mask[..., :k_len]
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
 # ------------------------------------------------------------------------------------- stock fallbacks
 def _stock_sdpa(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -111,7 +148,8 @@ def prepare_decode(layer: SinkCacheLayer, positions: torch.Tensor | None) -> tor
     return real
 
 
-def _decode(layer, query, key, value, positions, kernel, scaling, dropout, want_weights):
+def _decode(layer, query, key, value, positions, kernel, scaling, dropout, want_weights, sink_logits=None):
+    kernel = with_sink_logits(kernel, sink_logits)
     prepare_decode(layer, positions)
     valid = layer.real_idx[:, : layer.filled] >= 0
     mask = None if bool(valid.all()) else valid[:, None, None, :]
@@ -155,7 +193,8 @@ def prepare_chunk(
     return ChunkInfo(real_new, col_real, positions, shift)
 
 
-def _chunk(layer, query, key, value, positions, valid, rotary, kernel, scaling, dropout, want_weights):
+def _chunk(layer, query, key, value, positions, valid, rotary, kernel, scaling, dropout, want_weights, sink_logits=None):
+    kernel = with_sink_logits(kernel, sink_logits)
     batch, _, q, _ = query.shape
     s, w = layer.num_sink_tokens, layer.window_length
     stored = layer.filled
@@ -226,9 +265,22 @@ def make_sink_attention(
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         get_spec(getattr(module.config, "model_type", None))
         layer = getattr(key, LAYER_ATTRIBUTE, None)
+        sink_logits = sink_logits_of(module, query.shape[1])
+        if sink_logits is not None and name == "sink_flex":
+            raise ValueError(
+                f"{type(module).__name__}.sink_logits (learned sink logits) is set, which sink_flex does not support; "
+                "use sink_sdpa, sink_eager or sink_triton."
+            )
         if layer is None:  # no SinkCache: exactly the stock implementation
             dense = attention_mask.dense() if isinstance(attention_mask, SinkMask) else attention_mask
-            return stock(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
+            if sink_logits is None:
+                return stock(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
+            mask = _boolean_mask(dense, query.shape[2], key.shape[2], query.device)
+            scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+            out, weights = with_sink_logits(kernel or _sdpa_kernel, sink_logits)(
+                query, key, value, mask, scaling, dropout, bool(kwargs.get("output_attentions", False))
+            )
+            return out.transpose(1, 2).contiguous(), weights
 
         layer.acknowledge()
         rotary = _rotary_for(layer, module)
@@ -236,11 +288,14 @@ def make_sink_attention(
         positions = kwargs.get("position_ids")
         want_weights = bool(kwargs.get("output_attentions", False))
         if layer.pending is None:
-            out, weights = decode(layer, query, key, value, positions, kernel, scaling, dropout, want_weights)
+            out, weights = decode(
+                layer, query, key, value, positions, kernel, scaling, dropout, want_weights, sink_logits=sink_logits
+            )
         else:
             valid = validity_from_mask(attention_mask, query.shape[2])
             out, weights = chunk(
-                layer, query, key, value, positions, valid, rotary, kernel, scaling, dropout, want_weights
+                layer, query, key, value, positions, valid, rotary, kernel, scaling, dropout, want_weights,
+                sink_logits=sink_logits,
             )
         return out.transpose(1, 2).contiguous(), weights
 

@@ -56,9 +56,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..cache import LAYER_ATTRIBUTE
 from ..config import CONFIG_ATTRIBUTE
 from .masks import SinkMask
+from .sink_logits import SINK_LOGITS_ATTRIBUTE, sink_logits_of
 
-#: Attribute of an attention module holding optional learned per-head sink logits (see ``hf_sinks.training.AttentionSinkLogits``).
-SINK_LOGITS_ATTRIBUTE = "sink_logits"
 #: ``module.config`` attributes read by the shifted-sparse attentions.
 GROUP_SIZE_ATTRIBUTE = "s2attn_group_size"
 GROUP_RATIO_ATTRIBUTE = "s2attn_group_size_ratio"
@@ -102,19 +101,6 @@ def num_sink_tokens_for(config: Any) -> int:
 
         return SinkConfig.from_model_config(config).num_sink_tokens
     return DEFAULT_NUM_SINK_TOKENS
-
-
-def sink_logits_of(module: torch.nn.Module, num_heads: int) -> torch.Tensor | None:
-    """``module.sink_logits`` as a ``[num_heads]`` tensor (a module is called), or ``None``."""
-    logits = getattr(module, SINK_LOGITS_ATTRIBUTE, None)
-    if logits is None:
-        return None
-    if isinstance(logits, torch.nn.Module):
-        logits = logits()
-    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (num_heads,):
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"{type(module).__name__}.{SINK_LOGITS_ATTRIBUTE} must be a [{num_heads}] tensor, got {shape}.")
-    return logits
 
 
 # ----------------------------------------------------------------------------------------------- kernel
@@ -347,12 +333,7 @@ def _make(name: str, sinks: bool):
         config = module.config
         heads = query.shape[1]
         sink_logits = sink_logits_of(module, heads)
-        if getattr(key, LAYER_ATTRIBUTE, None) is not None:  # a SinkCache: the streaming path
-            if sink_logits is not None:
-                raise ValueError(
-                    f"{name} with a SinkCache streams through sink_sdpa, which has no learned sink logits; "
-                    f"{type(module).__name__}.{SINK_LOGITS_ATTRIBUTE} is set. Use a DynamicCache (or no cache)."
-                )
+        if getattr(key, LAYER_ATTRIBUTE, None) is not None:  # a SinkCache: the streaming path (learned logits too)
             from .functions import sink_sdpa_attention_forward
 
             return sink_sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

@@ -111,23 +111,24 @@ def _check_dropout(dropout: float) -> None:
         raise ValueError("sink_triton does not support attention dropout; use sink_sdpa or sink_eager for it.")
 
 
-def _decode(layer, query, key, value, positions, kernel, scaling, dropout, want_weights):
+def _decode(layer, query, key, value, positions, kernel, scaling, dropout, want_weights, sink_logits=None):
     _check_dropout(dropout)
     real = prepare_decode(layer, positions)  # sinks now sit in their slots shifted for this query
     k_real = layer.real_idx[:, : layer.filled]
     q_real = real[:, None].expand(query.shape[0], query.shape[2])
     out, _ = sink_attention(
-        query, key, value, q_real, k_real, None, layer.num_sink_tokens, layer.window_length, None, 0, scaling
+        query, key, value, q_real, k_real, None, layer.num_sink_tokens, layer.window_length, None, 0, scaling,
+        sink_logits,
     )
     return out, None
 
 
-def _chunk(layer, query, key, value, positions, valid, rotary, kernel, scaling, dropout, want_weights):
+def _chunk(layer, query, key, value, positions, valid, rotary, kernel, scaling, dropout, want_weights, sink_logits=None):
     _check_dropout(dropout)
     info = prepare_chunk(layer, key, positions, valid)
     out, _ = sink_attention(
         query, key, value, info.q_real, info.k_real, info.shift, layer.num_sink_tokens, layer.window_length,
-        rotary.inv_freq, rotary.rotary_dim, scaling,
+        rotary.inv_freq, rotary.rotary_dim, scaling, sink_logits,
     )
     layer.commit(valid, info.positions)
     return out, None

@@ -129,3 +129,69 @@ def test_eager_returns_attention_weights_on_request():
     assert weights.shape == (1, 2, 9, 9)
     torch.testing.assert_close(weights.sum(-1), torch.ones(1, 2, 9))
     assert (weights[0, :, 8, 2:5] == 0).all()  # tokens 2..4 are out of query 8's window and are not sinks
+
+
+# ----------------------------------------------------------------- learned per-head sink logits (gpt-oss style)
+def _module_with_sink_logits(heads, seed=7):
+    logits = torch.linspace(-1.5, 1.0, heads, dtype=torch.float64).requires_grad_(True)
+    return types.SimpleNamespace(config=MODULE.config, sink_logits=logits), logits
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS) + ["sink_triton"])
+@pytest.mark.parametrize("sinks,window,chunks", [CASES[0], CASES[2], CASES[3], CASES[6]])
+def test_learned_sink_logits_stream_like_the_spec(name, sinks, window, chunks):
+    """``module.sink_logits`` joins every softmax, decode and chunks, forward and gradients (q, k, v, logits)."""
+    from hf_sinks.attention.triton import sink_triton_attention_forward
+
+    attention = {**KERNELS, "sink_triton": sink_triton_attention_forward}[name]
+    torch.manual_seed(5)
+    length = sum(chunks)
+    q, k, v = (torch.randn(2, h, length, 16, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    module, logits = _module_with_sink_logits(4)
+    rotary = rotary_for(16, 16)
+    grad_out = torch.randn(2, 4, length, 16, dtype=torch.float64)
+
+    def stream(q, k, v):
+        cache = SinkCache(sinks, window, rotary=rotary)
+        outs, start = [], 0
+        for size in chunks:
+            sl = slice(start, start + size)
+            pos = torch.arange(start, start + size)[None].expand(2, -1)
+            keys, values = cache.update(apply_rotary(k[:, :, sl], pos[:, None], rotary), v[:, :, sl], 0)
+            mask = SinkMask(sdpa_mask, {"attention_mask": torch.ones(2, start + size, dtype=torch.bool)})
+            out, _ = attention(module, apply_rotary(q[:, :, sl], pos[:, None], rotary), keys, values, mask,
+                               scaling=0.3, position_ids=pos)
+            outs.append(out.transpose(1, 2))
+            start += size
+        return torch.cat(outs, dim=2)
+
+    out = stream(q, k, v)
+    expected = reference_sink_attention(q, k, v, sinks, window, rotary, scaling=0.3, sink_logits=logits)
+    without = reference_sink_attention(q, k, v, sinks, window, rotary, scaling=0.3)
+    assert not torch.allclose(expected, without, atol=1e-3)  # the logits matter in this case
+    tol = dict(atol=1e-10, rtol=0) if name != "sink_triton" else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, expected, **tol)
+    if name == "sink_triton":
+        return  # its saved cache views change under later steps; kernel gradients: tests/kernels
+    got = torch.autograd.grad((out * grad_out).sum(), [q, k, v, logits])
+    want = torch.autograd.grad((expected * grad_out).sum(), [q, k, v, logits])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tol)
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_learned_sink_logits_without_a_cache(name):
+    """No SinkCache: causal attention over everything plus the sink-logit term (the spec with a window >= T)."""
+    torch.manual_seed(6)
+    q, k, v = (torch.randn(1, h, 9, 8, dtype=torch.float64) for h in (4, 2, 2))
+    module, logits = _module_with_sink_logits(4)
+    out, _ = KERNELS[name](module, q, k, v, None, scaling=0.3)  # None: causal, as transformers passes it
+    expected = reference_sink_attention(q, k, v, 0, 9, None, scaling=0.3, sink_logits=logits.detach())
+    torch.testing.assert_close(out.transpose(1, 2), expected, atol=1e-10, rtol=0)
+
+
+def test_sink_flex_refuses_learned_sink_logits():
+    module, _ = _module_with_sink_logits(2)
+    q = k = v = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="sink_flex does not support"):
+        functions.sink_flex_attention_forward(module, q, k, v, None)
