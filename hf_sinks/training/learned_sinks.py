@@ -9,9 +9,9 @@ gets a tiny child :class:`AttentionSinkLogits` named ``sink_logits`` holding ``w
 ``[num_attention_heads]``; ``modules_to_save=["sink_logits"]`` then trains, saves and merges it like any other module.
 Attention functions read it by *calling* it (``module.sink_logits()``, the convention of
 ``hf_sinks.attention.shifted_sparse``: PEFT's wrapper dispatches the call to the active adapter's copy), or with
-:func:`get_sink_logits`. ``sink_sfattn``/``sink_s2attn`` use them in training and in eval without a cache;
-``sdpa``/``eager`` and the streaming ``sink_*`` attentions ignore them (see the report / README for what inference
-still needs).
+:func:`get_sink_logits`. ``sink_sfattn``/``sink_s2attn`` use them in training and in eval, and the streaming
+``sink_sdpa``/``sink_eager``/``sink_triton`` use them with or without a ``SinkCache`` (``sink_flex`` refuses them);
+transformers' stock ``sdpa``/``eager`` do not know about them.
 
 Initialisation: ``-4.0`` by default (:data:`DEFAULT_INIT`). The extra denominator term is ``e^{-4} ≈ 0.018`` of a
 single key with logit 0, so the pretrained model is almost unchanged (output scaled by ``σ(lse + 4) ≥ 0.98`` wherever
