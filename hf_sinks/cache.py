@@ -249,7 +249,7 @@ class SinkCacheLayer(CacheLayerMixin):
         if rotary is None:
             raise ValueError(
                 "SinkCache needs the model's rotary parameters to re-position the sinks under a stock attention "
-                f"(attn_implementation='sdpa'/'eager'). Create it with SinkCache(..., config=model.config) or "
+                "(attn_implementation='sdpa'/'eager'). Create it with SinkCache(..., config=model.config) or "
                 "SinkCache.from_model(model), or load the model with attn_implementation='sink_sdpa'."
             )
         cos, sin = self.cache.sink_tables(shift, self.device, torch.promote_types(dtype, torch.float32))

@@ -120,8 +120,6 @@ def _machine() -> str:
 
 # --------------------------------------------------------------------------------------------- perplexity
 def cmd_perplexity(args) -> int:
-    import torch
-
     from .eval.data import load_token_ids
     from .eval.perplexity import MODES, streaming_perplexity
 

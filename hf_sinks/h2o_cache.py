@@ -41,13 +41,9 @@ inside a block, query by query for the softmax and eviction (the logits and ``P 
 
 from __future__ import annotations
 
-import math
-import time
-from contextlib import ExitStack
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 #: ``attn_implementation`` name of the score-accumulating attention.
@@ -452,49 +448,15 @@ def h2o_perplexity(
         ``extra={"heavy_budget": H, "positions": positions}`` (``window_length`` is ``W``; the budget is
         ``S + W + H``).
     """
-    from .eval.memory import MemoryMeter, cache_bytes
-    from .eval.perplexity import StreamingResult, _as_stream, _progress, validate
-    from .oracle import _routed_through_interface, using_attention
+    from .eval.perplexity import cache_perplexity, validate
 
-    ids = _as_stream(input_ids)
-    validate("sink", num_sink_tokens, window_length, chunk_size, ids.numel())
+    validate("sink", num_sink_tokens, window_length, chunk_size)
     _check_int("heavy_budget", heavy_budget, 0)
     register()
-    device = next(model.parameters()).device
-    ids = ids.to(device)
-    stream, targets = ids[:-1], ids[1:]
-    n = stream.numel()
-    nll = torch.empty(n, dtype=torch.float32)
-    kv = torch.zeros(n, dtype=torch.int64)
-    rss = torch.zeros(n, dtype=torch.int64)
-    meter = MemoryMeter(device)
-    bar = _progress(n, "h2o ppl", progress)
     cache = H2OCache(num_sink_tokens, window_length, heavy_budget, positions=positions)
-    total = 0.0
-    start = time.perf_counter()
-    with ExitStack() as stack:
-        stack.enter_context(_routed_through_interface(model))
-        stack.enter_context(using_attention(model, H2O_ATTENTION))
-        for begin in range(0, n, chunk_size):
-            chunk = stream[begin : begin + chunk_size][None]
-            logits = model(input_ids=chunk, past_key_values=cache, use_cache=True).logits[0]
-            end = begin + chunk.shape[1]
-            losses = F.cross_entropy(logits.float(), targets[begin:end], reduction="none")
-            nll[begin:end] = losses.cpu()
-            kv[begin:end] = cache_bytes(cache)
-            rss[begin:end] = meter.sample()
-            total += float(losses.double().sum())
-            bar.set_postfix(ppl=f"{math.exp(total / end):.2f}", refresh=False)
-            bar.update(end - begin)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - start
-    bar.close()
-    return StreamingResult(
-        mode="h2o", perplexity=math.exp(float(nll.double().mean())), nll=nll,
-        tokens_per_second=n / elapsed if elapsed > 0 else float("inf"), peak_memory_bytes=meter.peak_bytes(),
-        memory_kind=meter.kind, cache_bytes=kv, rss_bytes=rss, num_tokens=n + 1, num_sink_tokens=num_sink_tokens,
-        window_length=window_length, chunk_size=chunk_size, elapsed_seconds=elapsed,
+    return cache_perplexity(
+        model, input_ids, cache, attn_implementation=H2O_ATTENTION, chunk_size=chunk_size, mode="h2o",
+        num_sink_tokens=num_sink_tokens, window_length=window_length, progress=progress,
         extra={"heavy_budget": heavy_budget, "positions": positions},
     )
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -177,10 +177,6 @@ def streaming_perplexity(
     """
     ids = _as_stream(input_ids)
     validate(mode, num_sink_tokens, window_length, chunk_size, ids.numel())
-    device = next(model.parameters()).device
-    ids = ids.to(device)
-    stream, targets = ids[:-1], ids[1:]
-    n = stream.numel()
 
     sinks: int | None
     window: int | None
@@ -193,6 +189,57 @@ def streaming_perplexity(
     if mode == "recompute":
         chunk_size = 1
 
+    def steps(stream):
+        if mode == "recompute":
+            return _recompute_steps(model, stream, sinks, window)
+        return _cached_steps(model, stream, make_cache(model, mode, sinks, window), chunk_size)
+
+    context = sink_attention(model) if mode in ("sink", "window") else nullcontext()
+    return _measure(model, ids, mode, steps, context, sinks, window, chunk_size, progress)
+
+
+@torch.no_grad()
+def cache_perplexity(
+    model: torch.nn.Module,
+    input_ids,
+    cache,
+    attn_implementation: str | None = None,
+    chunk_size: int = 1,
+    mode: str = "custom",
+    num_sink_tokens: int | None = None,
+    window_length: int | None = None,
+    progress: bool = True,
+    extra: dict | None = None,
+) -> StreamingResult:
+    """Streaming perplexity with a cache you built (``H2OCache``, ``DuoCache``, your own ``transformers.Cache``).
+
+    The same measurement as :func:`streaming_perplexity` (NLL per token, tokens/s, exact KV bytes, memory growth),
+    feeding ``chunk_size`` tokens per forward into ``cache``.
+
+    Args:
+        cache: a fresh cache; it sees the whole stream.
+        attn_implementation: attention to run with for the duration (e.g. ``"h2o_sdpa"``), ``None`` to keep the
+            model's. The previous one is restored afterwards.
+        mode, num_sink_tokens, window_length, extra: recorded in the result as given.
+    """
+    from ..oracle import _routed_through_interface, using_attention
+
+    ids = _as_stream(input_ids)
+    validate("sink", 0, 1, chunk_size, ids.numel())
+    context = ExitStack()
+    if attn_implementation is not None:
+        context.enter_context(_routed_through_interface(model))
+        context.enter_context(using_attention(model, attn_implementation))
+    return _measure(model, ids, mode, lambda stream: _cached_steps(model, stream, cache, chunk_size), context,
+                    num_sink_tokens, window_length, chunk_size, progress, extra)
+
+
+def _measure(model, ids, mode, steps, context, sinks, window, chunk_size, progress, extra=None) -> StreamingResult:
+    """Run ``steps(stream)`` (yielding ``(begin, logits, cache)``) inside ``context`` and measure it."""
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    stream, targets = ids[:-1], ids[1:]
+    n = stream.numel()
     nll = torch.empty(n, dtype=torch.float32)
     kv = torch.zeros(n, dtype=torch.int64)
     rss = torch.zeros(n, dtype=torch.int64)
@@ -200,14 +247,8 @@ def streaming_perplexity(
     bar = _progress(n, f"{mode} ppl", progress)
     total_nll = 0.0
     start = time.perf_counter()
-    with ExitStack() as stack:
-        if mode in ("sink", "window"):
-            stack.enter_context(sink_attention(model))
-        if mode == "recompute":
-            steps = _recompute_steps(model, stream, sinks, window)
-        else:
-            steps = _cached_steps(model, stream, mode, sinks, window, chunk_size)
-        for begin, logits, cache in steps:
+    with context:
+        for begin, logits, cache in steps(stream):
             end = begin + logits.shape[0]
             losses = F.cross_entropy(logits.float(), targets[begin:end], reduction="none")
             nll[begin:end] = losses.cpu()
@@ -234,6 +275,7 @@ def streaming_perplexity(
         window_length=window,
         chunk_size=chunk_size,
         elapsed_seconds=elapsed,
+        extra=dict(extra or {}),
     )
 
 
@@ -254,8 +296,7 @@ def make_cache(model: torch.nn.Module, mode: str, num_sink_tokens: int | None, w
     return SinkCache.from_model(model, num_sink_tokens=num_sink_tokens, window_length=window_length)
 
 
-def _cached_steps(model, stream, mode, sinks, window, chunk_size):
-    cache = make_cache(model, mode, sinks, window)
+def _cached_steps(model, stream, cache, chunk_size):
     for begin in range(0, stream.numel(), chunk_size):
         chunk = stream[begin : begin + chunk_size][None]
         out = model(input_ids=chunk, past_key_values=cache, use_cache=True)
@@ -277,4 +318,4 @@ def _recompute_steps(model, stream, sinks, window):
         yield i, out.logits[0, -1:], None
 
 
-__all__ = ["MODES", "StreamingResult", "make_cache", "sink_attention", "streaming_perplexity", "validate", "visible_positions"]
+__all__ = ["MODES", "StreamingResult", "cache_perplexity", "make_cache", "sink_attention", "streaming_perplexity", "validate", "visible_positions"]
