@@ -142,15 +142,24 @@ def passkey_accuracy(
     digits: int = 5,
     seed: int = 0,
     progress: bool = True,
+    prefix_ids: Sequence[int] | None = None,
 ) -> list[dict]:
     """Passkey retrieval accuracy of ``model`` for every ``(context_length, depth)``.
 
     The keys depend only on ``seed``, the length, the depth and the trial, so every mode sees the same prompts.
 
+    Args:
+        prefix_ids: token ids put in front of every prompt (e.g. a trained sink token, see
+            :func:`hf_sinks.training.prepend_sink_token`). They do **not** count toward ``context_length``: the model
+            receives ``prefix_ids`` + the same ``context_length``-token prompt (same keys, same text) as without them.
+            In ``"sink"`` mode they are the first cached tokens, so with ``num_sink_tokens >= len(prefix_ids)`` they
+            are (among) the sinks.
+
     Returns:
-        one row per ``(context_length, depth)``: ``mode, label, context_length, prompt_tokens, depth, needle_depth``
-        (actual, mean over trials), ``trials, correct, accuracy, num_sink_tokens, window_length`` (``None`` for
-        ``"dense"``) and ``answers`` (the decoded answers, ``" | "``-joined).
+        one row per ``(context_length, depth)``: ``mode, label, context_length, prompt_tokens`` (what the model
+        received: ``len(prefix_ids)`` + the prompt), ``depth, needle_depth`` (actual, in what the model received, mean
+        over trials), ``trials, correct, accuracy, num_sink_tokens, window_length`` (``None`` for ``"dense"``) and
+        ``answers`` (the decoded answers, ``" | "``-joined).
 
     Raises:
         ValueError: unknown mode, bad sizes, no lengths/depths, ``trials < 1``, ``digits < 1``.
@@ -172,6 +181,7 @@ def passkey_accuracy(
 
     from tqdm.auto import tqdm
 
+    prefix = torch.tensor([int(i) for i in (prefix_ids or ())], dtype=torch.long)
     sinks, window = (None, None) if mode == "dense" else (num_sink_tokens, window_length)
     label = "dense" if mode == "dense" else f"sink {num_sink_tokens}+{window_length}"
     bar = tqdm(total=len(context_lengths) * len(depths) * trials, desc=f"passkey {label}", disable=not progress, leave=False)
@@ -182,12 +192,13 @@ def passkey_accuracy(
             for trial in range(trials):
                 key = random_key(random.Random(f"{seed}-{length}-{depth}-{trial}"), digits)
                 prompt = make_passkey_prompt(tokenizer, length, depth, key)
-                ids = answer_passkey(model, prompt.input_ids, mode, num_sink_tokens, window_length, chunk_size, max_new_tokens)
+                input_ids = torch.cat([prefix, prompt.input_ids])
+                ids = answer_passkey(model, input_ids, mode, num_sink_tokens, window_length, chunk_size, max_new_tokens)
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 correct += is_correct(text, key)
                 answers.append(f"{key}->{text.strip()!r}")
-                tokens.append(len(prompt.input_ids))
-                needle_depths.append(prompt.depth)
+                tokens.append(len(input_ids))
+                needle_depths.append((len(prefix) + prompt.needle_start) / len(input_ids))
                 bar.update(1)
             rows.append(
                 {

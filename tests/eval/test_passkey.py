@@ -118,6 +118,41 @@ def test_accuracy_counts_correct_and_wrong_answers(tokenizer):
     assert 0 < total_wrong < trials * len(rows)  # both outcomes are exercised
 
 
+class PromptRecorder(KeyReader):
+    """A :class:`KeyReader` that also keeps every prompt it was given (everything before the first decode step)."""
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer, lambda key: False)
+        self.prompts = []
+
+    def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=0):
+        if past_key_values is not self.cache:  # a new prompt (KeyReader resets its state too)
+            self.prompts.append([])
+            self.pending = []
+        if not self.pending:  # still reading the prompt
+            self.prompts[-1] += input_ids[0].tolist()
+        return super().forward(input_ids, past_key_values, use_cache, logits_to_keep)
+
+
+def test_prefix_ids_are_prepended_to_the_same_prompts(tokenizer):
+    prefix = [VOCAB - 1, VOCAB - 2]  # merged tokens, no digits in them
+    assert first_number(tokenizer.decode(prefix)) is None
+    grid = dict(context_lengths=(200, 300), depths=(0.0, 1.0), trials=2, chunk_size=64, seed=3, progress=False)
+    plain_model, prefixed_model = PromptRecorder(tokenizer), PromptRecorder(tokenizer)
+    plain = passkey_accuracy(plain_model, tokenizer, mode="dense", **grid)
+    prefixed = passkey_accuracy(prefixed_model, tokenizer, mode="dense", prefix_ids=prefix, **grid)
+    assert len(prefixed_model.prompts) == len(plain_model.prompts) == 8
+    for with_prefix, without in zip(prefixed_model.prompts, plain_model.prompts):
+        assert with_prefix == prefix + without  # the prefix comes first, then the very same prompt (same key)
+    for r, q in zip(prefixed, plain):
+        assert r["context_length"] == q["context_length"] and r["depth"] == q["depth"]
+        assert r["prompt_tokens"] == q["prompt_tokens"] + 2 == r["context_length"] + 2  # not counted in the length
+        assert r["answers"] == q["answers"] and r["correct"] == q["correct"] == r["trials"] == 2
+        start = round(q["needle_depth"] * q["prompt_tokens"])  # needle start in the plain prompt
+        assert r["needle_depth"] == pytest.approx((start + 2) / r["prompt_tokens"], abs=1e-4)
+    assert prefixed[1]["needle_depth"] != plain[1]["needle_depth"]
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"mode": "window"}, r"mode 'window'.*dense, sink"), ({"trials": 0}, r"trials=0"), ({"chunk_size": 0}, r"chunk_size=0"),
     ({"window_length": 0}, r"window_length=0"), ({"context_lengths": ()}, r"must not be empty"),
@@ -139,6 +174,11 @@ def test_both_modes_end_to_end_and_sink_without_eviction_equals_dense(tokenizer)
         assert r["label"] == "sink 2+16" and r["num_sink_tokens"] == 2 and r["window_length"] == 16
         assert 0.0 <= r["accuracy"] <= 1.0
     assert model.config._attn_implementation == "sink_sdpa"
+    # a prefix (e.g. a sink token) kept as the only sink, nothing evicted: the same computation as dense with it
+    prefixed = [passkey_accuracy(model, tokenizer, mode=mode, num_sink_tokens=1, window_length=400, prefix_ids=[7], **grid)
+                for mode in ("dense", "sink")]
+    assert [r["answers"] for r in prefixed[0]] == [r["answers"] for r in prefixed[1]]
+    assert [r["prompt_tokens"] for r in prefixed[1]] == [161, 161, 221, 221]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")
