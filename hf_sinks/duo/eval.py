@@ -81,7 +81,6 @@ def duo_perplexity(
     )
 
 
-@torch.no_grad()
 def duo_passkey_accuracy(
     model: torch.nn.Module,
     tokenizer,
@@ -96,48 +95,15 @@ def duo_passkey_accuracy(
     digits: int = 5,
     seed: int = 0,
 ) -> list[dict]:
-    """:func:`hf_sinks.eval.passkey.passkey_accuracy` with a :class:`DuoCache`: the same prompts and keys (they
-    depend only on ``seed``, length, depth and trial), rows in the same format with ``mode="duo"``."""
-    import random
+    """:func:`hf_sinks.eval.passkey.passkey_accuracy` with ``mode="duo"`` (a :class:`DuoCache`): the same prompts
+    and keys (they depend only on ``seed``, length, depth and trial), rows in the same format."""
+    from ..eval.passkey import passkey_accuracy
 
-    from ..eval.passkey import is_correct, make_passkey_prompt, random_key
-    from ..oracle import _routed_through_interface, using_attention
-
-    register()
-    pattern.validate(model.config)
-    device = next(model.parameters()).device
-    label = f"duo {pattern.streaming_fraction:.0%} streaming {num_sink_tokens}+{window_length}"
-    rows = []
-    with _routed_through_interface(model), using_attention(model, DUO_ATTENTION):
-        for length in context_lengths:
-            for depth in depths:
-                correct, answers, tokens, needle_depths = 0, [], [], []
-                for trial in range(trials):
-                    key = random_key(random.Random(f"{seed}-{length}-{depth}-{trial}"), digits)
-                    prompt = make_passkey_prompt(tokenizer, length, depth, key)
-                    ids = prompt.input_ids.to(device)[None]
-                    cache = DuoCache(pattern, num_sink_tokens, window_length)
-                    for begin in range(0, ids.shape[1], chunk_size):
-                        logits = model(input_ids=ids[:, begin : begin + chunk_size], past_key_values=cache,
-                                       use_cache=True, logits_to_keep=1).logits[:, -1]
-                    answer = []
-                    for _ in range(max_new_tokens):
-                        token = logits.argmax(-1)
-                        answer.append(int(token))
-                        logits = model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
-                    text = tokenizer.decode(answer, skip_special_tokens=True)
-                    correct += is_correct(text, key)
-                    answers.append(f"{key}->{text.strip()!r}")
-                    tokens.append(len(prompt.input_ids))
-                    needle_depths.append(prompt.depth)
-                rows.append({
-                    "mode": "duo", "label": label, "context_length": length,
-                    "prompt_tokens": round(sum(tokens) / trials), "depth": depth,
-                    "needle_depth": round(sum(needle_depths) / trials, 4), "trials": trials, "correct": correct,
-                    "accuracy": correct / trials, "num_sink_tokens": num_sink_tokens, "window_length": window_length,
-                    "answers": " | ".join(answers),
-                })
-    return rows
+    return passkey_accuracy(
+        model, tokenizer, context_lengths, depths, trials, mode="duo", num_sink_tokens=num_sink_tokens,
+        window_length=window_length, chunk_size=chunk_size, max_new_tokens=max_new_tokens, digits=digits, seed=seed,
+        progress=False, pattern=pattern,
+    )
 
 
 def _passkey_command(args) -> None:

@@ -12,6 +12,12 @@ Modes:
 * ``"sink"``: a ``SinkCache(S, W)`` and the ``sink_*`` attention (StreamingLLM): the prompt is streamed in chunks
   with the visibility rule (DESIGN §2), so once the prompt is longer than ``S + W`` the key is *evicted* unless it
   lies in the last ``W`` tokens. StreamingLLM does not extend memory; this eval shows exactly that.
+* ``"h2o"``: an :class:`~hf_sinks.h2o_cache.H2OCache` ``(S, W, heavy_budget)`` and the ``h2o_sdpa`` attention: sinks,
+  the last ``W`` tokens and the ``heavy_budget`` tokens with the most accumulated attention, per layer and KV head.
+* ``"duo"``: a :class:`~hf_sinks.duo.DuoCache` ``(pattern, S, W)`` and the ``duo_sdpa`` attention (DuoAttention):
+  the ``pattern``'s retrieval heads keep every token, its streaming heads sinks + window.
+
+``"h2o"`` and ``"duo"`` switch the model to their attention for the duration (like ``"sink"``) and restore it.
 
 Prompts are built from token ids (each piece tokenized once, pieces start with a space so that concatenation keeps
 the tokenizer's usual word boundaries), so a prompt has exactly ``context_length`` tokens (or the fixed parts alone
@@ -31,7 +37,7 @@ import torch
 
 from .perplexity import make_cache, sink_attention
 
-PASSKEY_MODES = ("dense", "sink")
+PASSKEY_MODES = ("dense", "sink", "h2o", "duo")
 INSTRUCTION = (
     "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. "
     "I will quiz you about the important information there."
@@ -97,6 +103,31 @@ def random_key(rng: random.Random, digits: int) -> str:
     return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
 
 
+def _passkey_cache(model, stack: ExitStack, mode, num_sink_tokens, window_length, heavy_budget, pattern):
+    """The cache ``mode`` reads the prompt with; switches ``model`` to the mode's attention inside ``stack``."""
+    if mode in ("dense", "sink"):
+        if mode == "sink":
+            stack.enter_context(sink_attention(model))
+        return make_cache(model, mode, num_sink_tokens, window_length)
+    from ..oracle import _routed_through_interface, using_attention
+
+    if mode == "h2o":
+        from ..h2o_cache import H2O_ATTENTION, H2OCache, register
+
+        cache, attention = H2OCache(num_sink_tokens, window_length, heavy_budget), H2O_ATTENTION
+    elif mode == "duo":
+        from ..duo.attention import register
+        from ..duo.cache import DUO_ATTENTION, DuoCache
+
+        cache, attention = DuoCache(pattern, num_sink_tokens, window_length), DUO_ATTENTION
+    else:
+        raise ValueError(f"Unknown mode {mode!r}; allowed modes: {', '.join(PASSKEY_MODES)}.")
+    register()
+    stack.enter_context(_routed_through_interface(model))
+    stack.enter_context(using_attention(model, attention))
+    return cache
+
+
 @torch.no_grad()
 def answer_passkey(
     model: torch.nn.Module,
@@ -106,18 +137,33 @@ def answer_passkey(
     window_length: int = 1020,
     chunk_size: int = 512,
     max_new_tokens: int = 8,
+    *,
+    heavy_budget: int | None = None,
+    pattern: Any = None,
 ) -> list[int]:
-    """Prefill ``input_ids`` ``[T]`` in chunks under ``mode`` and greedily decode ``max_new_tokens`` token ids."""
+    """Prefill ``input_ids`` ``[T]`` in chunks under ``mode`` and greedily decode ``max_new_tokens`` token ids.
+
+    ``heavy_budget`` is the ``"h2o"`` mode's ``H``, ``pattern`` the ``"duo"`` mode's :class:`~hf_sinks.duo.HeadPattern`.
+    """
+    return _answer_passkey(model, input_ids, mode, num_sink_tokens, window_length, chunk_size, max_new_tokens,
+                           heavy_budget, pattern)[0]
+
+
+@torch.no_grad()
+def _answer_passkey(model, input_ids, mode, num_sink_tokens, window_length, chunk_size, max_new_tokens,
+                    heavy_budget=None, pattern=None) -> tuple[list[int], int]:
+    """:func:`answer_passkey` and the cache's bytes at the end of the prompt."""
+    from .memory import cache_bytes
+
     device = next(model.parameters()).device
     ids = input_ids.to(device)[None]
     with ExitStack() as stack:
-        if mode == "sink":
-            stack.enter_context(sink_attention(model))
-        cache = make_cache(model, mode, num_sink_tokens, window_length)
+        cache = _passkey_cache(model, stack, mode, num_sink_tokens, window_length, heavy_budget, pattern)
         logits = None
         for begin in range(0, ids.shape[1], chunk_size):
             out = model(input_ids=ids[:, begin : begin + chunk_size], past_key_values=cache, use_cache=True, logits_to_keep=1)
             logits = out.logits[:, -1]
+        kv_bytes = cache_bytes(cache)
         answer: list[int] = []
         for _ in range(max_new_tokens):
             token = logits.argmax(-1)
@@ -125,7 +171,7 @@ def answer_passkey(
             if len(answer) == max_new_tokens:
                 break
             logits = model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
-    return answer
+    return answer, kv_bytes
 
 
 def passkey_accuracy(
@@ -143,6 +189,8 @@ def passkey_accuracy(
     seed: int = 0,
     progress: bool = True,
     prefix_ids: Sequence[int] | None = None,
+    heavy_budget: int | None = None,
+    pattern: Any = None,
 ) -> list[dict]:
     """Passkey retrieval accuracy of ``model`` for every ``(context_length, depth)``.
 
@@ -154,15 +202,24 @@ def passkey_accuracy(
             receives ``prefix_ids`` + the same ``context_length``-token prompt (same keys, same text) as without them.
             In ``"sink"`` mode they are the first cached tokens, so with ``num_sink_tokens >= len(prefix_ids)`` they
             are (among) the sinks.
+        mode: ``"dense"``, ``"sink"`` (``SinkCache(num_sink_tokens, window_length)``), ``"h2o"``
+            (``H2OCache(num_sink_tokens, window_length, heavy_budget)``) or ``"duo"``
+            (``DuoCache(pattern, num_sink_tokens, window_length)``); see the module docstring.
+        heavy_budget: the ``"h2o"`` mode's heavy hitters per layer and KV head (required there, refused elsewhere).
+        pattern: the ``"duo"`` mode's :class:`~hf_sinks.duo.HeadPattern` (required there, refused elsewhere).
 
     Returns:
         one row per ``(context_length, depth)``: ``mode, label, context_length, prompt_tokens`` (what the model
         received: ``len(prefix_ids)`` + the prompt), ``depth, needle_depth`` (actual, in what the model received, mean
-        over trials), ``trials, correct, accuracy, num_sink_tokens, window_length`` (``None`` for ``"dense"``) and
-        ``answers`` (the decoded answers, ``" | "``-joined).
+        over trials), ``trials, correct, accuracy, num_sink_tokens, window_length`` (``None`` for ``"dense"``),
+        ``heavy_budget`` (``None`` but for ``"h2o"``), ``kv_bytes`` (the cache's bytes at the end of the prompt,
+        :func:`hf_sinks.eval.memory.cache_bytes`, max over trials) and ``answers`` (the decoded answers,
+        ``" | "``-joined).
 
     Raises:
-        ValueError: unknown mode, bad sizes, no lengths/depths, ``trials < 1``, ``digits < 1``.
+        ValueError: unknown mode, bad sizes, no lengths/depths, ``trials < 1``, ``digits < 1``, ``"h2o"`` without
+            ``heavy_budget`` or ``"duo"`` without ``pattern`` (or either given to another mode), a pattern that does
+            not fit the model.
     """
     if mode not in PASSKEY_MODES:
         raise ValueError(f"Unknown mode {mode!r}; allowed modes: {', '.join(PASSKEY_MODES)}.")
@@ -178,22 +235,25 @@ def passkey_accuracy(
             raise ValueError(f"{name}={value!r} must be an integer >= {minimum}.")
     if not context_lengths or not depths:
         raise ValueError(f"context_lengths={list(context_lengths)!r} and depths={list(depths)!r} must not be empty.")
+    _check_cache_arguments(model, mode, heavy_budget, pattern)
 
     from tqdm.auto import tqdm
 
     prefix = torch.tensor([int(i) for i in (prefix_ids or ())], dtype=torch.long)
     sinks, window = (None, None) if mode == "dense" else (num_sink_tokens, window_length)
-    label = "dense" if mode == "dense" else f"sink {num_sink_tokens}+{window_length}"
+    label = _label(mode, num_sink_tokens, window_length, heavy_budget, pattern)
     bar = tqdm(total=len(context_lengths) * len(depths) * trials, desc=f"passkey {label}", disable=not progress, leave=False)
     rows = []
     for length in context_lengths:
         for depth in depths:
-            correct, answers, tokens, needle_depths = 0, [], [], []
+            correct, answers, tokens, needle_depths, kv_bytes = 0, [], [], [], 0
             for trial in range(trials):
                 key = random_key(random.Random(f"{seed}-{length}-{depth}-{trial}"), digits)
                 prompt = make_passkey_prompt(tokenizer, length, depth, key)
                 input_ids = torch.cat([prefix, prompt.input_ids])
-                ids = answer_passkey(model, input_ids, mode, num_sink_tokens, window_length, chunk_size, max_new_tokens)
+                ids, kv = _answer_passkey(model, input_ids, mode, num_sink_tokens, window_length, chunk_size,
+                                          max_new_tokens, heavy_budget, pattern)
+                kv_bytes = max(kv_bytes, kv)
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 correct += is_correct(text, key)
                 answers.append(f"{key}->{text.strip()!r}")
@@ -213,11 +273,41 @@ def passkey_accuracy(
                     "accuracy": correct / trials,
                     "num_sink_tokens": sinks,
                     "window_length": window,
+                    "heavy_budget": heavy_budget,
+                    "kv_bytes": kv_bytes,
                     "answers": " | ".join(answers),
                 }
             )
     bar.close()
     return rows
+
+
+def _check_cache_arguments(model, mode: str, heavy_budget: Any, pattern: Any) -> None:
+    """``heavy_budget`` belongs to ``"h2o"`` and ``pattern`` to ``"duo"``: required there, refused elsewhere."""
+    if mode == "h2o":
+        if isinstance(heavy_budget, bool) or not isinstance(heavy_budget, int) or heavy_budget < 0:
+            raise ValueError(f"mode 'h2o' needs heavy_budget, an integer >= 0 (got {heavy_budget!r}).")
+    elif heavy_budget is not None:
+        raise ValueError(f"heavy_budget={heavy_budget!r} is only used by mode 'h2o' (mode is {mode!r}).")
+    if mode == "duo":
+        from ..duo.pattern import HeadPattern
+
+        if not isinstance(pattern, HeadPattern):
+            raise ValueError(f"mode 'duo' needs pattern, a HeadPattern (got {type(pattern).__name__}); "
+                             "e.g. HeadPattern.load('docs/benchmarks/duo_attention_smollm2/pattern_passkey.json').")
+        pattern.validate(model.config)
+    elif pattern is not None:
+        raise ValueError(f"pattern is only used by mode 'duo' (mode is {mode!r}).")
+
+
+def _label(mode: str, num_sink_tokens: int, window_length: int, heavy_budget: Any, pattern: Any) -> str:
+    if mode == "dense":
+        return "dense"
+    if mode == "h2o":
+        return f"h2o {num_sink_tokens}+{window_length}+{heavy_budget}"
+    if mode == "duo":
+        return f"duo {pattern.streaming_fraction:.0%} streaming {num_sink_tokens}+{window_length}"
+    return f"sink {num_sink_tokens}+{window_length}"
 
 
 def plot_passkey(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:

@@ -190,3 +190,87 @@ def test_plot_passkey(tmp_path):
     ]
     path = plot_passkey(rows, tmp_path / "passkey.png", title="t")
     assert path.stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------------ h2o and duo modes, tiny model
+def _record_caches(model):
+    """Record ``(cache class, attention implementation)`` at every forward of ``model``."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append((type(kwargs.get("past_key_values")).__name__, module.config._attn_implementation))
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+def test_h2o_and_duo_modes_use_their_cache_and_attention(tokenizer):
+    from hf_sinks.duo import HeadPattern
+
+    model = tiny_model("llama", attn_implementation="sdpa", vocab_size=VOCAB)
+    seen = _record_caches(model)
+    grid = dict(context_lengths=(160,), depths=(0.5,), trials=1, chunk_size=32, max_new_tokens=3, progress=False)
+    h2o = passkey_accuracy(model, tokenizer, mode="h2o", num_sink_tokens=2, window_length=16, heavy_budget=8, **grid)
+    assert set(seen) == {("H2OCache", "h2o_sdpa")} and len(seen) == 5 + 2  # 5 prefill chunks + 2 decode steps
+    assert model.config._attn_implementation == "sdpa"  # restored
+    seen.clear()
+    pattern = HeadPattern.streaming(model.config)
+    duo = passkey_accuracy(model, tokenizer, mode="duo", num_sink_tokens=2, window_length=16, pattern=pattern, **grid)
+    assert set(seen) == {("DuoCache", "duo_sdpa")} and model.config._attn_implementation == "sdpa"
+    seen.clear()
+    dense = passkey_accuracy(model, tokenizer, mode="dense", **grid)
+    assert set(seen) == {("DynamicCache", "sdpa")}
+    assert h2o[0]["label"] == "h2o 2+16+8" and h2o[0]["heavy_budget"] == 8 and h2o[0]["mode"] == "h2o"
+    assert duo[0]["label"] == "duo 100% streaming 2+16" and duo[0]["heavy_budget"] is None and dense[0]["heavy_budget"] is None
+    # bounded caches hold fewer bytes at the end of the prompt than the dense one
+    assert 0 < h2o[0]["kv_bytes"] < dense[0]["kv_bytes"] and 0 < duo[0]["kv_bytes"] < dense[0]["kv_bytes"]
+
+
+def test_roomy_h2o_and_all_retrieval_duo_give_the_dense_answers(tokenizer):
+    from hf_sinks.duo import HeadPattern
+
+    model = tiny_model("llama", attn_implementation="sdpa", vocab_size=VOCAB)
+    grid = dict(context_lengths=(160, 220), depths=(0.0, 1.0), trials=1, chunk_size=32, max_new_tokens=4, progress=False)
+    dense = passkey_accuracy(model, tokenizer, mode="dense", **grid)
+    assert len({r["answers"].split("->")[1] for r in dense}) > 1  # the answers depend on the prompt
+    full = passkey_accuracy(model, tokenizer, mode="duo", num_sink_tokens=2, window_length=8,
+                            pattern=HeadPattern.full(model.config), **grid)
+    roomy = passkey_accuracy(model, tokenizer, mode="h2o", num_sink_tokens=2, window_length=200, heavy_budget=30, **grid)
+    assert [r["answers"] for r in full] == [r["answers"] for r in dense]  # every head keeps everything
+    assert [r["answers"] for r in roomy] == [r["answers"] for r in dense]  # S + W + H >= prompt + answer: no eviction
+    streaming = passkey_accuracy(model, tokenizer, mode="duo", num_sink_tokens=2, window_length=8,
+                                 pattern=HeadPattern.streaming(model.config), **grid)
+    assert all(s["kv_bytes"] < f["kv_bytes"] for s, f in zip(streaming, full))
+
+
+def test_duo_passkey_accuracy_is_the_duo_mode(tokenizer):
+    from hf_sinks.duo import HeadPattern
+    from hf_sinks.duo.eval import duo_passkey_accuracy
+
+    model = tiny_model("llama", attn_implementation="sdpa", vocab_size=VOCAB)
+    pattern = HeadPattern.from_scores(torch.rand(2, 2), sparsity=0.5)
+    grid = dict(context_lengths=(120,), depths=(0.0, 1.0), trials=1, chunk_size=32, max_new_tokens=3)
+    wrapped = duo_passkey_accuracy(model, tokenizer, pattern, 2, 16, **grid)
+    direct = passkey_accuracy(model, tokenizer, mode="duo", num_sink_tokens=2, window_length=16, pattern=pattern,
+                              progress=False, **grid)
+    assert wrapped == direct
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"mode": "duo"}, r"mode 'duo' needs pattern"),
+    ({"mode": "h2o"}, r"mode 'h2o' needs heavy_budget"),
+    ({"mode": "h2o", "heavy_budget": -1}, r"mode 'h2o' needs heavy_budget.*-1"),
+    ({"mode": "sink", "heavy_budget": 4}, r"heavy_budget=4 is only used by mode 'h2o'"),
+    ({"mode": "dense", "pattern": "full"}, r"pattern is only used by mode 'duo'"),
+    ({"mode": "duo", "pattern": "wrong shape"}, r"KV heads|layers"),
+])
+def test_bad_cache_arguments(tokenizer, kwargs, match):
+    from hf_sinks.duo import HeadPattern
+
+    model = tiny_model("llama", attn_implementation="sdpa", vocab_size=VOCAB)
+    if kwargs.get("pattern") == "full":
+        kwargs["pattern"] = HeadPattern.full(model.config)
+    elif kwargs.get("pattern") == "wrong shape":
+        kwargs["pattern"] = HeadPattern(torch.ones(5, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=match):
+        passkey_accuracy(model, tokenizer, context_lengths=(100,), depths=(0.5,), trials=1, progress=False, **kwargs)
