@@ -377,16 +377,28 @@ def cmd_passkey(args) -> int:
                                  ("--num-sink-tokens", args.num_sink_tokens, 0), ("--chunk-size", args.chunk_size, 1)):
         if value < minimum:
             raise CLIError(f"{name}={value} must be >= {minimum}")
+    if "h2o" in modes and (args.heavy_budget is None or args.heavy_budget < 0):
+        raise CLIError(f"--modes h2o needs --heavy-budget >= 0 (got {args.heavy_budget})")
+    if "duo" in modes and args.pattern is None:
+        raise CLIError("--modes duo needs --pattern (a HeadPattern .json/.safetensors, see python -m hf_sinks.duo score)")
+    if args.pattern is not None and not Path(args.pattern).expanduser().is_file():
+        raise CLIError(f"--pattern {args.pattern!r} does not exist")
     _setup_torch(args.threads)
     model, tokenizer = _load(args)
+    pattern = None
+    if "duo" in modes:
+        from .duo import HeadPattern
+
+        pattern = HeadPattern.load(args.pattern, config=model.config)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for mode in modes:
+        extra = {"heavy_budget": args.heavy_budget} if mode == "h2o" else {"pattern": pattern} if mode == "duo" else {}
         rows += passkey_accuracy(model, tokenizer, context_lengths=lengths, depths=depths, trials=args.trials, mode=mode,
                                  num_sink_tokens=args.num_sink_tokens, window_length=args.window_length,
                                  chunk_size=args.chunk_size, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, **extra)
     csv_path = out_dir / "passkey.csv"
     with csv_path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -476,8 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", default="512,1024,2048,4096", help="prompt lengths in tokens")
     p.add_argument("--depths", default="0,0.5,1", help="relative depths of the key in the filler (0 = start)")
     p.add_argument("--trials", type=int, default=2, help="prompts per (length, depth), each with its own key")
-    p.add_argument("--modes", default="dense,sink", help="comma-separated: dense,sink")
-    p.add_argument("--chunk-size", type=int, default=512, help="prompt tokens per forward (sink mode)")
+    p.add_argument("--modes", default="dense,sink", help="comma-separated: dense,sink,h2o,duo")
+    p.add_argument("--heavy-budget", type=int, default=None, help="h2o: heavy-hitter tokens kept per KV head")
+    p.add_argument("--pattern", default=None, help="duo: HeadPattern file (.json or .safetensors)")
+    p.add_argument("--chunk-size", type=int, default=512, help="prompt tokens per forward (cached modes)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens decoded for the answer")
     p.add_argument("--seed", type=int, default=0, help="seed of the keys (the same prompts for every mode)")
     p.add_argument("--output-dir", default="hf_sinks_passkey")
