@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import math
-import time
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .attention import register
 from .cache import DUO_ATTENTION, DuoCache
@@ -34,50 +30,15 @@ def duo_perplexity(
         a :class:`~hf_sinks.eval.perplexity.StreamingResult` with ``mode="duo"`` and
         ``extra={"streaming_fraction": f}``.
     """
-    from ..eval.memory import MemoryMeter, cache_bytes
-    from ..eval.perplexity import StreamingResult, _as_stream, _progress, validate
-    from ..oracle import _routed_through_interface, using_attention
+    from ..eval.perplexity import cache_perplexity, validate
 
-    ids = _as_stream(input_ids)
-    validate("sink", num_sink_tokens, window_length, chunk_size, ids.numel())
+    validate("sink", num_sink_tokens, window_length, chunk_size)
     pattern.validate(model.config)
     register()
-    device = next(model.parameters()).device
-    ids = ids.to(device)
-    stream, targets = ids[:-1], ids[1:]
-    n = stream.numel()
-    nll = torch.empty(n, dtype=torch.float32)
-    kv = torch.zeros(n, dtype=torch.int64)
-    rss = torch.zeros(n, dtype=torch.int64)
-    meter = MemoryMeter(device)
-    bar = _progress(n, "duo ppl", progress)
-    cache = DuoCache(pattern, num_sink_tokens, window_length)
-    total = 0.0
-    start = time.perf_counter()
-    with ExitStack() as stack:
-        stack.enter_context(_routed_through_interface(model))
-        stack.enter_context(using_attention(model, DUO_ATTENTION))
-        for begin in range(0, n, chunk_size):
-            chunk = stream[begin : begin + chunk_size][None]
-            logits = model(input_ids=chunk, past_key_values=cache, use_cache=True).logits[0]
-            end = begin + chunk.shape[1]
-            losses = F.cross_entropy(logits.float(), targets[begin:end], reduction="none")
-            nll[begin:end] = losses.cpu()
-            kv[begin:end] = cache_bytes(cache)
-            rss[begin:end] = meter.sample()
-            total += float(losses.double().sum())
-            bar.set_postfix(ppl=f"{math.exp(total / end):.2f}", refresh=False)
-            bar.update(end - begin)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - start
-    bar.close()
-    return StreamingResult(
-        mode="duo", perplexity=math.exp(float(nll.double().mean())), nll=nll,
-        tokens_per_second=n / elapsed if elapsed > 0 else float("inf"), peak_memory_bytes=meter.peak_bytes(),
-        memory_kind=meter.kind, cache_bytes=kv, rss_bytes=rss, num_tokens=n + 1, num_sink_tokens=num_sink_tokens,
-        window_length=window_length, chunk_size=chunk_size, elapsed_seconds=elapsed,
-        extra={"streaming_fraction": pattern.streaming_fraction},
+    return cache_perplexity(
+        model, input_ids, DuoCache(pattern, num_sink_tokens, window_length), attn_implementation=DUO_ATTENTION,
+        chunk_size=chunk_size, mode="duo", num_sink_tokens=num_sink_tokens, window_length=window_length,
+        progress=progress, extra={"streaming_fraction": pattern.streaming_fraction},
     )
 
 
@@ -196,7 +157,6 @@ def _bench_command(args) -> None:
     """Streaming perplexity: dense vs DuoCache (a pattern) vs SinkCache at the same peak KV bytes; CSV + PNG."""
     import csv
 
-    from ..cache import SinkCache  # noqa: F401  (sink runs go through streaming_perplexity)
     from ..eval.data import load_token_ids
     from ..eval.perplexity import streaming_perplexity
     from ..eval.plots import plot_perplexity
