@@ -27,17 +27,13 @@ Backend selection (:func:`select_backend`), environment toggles read at every ca
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import sys
-
 import torch
 import torch.nn.functional as F
 
+from . import triton as _triton
+
 from ..kernels.shifted_sparse_checks import check_inputs
 
-BACKENDS = ("auto", "triton", "torch")
 KERNELS_MODULE = "hf_sinks.kernels.shifted_sparse_attention"
 #: Scores per chunk of query half-groups in the PyTorch fallback (bounds the temporaries of one step).
 CHUNK_ELEMENTS = 1 << 24
@@ -53,25 +49,8 @@ __all__ = [
 
 # ----------------------------------------------------------------------------------------------- dispatch
 def triton_unavailable_reason(device: torch.device | str) -> str | None:
-    """Why the Triton kernel cannot run on ``device`` here (``None`` when it can)."""
-    device = torch.device(device)
-    if os.environ.get("HF_SINKS_DISABLE_TRITON", "0") == "1":
-        return "HF_SINKS_DISABLE_TRITON=1 is set"
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install 'hf_sinks[triton]')"
-    kernels = sys.modules.get(KERNELS_MODULE)
-    if kernels is None:
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            # answer without importing triton (the kernels would be built for CUDA, not the interpreter)
-            return (
-                f"the tensors are on {device.type!r}: the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set "
-                f"before triton is imported (CPU, slow)"
-            )
-        try:
-            kernels = importlib.import_module(KERNELS_MODULE)
-        except Exception as error:  # a broken triton install, a missing compiler, ...
-            return f"importing the Triton kernels failed ({type(error).__name__}: {error})"
-    return kernels.unavailable_reason(device)
+    """Why the Triton shifted sparse kernels cannot run on ``device`` here (``None`` when they can)."""
+    return _triton.triton_unavailable_reason(device, KERNELS_MODULE)
 
 
 def select_backend(device: torch.device | str, backend: str = "auto") -> str:
@@ -80,17 +59,7 @@ def select_backend(device: torch.device | str, backend: str = "auto") -> str:
     ``backend="auto"`` takes Triton where it can run and the PyTorch fallback otherwise; ``backend="triton"`` (or
     ``HF_SINKS_FORCE_TRITON=1``) raises a ``RuntimeError`` naming the reason when Triton cannot run.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    if backend == "torch":
-        return "torch"
-    reason = triton_unavailable_reason(device)
-    if reason is None:
-        return "triton"
-    if backend == "triton" or os.environ.get("HF_SINKS_FORCE_TRITON", "0") == "1":
-        why = "backend='triton'" if backend == "triton" else "HF_SINKS_FORCE_TRITON=1"
-        raise RuntimeError(f"hf_sinks: Triton shifted sparse attention was forced ({why}) but cannot run: {reason}.")
-    return "torch"
+    return _triton.select_backend(device, backend, KERNELS_MODULE, "shifted sparse attention")
 
 
 def padding_bounds(key_padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,14 +35,14 @@ BACKENDS = ("auto", "triton", "torch")
 KERNELS_MODULE = "hf_sinks.kernels.sink_attention"
 
 
-def triton_unavailable_reason(device: torch.device | str) -> str | None:
-    """Why the Triton kernel cannot run on ``device`` here (``None`` when it can)."""
+def triton_unavailable_reason(device: torch.device | str, kernels_module: str = KERNELS_MODULE) -> str | None:
+    """Why the Triton kernels of ``kernels_module`` cannot run on ``device`` here (``None`` when they can)."""
     device = torch.device(device)
     if os.environ.get("HF_SINKS_DISABLE_TRITON", "0") == "1":
         return "HF_SINKS_DISABLE_TRITON=1 is set"
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install 'hf_sinks[triton]')"
-    kernels = sys.modules.get(KERNELS_MODULE)
+    kernels = sys.modules.get(kernels_module)
     if kernels is None:
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
             # answer without importing triton (the kernels would be built for CUDA, not the interpreter)
@@ -51,14 +51,16 @@ def triton_unavailable_reason(device: torch.device | str) -> str | None:
                 f"before triton is imported (CPU, slow)"
             )
         try:
-            kernels = importlib.import_module(KERNELS_MODULE)
+            kernels = importlib.import_module(kernels_module)
         except Exception as error:  # a broken triton install, a missing compiler, ...
             return f"importing the Triton kernels failed ({type(error).__name__}: {error})"
     return kernels.unavailable_reason(device)
 
 
-def select_backend(device: torch.device | str, backend: str = "auto") -> str:
-    """``"triton"`` or ``"torch"`` for tensors on ``device``.
+def select_backend(
+    device: torch.device | str, backend: str = "auto", kernels_module: str = KERNELS_MODULE, what: str = "sink attention"
+) -> str:
+    """``"triton"`` or ``"torch"`` for tensors on ``device`` (the kernels of ``kernels_module``, named ``what``).
 
     ``backend="auto"`` takes Triton where it can run and the PyTorch fallback otherwise; ``backend="triton"`` (or
     ``HF_SINKS_FORCE_TRITON=1``) raises a ``RuntimeError`` naming the reason when Triton cannot run.
@@ -67,13 +69,13 @@ def select_backend(device: torch.device | str, backend: str = "auto") -> str:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if backend == "torch":
         return "torch"
-    reason = triton_unavailable_reason(device)
+    reason = triton_unavailable_reason(device, kernels_module)
     forced = backend == "triton" or os.environ.get("HF_SINKS_FORCE_TRITON", "0") == "1"
     if reason is None:
         return "triton"
     if forced:
         why = "backend='triton'" if backend == "triton" else "HF_SINKS_FORCE_TRITON=1"
-        raise RuntimeError(f"hf_sinks: Triton sink attention was forced ({why}) but cannot run: {reason}.")
+        raise RuntimeError(f"hf_sinks: Triton {what} was forced ({why}) but cannot run: {reason}.")
     return "torch"
 
 
