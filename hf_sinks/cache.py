@@ -36,7 +36,29 @@ logger = logging.getLogger(__name__)
 LAYER_ATTRIBUTE = "_hf_sinks_layer"
 
 
-class SinkCacheLayer(CacheLayerMixin):
+class RowStateLayer(CacheLayerMixin):
+    """Cache layer whose per-row state is the tensors named in ``_ROW_STATE`` (batch first): beam search and batch
+    expansion/selection map those rows (``_map_rows``; a subclass extends it for more state)."""
+
+    _ROW_STATE: tuple[str, ...] = ()
+
+    def _map_rows(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        for name in self._ROW_STATE:
+            setattr(self, name, fn(getattr(self, name)))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_rows(lambda t: t[indices.to(t.device)])
+
+
+class SinkCacheLayer(RowStateLayer):
     """One layer of a :class:`SinkCache` (see the module docstring for the slot layout)."""
 
     is_compileable = False
@@ -294,21 +316,11 @@ class SinkCacheLayer(CacheLayerMixin):
     def _map_rows(self, fn) -> None:
         if not self.is_initialized:
             return
-        for name in self._ROW_STATE:
-            setattr(self, name, fn(getattr(self, name)))
+        super()._map_rows(fn)
         if self.pending is not None:
             self.pending = tuple(fn(t) for t in self.pending)
             if self._pending_info is not None:
                 self._pending_info = tuple(None if t is None else fn(t) for t in self._pending_info)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_rows(lambda t: t[indices.to(t.device)])
 
     def reset(self) -> None:
         self.keys = self.values = None

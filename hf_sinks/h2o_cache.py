@@ -44,7 +44,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
+
+from .cache import RowStateLayer
 
 #: ``attn_implementation`` name of the score-accumulating attention.
 H2O_ATTENTION = "h2o_sdpa"
@@ -61,7 +63,7 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name}={value!r} must be an integer >= {minimum}.")
 
 
-class H2OCacheLayer(CacheLayerMixin):
+class H2OCacheLayer(RowStateLayer):
     """One layer of an :class:`H2OCache`: ``C`` slots per batch row and KV head, allocated once.
 
     State: ``keys``/``values`` ``[B, KVH, C, D]``, ``token_index`` ``[B, KVH, C]`` (absolute index of the token in each
@@ -292,21 +294,6 @@ class H2OCacheLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------------------------------ batch ops
     _ROW_STATE = ("keys", "values", "token_index", "scores", "free")
-
-    def _map_rows(self, fn) -> None:
-        if not self.is_initialized:
-            return
-        for name in self._ROW_STATE:
-            setattr(self, name, fn(getattr(self, name)))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_rows(lambda t: t[indices.to(t.device)])
 
     def reset(self) -> None:
         self.keys = self.values = None

@@ -6,8 +6,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
+from ..cache import RowStateLayer
 from .pattern import HeadPattern, _check_int
 
 #: ``attn_implementation`` name of the inference attention (retrieval heads dense, streaming heads sink + window).
@@ -33,7 +34,7 @@ def visibility_mask(
     return (j <= i) & ((j < num_sink_tokens) | (i - j < window_length))
 
 
-class DuoCacheLayer(CacheLayerMixin):
+class DuoCacheLayer(RowStateLayer):
     """One layer of a :class:`DuoCache`: retrieval heads' full KV and streaming heads' sinks + window, apart.
 
     State: ``retrieval_keys``/``retrieval_values`` ``[B, R, seen, D]`` and ``streaming_keys``/``streaming_values``
@@ -171,21 +172,6 @@ class DuoCacheLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------------------------- batch ops
     _ROW_STATE = ("retrieval_keys", "retrieval_values", "streaming_keys", "streaming_values")
-
-    def _map_rows(self, fn) -> None:
-        if not self.is_initialized:
-            return
-        for name in self._ROW_STATE:
-            setattr(self, name, fn(getattr(self, name)))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_rows(lambda t: t[indices.to(t.device)])
 
     def reset(self) -> None:
         for name in self._ROW_STATE:
