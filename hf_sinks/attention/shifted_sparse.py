@@ -302,23 +302,6 @@ def _use_kernel(device: torch.device, backend: str, dropout: float, group_size: 
 
 
 # ------------------------------------------------------------------------------------- inference paths
-def _dense_with_sink_logits(query, key, value, mask, sink_logits, scaling, dropout):
-    """Plain causal attention (``mask``: the stock 4D bool mask or ``None``) with one learned sink column per head."""
-    batch, heads, q_len, _ = query.shape
-    kv_len = key.shape[2]
-    if mask is None:
-        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)[None, None]
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, float("-inf"))
-    mask = mask.to(query.dtype).expand(batch, heads, q_len, kv_len)
-    column = sink_logits.to(query.dtype)[None, :, None, None].expand(batch, heads, q_len, 1)
-    key = F.pad(key, (0, 0, 0, 1))
-    value = F.pad(value, (0, 0, 0, 1))
-    mask = torch.cat([mask, column], dim=-1)
-    gqa = heads != key.shape[1]
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
-
-
 def _make(name: str, sinks: bool):
     def attention(
         module: torch.nn.Module,
@@ -343,7 +326,10 @@ def _make(name: str, sinks: bool):
             dense = attention_mask.dense() if isinstance(attention_mask, SinkMask) else attention_mask
             if sink_logits is None:
                 return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
-            out = _dense_with_sink_logits(query, key, value, dense, sink_logits, scaling, dropout)
+            from .functions import _boolean_mask, _sdpa_kernel, with_sink_logits
+
+            mask = _boolean_mask(dense, query.shape[2], key.shape[2], query.device)
+            out, _ = with_sink_logits(_sdpa_kernel, sink_logits)(query, key, value, mask, scaling, dropout, False)
             return out.transpose(1, 2).contiguous(), None
 
         length = query.shape[2]

@@ -205,6 +205,18 @@ def test_eval_mode_is_plain_causal_attention(name):
     torch.testing.assert_close(out, expected.transpose(1, 2))
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_eval_mode_with_learned_sink_logits_is_the_spec(name):
+    from hf_sinks.attention.reference import reference_sink_attention
+
+    q, k, v = qkv(1, 4, 2, 13)
+    mod = module(training=False, s2attn_group_size=4)
+    mod.sink_logits = torch.linspace(-1, 1, 4, dtype=torch.float64)
+    out, _ = FUNCTIONS[name](mod, q, k, v, None, scaling=0.4)
+    expected = reference_sink_attention(q, k, v, 0, 13, None, scaling=0.4, sink_logits=mod.sink_logits)
+    torch.testing.assert_close(out, expected.transpose(1, 2).detach())
+
+
 def test_dropout_is_honoured_in_training():
     q, k, v = qkv(1, 4, 2, 12)
     call = lambda p: sink_sfattn_attention_forward(module(s2attn_group_size=4), q, k, v, None, dropout=p)[0]  # noqa: E731
