@@ -548,7 +548,7 @@ def add_analyze_parser(subparsers: Any) -> Any:
 
 def cmd_analyze(args: Any) -> int:
     """``hf-sinks analyze``: run :func:`analyze`, write the CSVs/PNGs, print the summary."""
-    from .cli import CLIError, _check_text_file, _load, _machine, _model_name, _setup_torch, _text_name
+    from .cli import CLIError, _machine, _model_and_tokens, _model_name, _text_name
 
     if args.num_tokens < 2:
         raise CLIError(f"--num-tokens={args.num_tokens} must be >= 2")
@@ -556,15 +556,7 @@ def cmd_analyze(args: Any) -> int:
         raise CLIError(f"--epsilon={args.epsilon} must be strictly between 0 and 1")
     if args.sink_tokens < 1:
         raise CLIError(f"--sink-tokens={args.sink_tokens} must be >= 1")
-    _check_text_file(args.text_file)
-    _setup_torch(args.threads)
-    model, tokenizer = _load(args)
-    from .eval.data import load_token_ids
-
-    try:
-        ids = load_token_ids(tokenizer, args.text_file, args.num_tokens)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
+    model, tokenizer, ids = _model_and_tokens(args, args.num_tokens)
     analysis = analyze(model, ids, None, None, epsilon=args.epsilon, sink_tokens=args.sink_tokens,
                        progress=not args.no_progress, secondary_factor=args.secondary_factor,
                        secondary_min_heads=args.secondary_min_heads, min_distance=args.min_distance)

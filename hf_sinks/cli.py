@@ -82,6 +82,21 @@ def _load(args):
     return model, tokenizer
 
 
+def _model_and_tokens(args, num_tokens: int | None = None):
+    """Check ``--text-file``, set the threads, load the model and tokenize the text (``num_tokens``: exactly that many,
+    a clear error if the text is shorter; ``None``: all of it)."""
+    from .eval.data import load_token_ids
+
+    _check_text_file(args.text_file)
+    _setup_torch(args.threads)
+    model, tokenizer = _load(args)
+    try:
+        ids = load_token_ids(tokenizer, args.text_file, num_tokens)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    return model, tokenizer, ids
+
+
 def _mib(n: float) -> str:
     return f"{n / _MIB:.1f}"
 
@@ -120,7 +135,6 @@ def _machine() -> str:
 
 # --------------------------------------------------------------------------------------------- perplexity
 def cmd_perplexity(args) -> int:
-    from .eval.data import load_token_ids
     from .eval.perplexity import MODES, streaming_perplexity
 
     modes = _modes(args.modes, MODES)
@@ -131,13 +145,7 @@ def cmd_perplexity(args) -> int:
         raise CLIError(f"--chunk-size={args.chunk_size} must be >= 1")
     if args.num_tokens < 2:
         raise CLIError(f"--num-tokens={args.num_tokens} must be >= 2")
-    _check_text_file(args.text_file)
-    _setup_torch(args.threads)
-    model, tokenizer = _load(args)
-    try:
-        ids = load_token_ids(tokenizer, args.text_file, args.num_tokens)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
+    model, tokenizer, ids = _model_and_tokens(args, args.num_tokens)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_len = getattr(model.config, "max_position_embeddings", None)
@@ -306,7 +314,6 @@ def _turn_ids(tokenizer, messages: list[dict], user_text: str, use_template: boo
 # -------------------------------------------------------------------------------------------------- bench
 def cmd_bench(args) -> int:
     from .eval.bench import BENCH_MODES, decode_benchmark, summarize
-    from .eval.data import load_token_ids
 
     modes = _modes(args.modes, BENCH_MODES)
     lengths = _int_list(args.lengths, "--lengths")
@@ -316,10 +323,7 @@ def cmd_bench(args) -> int:
         raise CLIError(f"--num-sink-tokens={args.num_sink_tokens} must be >= 0")
     if args.steps < 1 or args.rounds < 1:
         raise CLIError(f"--steps={args.steps} and --rounds={args.rounds} must be >= 1")
-    _check_text_file(args.text_file)
-    _setup_torch(args.threads)
-    model, tokenizer = _load(args)
-    ids = load_token_ids(tokenizer, args.text_file)
+    model, tokenizer, ids = _model_and_tokens(args)
     needed = max(lengths) + args.steps + args.warmup
     if ids.shape[1] < needed:
         print(f"note: the text has {ids.shape[1]} tokens, fewer than the {needed} needed; it is repeated "

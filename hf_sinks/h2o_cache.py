@@ -383,11 +383,11 @@ def h2o_sdpa_attention_forward(
     """``attn_implementation="h2o_sdpa"``: H2O attention with an :class:`H2OCache`, stock SDPA without one."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from .attention.masks import SinkMask
+    from .attention.masks import SinkMask, dense_mask
 
     layer = getattr(key, LAYER_ATTRIBUTE, None)
     if layer is None:
-        dense = attention_mask.dense() if isinstance(attention_mask, SinkMask) else attention_mask
+        dense = dense_mask(attention_mask)
         return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
     if isinstance(attention_mask, SinkMask) and attention_mask.new_token_validity(query.shape[2]) is not None:
         raise ValueError("H2OCache does not support padded batches (the attention mask has padding).")

@@ -29,7 +29,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..cache import LAYER_ATTRIBUTE, SinkCacheLayer
 from ..models import get_spec
 from ..rope import RotaryParams, shift_rotary
-from .masks import SinkMask, validity_from_mask
+from .masks import dense_mask, validity_from_mask
 from .sink_logits import sink_logits_of
 
 #: Queries per block in multi-token chunks: bounds the score matrix to ``BLOCK x (S + 2W + BLOCK)``.
@@ -272,7 +272,7 @@ def make_sink_attention(
                 "use sink_sdpa, sink_eager or sink_triton."
             )
         if layer is None:  # no SinkCache: exactly the stock implementation
-            dense = attention_mask.dense() if isinstance(attention_mask, SinkMask) else attention_mask
+            dense = dense_mask(attention_mask)
             if sink_logits is None:
                 return stock(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
             mask = _boolean_mask(dense, query.shape[2], key.shape[2], query.device)

@@ -50,6 +50,11 @@ class SinkMask:
         return dense.shape if dense is not None else torch.Size()
 
 
+def dense_mask(attention_mask: Any) -> Any:
+    """What a stock attention function expects: the dense mask behind a :class:`SinkMask`, anything else as is."""
+    return attention_mask.dense() if isinstance(attention_mask, SinkMask) else attention_mask
+
+
 def sink_sdpa_mask(**kwargs: Any) -> SinkMask:
     return SinkMask(sdpa_mask, kwargs)
 

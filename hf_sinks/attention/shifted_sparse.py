@@ -55,7 +55,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..cache import LAYER_ATTRIBUTE
 from ..config import CONFIG_ATTRIBUTE
-from .masks import SinkMask
+from .masks import SinkMask, dense_mask
 from .sink_logits import SINK_LOGITS_ATTRIBUTE, sink_logits_of
 
 #: ``module.config`` attributes read by the shifted-sparse attentions.
@@ -323,7 +323,7 @@ def _make(name: str, sinks: bool):
 
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         if not module.training or key.shape[2] != query.shape[2]:  # inference or a cache: plain causal attention
-            dense = attention_mask.dense() if isinstance(attention_mask, SinkMask) else attention_mask
+            dense = dense_mask(attention_mask)
             if sink_logits is None:
                 return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
             from .functions import _boolean_mask, _sdpa_kernel, with_sink_logits

@@ -26,11 +26,11 @@ def duo_sdpa_attention_forward(
     """``attn_implementation="duo_sdpa"``: DuoAttention with a :class:`DuoCache`, stock SDPA without one."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from ..attention.masks import SinkMask
+    from ..attention.masks import SinkMask, dense_mask
 
     layer = getattr(key, LAYER_ATTRIBUTE, None)
     if layer is None:
-        dense = attention_mask.dense() if isinstance(attention_mask, SinkMask) else attention_mask
+        dense = dense_mask(attention_mask)
         return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
     if isinstance(attention_mask, SinkMask) and attention_mask.new_token_validity(query.shape[2]) is not None:
         layer.pending = None
@@ -77,9 +77,9 @@ def duo_gate_attention_forward(
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from ..attention.masks import SinkMask
+    from ..attention.masks import SinkMask, dense_mask
 
-    dense = attention_mask.dense() if isinstance(attention_mask, SinkMask) else attention_mask
+    dense = dense_mask(attention_mask)
     if not _GATES:
         return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
     if isinstance(attention_mask, SinkMask) and attention_mask.new_token_validity(query.shape[2]) is not None:
