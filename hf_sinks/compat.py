@@ -1,0 +1,74 @@
+"""The one place where differences between transformers releases live (docs/design.md §6).
+
+hf_sinks supports transformers 5.23 and every newer 5.x release, and CI tests the oldest and the newest. Everything
+else in the package asks this module instead of reading renamed or private names itself. Differences are detected
+from what the installed transformers *has* (signatures, attributes), never from its version string.
+
+Known differences:
+
+* **the cache keyword.** 5.23 passes the cache to models and ``generate`` as ``past_key_values``; 5.24 renamed it to
+  ``cache`` (``past_key_values`` still works there, with a ``FutureWarning`` and a logged deprecation, and model
+  outputs expose ``.cache``). Use :data:`CACHE_KWARG`, :func:`cache_kwargs`, :func:`cache_from_kwargs` and
+  :func:`output_cache`.
+* **mask objects.** 5.24 probes whatever a mask function returned (``.ndim``, ``.shape``): the ``sink_*`` mask
+  functions therefore return plain tensors (see :mod:`hf_sinks.attention.masks`), never objects imitating one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import transformers
+
+
+def _cache_keyword() -> str:
+    # Every causal LM of one transformers release uses the same name; Llama's signature is the reference.
+    parameters = inspect.signature(transformers.LlamaModel.forward).parameters
+    if "cache" in parameters:
+        return "cache"
+    if "past_key_values" in parameters:
+        return "past_key_values"
+    raise RuntimeError(  # a future rename: better a clear error than silently streaming with no cache
+        "hf_sinks cannot tell how this transformers release passes the KV cache to a model (LlamaModel.forward has "
+        f"neither `cache` nor `past_key_values`; transformers {transformers.__version__}). Please report it."
+    )
+
+
+#: The keyword under which this transformers release passes a ``Cache`` to ``forward`` and ``generate``.
+CACHE_KWARG: str = _cache_keyword()
+
+#: Every keyword a cache may arrive under (the current one first).
+CACHE_KWARGS: tuple[str, ...] = tuple(dict.fromkeys((CACHE_KWARG, "past_key_values", "cache")))
+
+
+def cache_kwargs(cache: Any) -> dict[str, Any]:
+    """``{CACHE_KWARG: cache}``: pass a cache to ``model(...)`` or ``model.generate(...)`` without a deprecation.
+
+    Example::
+
+        out = model(input_ids=ids, use_cache=True, **cache_kwargs(cache))
+    """
+    return {CACHE_KWARG: cache}
+
+
+def cache_from_kwargs(kwargs: dict[str, Any]) -> Any:
+    """The cache in a forward's keyword arguments, whichever name the caller used (``None`` if absent)."""
+    for name in CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def cache_kwarg_in(kwargs: dict[str, Any]) -> str:
+    """The keyword to store a cache under in ``kwargs``: the one the caller already used, else :data:`CACHE_KWARG`."""
+    for name in CACHE_KWARGS:
+        if name in kwargs:
+            return name
+    return CACHE_KWARG
+
+
+def output_cache(outputs: Any) -> Any:
+    """The cache returned in a model or ``generate`` output (``.cache`` or ``.past_key_values``), without a warning."""
+    return getattr(outputs, CACHE_KWARG, None)
+
