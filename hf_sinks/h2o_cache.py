@@ -36,7 +36,7 @@ inside a block, query by query for the softmax and eviction (the logits and ``P 
     hf_sinks.h2o_cache.register()
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="h2o_sdpa")
     cache = H2OCache(num_sink_tokens=4, window_length=128, heavy_budget=124)
-    model.generate(**inputs, past_key_values=cache, max_new_tokens=2000)
+    model.generate(**inputs, cache=cache, max_new_tokens=2000)  # past_key_values=cache before transformers 5.24
 """
 
 from __future__ import annotations
@@ -383,13 +383,13 @@ def h2o_sdpa_attention_forward(
     """``attn_implementation="h2o_sdpa"``: H2O attention with an :class:`H2OCache`, stock SDPA without one."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from .attention.masks import SinkMask, dense_mask
+    from .attention.masks import new_token_validity, stock_mask
 
     layer = getattr(key, LAYER_ATTRIBUTE, None)
     if layer is None:
-        dense = dense_mask(attention_mask)
+        dense = stock_mask(attention_mask)
         return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
-    if isinstance(attention_mask, SinkMask) and attention_mask.new_token_validity(query.shape[2]) is not None:
+    if new_token_validity(attention_mask, query.shape[2]) is not None:
         raise ValueError("H2OCache does not support padded batches (the attention mask has padding).")
     if dropout > 0:
         raise ValueError(f"dropout={dropout} is not supported with an H2OCache (inference only).")

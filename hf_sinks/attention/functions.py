@@ -29,7 +29,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..cache import LAYER_ATTRIBUTE, SinkCacheLayer
 from ..models import get_spec
 from ..rope import RotaryParams, shift_rotary
-from .masks import dense_mask, validity_from_mask
+from .masks import new_token_validity, stock_mask
 from .sink_logits import sink_logits_of
 
 #: Queries per block in multi-token chunks: bounds the score matrix to ``BLOCK x (S + 2W + BLOCK)``.
@@ -131,9 +131,16 @@ def _stock_flex(module, query, key, value, attention_mask, **kwargs):
 
 # ----------------------------------------------------------------------------------- sink attention
 def _rotary_for(layer: SinkCacheLayer, module: torch.nn.Module) -> RotaryParams:
-    if layer.cache.rotary is None:
-        layer.cache.rotary = RotaryParams.from_config(module.config)
-    return layer.cache.rotary
+    cache = layer.cache
+    if not cache._rotary_bound:  # once per cache: the model's parameters win, a mismatch is refused
+        try:
+            model_rotary = RotaryParams.from_config(module.config)
+        except (AttributeError, KeyError):
+            if cache.rotary is None:
+                raise
+            model_rotary = cache.rotary  # a bare module with no RoPE config: only the cache's parameters are known
+        cache.bind_rotary(model_rotary)
+    return cache.rotary
 
 
 def prepare_decode(layer: SinkCacheLayer, positions: torch.Tensor | None) -> torch.Tensor:
@@ -272,7 +279,7 @@ def make_sink_attention(
                 "use sink_sdpa, sink_eager or sink_triton."
             )
         if layer is None:  # no SinkCache: exactly the stock implementation
-            dense = dense_mask(attention_mask)
+            dense = stock_mask(attention_mask)
             if sink_logits is None:
                 return stock(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
             mask = _boolean_mask(dense, query.shape[2], key.shape[2], query.device)
@@ -292,7 +299,7 @@ def make_sink_attention(
                 layer, query, key, value, positions, kernel, scaling, dropout, want_weights, sink_logits=sink_logits
             )
         else:
-            valid = validity_from_mask(attention_mask, query.shape[2])
+            valid = new_token_validity(attention_mask, query.shape[2])
             out, weights = chunk(
                 layer, query, key, value, positions, valid, rotary, kernel, scaling, dropout, want_weights,
                 sink_logits=sink_logits,

@@ -1,10 +1,17 @@
 """Mask functions registered next to the sink attention functions (``AttentionMaskInterface``).
 
-transformers builds one mask per forward, before any layer runs, from the cache's ``get_mask_sizes``. With a
-``SinkCache`` the true visibility depends on per-slot bookkeeping the mask builder cannot see, so the sink mask
-functions return a lazy :class:`SinkMask`: the sink attention functions read only its 2D padding mask and build
-visibility from the cache layer, and the dense mask of the stock builder is materialised only when the attention
-falls back to the stock path (no ``SinkCache``).
+transformers builds one mask per forward, before any layer runs, and may probe or copy what the mask function
+returned (``.ndim``, ``.shape``, ``.contiguous()``). The ``sink_*`` mask functions therefore return exactly what
+transformers' own builder returns (a tensor, a ``BlockMask`` or ``None``), with the 2D padding mask attached as an
+attribute. Two consumers read it:
+
+* with a :class:`~hf_sinks.cache.SinkCache`, the sink attention functions need only the padding of the *new* tokens
+  (:func:`new_token_validity`); visibility comes from the cache's per-slot bookkeeping;
+* without one, they fall back to the stock implementation with the stock mask (:func:`stock_mask`).
+
+A prompt far longer than the cache would make the dense mask huge (``q x (stored + q)``) although a SinkCache
+never needs it, so above :data:`DENSE_MASK_LIMIT` elements the mask function returns the compact key-padding mask
+``[B, 1, 1, kv]`` instead and builds the dense one only if a stock fallback asks for it.
 """
 
 from __future__ import annotations
@@ -12,59 +19,76 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from transformers.masking_utils import eager_mask, sdpa_mask
+from transformers.masking_utils import eager_mask, flex_attention_mask, sdpa_mask
+
+#: Above this many mask elements (batch x queries x keys) the dense mask is built only on demand.
+DENSE_MASK_LIMIT = 1 << 24
+
+_PADDING = "_hf_sinks_padding"  # the 2D padding mask ([B, seen + q] bool, True = real token) the mask was built from
+_DEFERRED = "_hf_sinks_deferred"  # (builder, kwargs) of a compact mask whose dense form was not built
 
 
-class SinkMask:
-    """The mask a ``sink_*`` attention function receives: the 2D padding mask plus a lazily built dense mask."""
+def _sink_mask_function(builder: Callable[..., Any]) -> Callable[..., Any]:
+    def mask_function(**kwargs: Any) -> Any:
+        batch, q, kv = kwargs["batch_size"], kwargs["q_length"], kwargs["kv_length"]
+        padding = kwargs.get("attention_mask")
+        if isinstance(padding, torch.Tensor) and padding.dim() != 2:
+            padding = None
+        if q == 1 or batch * q * kv <= DENSE_MASK_LIMIT:
+            mask = builder(**kwargs)
+        else:
+            device = kwargs.get("device") or (padding.device if padding is not None else None)
+            if padding is None:
+                mask = torch.ones(batch, 1, 1, kv, dtype=torch.bool, device=device)
+            else:
+                keys = padding[:, -kv:].to(device=device, dtype=torch.bool)
+                keys = torch.nn.functional.pad(keys, (kv - keys.shape[-1], 0), value=True)  # a mask shorter than kv
+                mask = keys[:, None, None, :].clone()
+            setattr(mask, _DEFERRED, (builder, kwargs))
+        if mask is not None:
+            setattr(mask, _PADDING, padding)  # present even when None: marks a mask built by hf_sinks
+        return mask
 
-    def __init__(self, builder: Callable[..., Any], kwargs: dict[str, Any]):
-        self._builder = builder
-        self._kwargs = kwargs
-        self._dense: Any = None
-        self._built = False
-        self.padding_mask: torch.Tensor | None = kwargs.get("attention_mask")  # [B, seen + q] bool, True = real
-
-    def dense(self) -> Any:
-        """The mask transformers' own builder would have produced (4D tensor or ``None``)."""
-        if not self._built:
-            self._dense, self._built = self._builder(**self._kwargs), True
-        return self._dense
-
-    def new_token_validity(self, q: int) -> torch.Tensor | None:
-        """``[B, q]`` bool: which of the ``q`` current tokens are real (``None`` means all)."""
-        if self.padding_mask is None:
-            return None
-        valid = self.padding_mask[:, -q:]
-        return None if bool(valid.all()) else valid
-
-    # generate() precomputes masks for compileable caches (never a SinkCache) and calls .contiguous(): hand over
-    # the dense mask, which the model then treats as already prepared.
-    def contiguous(self) -> Any:
-        dense = self.dense()
-        return dense.contiguous() if dense is not None else None
-
-    @property
-    def shape(self) -> torch.Size:
-        dense = self.dense()
-        return dense.shape if dense is not None else torch.Size()
+    mask_function.__name__ = mask_function.__qualname__ = f"sink_{builder.__name__}"
+    mask_function.__doc__ = f"{builder.__name__} for the sink_* attentions (see hf_sinks.attention.masks)."
+    return mask_function
 
 
-def dense_mask(attention_mask: Any) -> Any:
-    """What a stock attention function expects: the dense mask behind a :class:`SinkMask`, anything else as is."""
-    return attention_mask.dense() if isinstance(attention_mask, SinkMask) else attention_mask
+sink_sdpa_mask = _sink_mask_function(sdpa_mask)
+sink_eager_mask = _sink_mask_function(eager_mask)
+sink_flex_mask = _sink_mask_function(flex_attention_mask)
 
 
-def sink_sdpa_mask(**kwargs: Any) -> SinkMask:
-    return SinkMask(sdpa_mask, kwargs)
+def stock_mask(attention_mask: Any) -> Any:
+    """The mask transformers' own builder would have produced for a stock attention function."""
+    deferred = getattr(attention_mask, _DEFERRED, None)
+    if deferred is not None:
+        builder, kwargs = deferred
+        return builder(**kwargs)
+    return attention_mask
 
 
-def sink_eager_mask(**kwargs: Any) -> SinkMask:
-    return SinkMask(eager_mask, kwargs)
+def is_sink_mask(attention_mask: Any) -> bool:
+    """Whether ``attention_mask`` was built by a ``sink_*`` mask function (and so carries its padding mask)."""
+    return hasattr(attention_mask, _PADDING)
 
 
-def validity_from_mask(attention_mask: Any, q: int) -> torch.Tensor | None:
-    """Padding of the current tokens from whatever mask the attention function was handed."""
-    if isinstance(attention_mask, SinkMask):
-        return attention_mask.new_token_validity(q)
-    return None  # a user-supplied 4D mask or no mask: nothing is known about padding
+def new_token_validity(attention_mask: Any, q: int) -> torch.Tensor | None:
+    """``[B, q]`` bool: which of the ``q`` current tokens are real (``None``: all of them, or nothing is known).
+
+    Read from the padding mask attached by the sink mask functions; for a dense mask that lost it (copied by
+    transformers), from its diagonal: a token always sees itself unless it is padding.
+    """
+    padding = getattr(attention_mask, _PADDING, None)
+    if not is_sink_mask(attention_mask) and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        if attention_mask.shape[-2] == 1:  # compact (or a decode mask): the key padding itself
+            padding = attention_mask[:, 0, 0, :]
+        elif attention_mask.shape[-2] == q:
+            rows = torch.arange(q, device=attention_mask.device)
+            diagonal = attention_mask[:, 0, rows, attention_mask.shape[-1] - q + rows]
+            floating = diagonal.is_floating_point()
+            padding = diagonal > torch.finfo(diagonal.dtype).min / 2 if floating else diagonal.bool()
+    if padding is None:
+        return None
+    valid = padding[:, -q:].bool()
+    return None if bool(valid.all()) else valid

@@ -55,7 +55,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..cache import LAYER_ATTRIBUTE
 from ..config import CONFIG_ATTRIBUTE
-from .masks import SinkMask, dense_mask
+from .masks import is_sink_mask, new_token_validity, stock_mask
 from .sink_logits import SINK_LOGITS_ATTRIBUTE, sink_logits_of
 
 #: ``module.config`` attributes read by the shifted-sparse attentions.
@@ -106,10 +106,10 @@ def num_sink_tokens_for(config: Any) -> int:
 # ----------------------------------------------------------------------------------------------- kernel
 def _padding_of(attention_mask: Any, batch: int, length: int) -> torch.Tensor | None:
     """``[B, T]`` bool validity of the tokens (``None``: no padding) from what the model handed over."""
-    if isinstance(attention_mask, SinkMask):
-        attention_mask = attention_mask.padding_mask
     if attention_mask is None:
         return None
+    if is_sink_mask(attention_mask):  # built by transformers through the sink mask function: carries the padding
+        return new_token_validity(attention_mask, length)
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
         raise ValueError(
@@ -323,7 +323,7 @@ def _make(name: str, sinks: bool):
 
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         if not module.training or key.shape[2] != query.shape[2]:  # inference or a cache: plain causal attention
-            dense = dense_mask(attention_mask)
+            dense = stock_mask(attention_mask)
             if sink_logits is None:
                 return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
             from .functions import _boolean_mask, _sdpa_kernel, with_sink_logits

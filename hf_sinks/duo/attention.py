@@ -26,13 +26,13 @@ def duo_sdpa_attention_forward(
     """``attn_implementation="duo_sdpa"``: DuoAttention with a :class:`DuoCache`, stock SDPA without one."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from ..attention.masks import SinkMask, dense_mask
+    from ..attention.masks import new_token_validity, stock_mask
 
     layer = getattr(key, LAYER_ATTRIBUTE, None)
     if layer is None:
-        dense = dense_mask(attention_mask)
+        dense = stock_mask(attention_mask)
         return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
-    if isinstance(attention_mask, SinkMask) and attention_mask.new_token_validity(query.shape[2]) is not None:
+    if new_token_validity(attention_mask, query.shape[2]) is not None:
         layer.pending = None
         raise ValueError("DuoCache does not support padded batches (the attention mask has padding).")
     if dropout > 0:
@@ -77,12 +77,12 @@ def duo_gate_attention_forward(
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from ..attention.masks import SinkMask, dense_mask
+    from ..attention.masks import new_token_validity, stock_mask
 
-    dense = dense_mask(attention_mask)
+    dense = stock_mask(attention_mask)
     if not _GATES:
         return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
-    if isinstance(attention_mask, SinkMask) and attention_mask.new_token_validity(query.shape[2]) is not None:
+    if new_token_validity(attention_mask, query.shape[2]) is not None:
         raise ValueError("duo_gate does not support padded batches.")
     alpha, s, w = _GATES[-1]
     q, n = query.shape[2], key.shape[2]

@@ -6,10 +6,9 @@ import pytest
 import torch
 from conftest import random_ids, tiny_model
 from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
-from transformers.masking_utils import sdpa_mask
 
 import hf_sinks
-from hf_sinks.attention.masks import SinkMask
+from mask_helpers import sink_mask
 from hf_sinks.attention.reference import reference_shifted_sparse_attention, shifted_sparse_group, shifted_sparse_visible
 from hf_sinks.training.learned_sinks import AttentionSinkLogits
 from hf_sinks.attention.shifted_sparse import (
@@ -19,6 +18,7 @@ from hf_sinks.attention.shifted_sparse import (
     sink_s2attn_attention_forward,
     sink_sfattn_attention_forward,
 )
+from hf_sinks.compat import cache_kwargs
 
 NAMES = ("sink_s2attn", "sink_sfattn")
 FUNCTIONS = {"sink_s2attn": sink_s2attn_attention_forward, "sink_sfattn": sink_sfattn_attention_forward}
@@ -181,8 +181,7 @@ def module(training=True, num_key_value_groups=2, **config):
 
 
 def model_mask(padding_mask, length):
-    kwargs = dict(batch_size=padding_mask.shape[0], q_length=length, kv_length=length, q_offset=0, kv_offset=0, attention_mask=padding_mask)
-    return SinkMask(sdpa_mask, kwargs)
+    return sink_mask(padding_mask, length)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -300,8 +299,8 @@ def test_from_config_train_eval_and_switching(arch):
         model.set_attn_implementation(name)
         assert model.config._attn_implementation == name
     model.eval()
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, past_key_values=DynamicCache(config=model.config))
-    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, past_key_values=DynamicCache(config=reference.config))
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, **cache_kwargs(DynamicCache(config=model.config)))
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, **cache_kwargs(DynamicCache(config=reference.config)))
     assert torch.equal(out, expected)
 
 
@@ -312,7 +311,7 @@ def test_with_a_sink_cache_it_streams_like_sink_sdpa():
         model = tiny_model("llama", name)
         cache = hf_sinks.SinkCache(2, 6)
         with torch.no_grad():
-            logits.append(torch.cat([model(ids[:, i : i + 5], past_key_values=cache).logits for i in range(0, 20, 5)], 1))
+            logits.append(torch.cat([model(ids[:, i : i + 5], **cache_kwargs(cache)).logits for i in range(0, 20, 5)], 1))
     torch.testing.assert_close(logits[0], logits[1])
 
 

@@ -8,11 +8,10 @@ import types
 
 import pytest
 import torch
-from transformers.masking_utils import sdpa_mask
 
 from hf_sinks import SinkCache
 from hf_sinks.attention import functions
-from hf_sinks.attention.masks import SinkMask
+from mask_helpers import sink_mask
 from hf_sinks.attention.reference import reference_sink_attention
 from hf_sinks.rope import RotaryParams, apply_rotary
 
@@ -44,7 +43,7 @@ def run_stream(attention, q, k, v, sinks, window, chunks, rotary, pads=None, blo
         qr = apply_rotary(q[:, :, sl], pos[:, None], rotary)
         kr = apply_rotary(k[:, :, sl], pos[:, None], rotary)
         keys, values = cache.update(kr, v[:, :, sl], 0)
-        mask = SinkMask(sdpa_mask, {"attention_mask": valid[:, : start + size]})
+        mask = sink_mask(valid[:, : start + size], size)
         out, _ = attention(MODULE, qr, keys, values, mask, scaling=0.3, position_ids=pos)
         outs.append(out.transpose(1, 2))
         start += size
@@ -158,7 +157,7 @@ def test_learned_sink_logits_stream_like_the_spec(name, sinks, window, chunks):
             sl = slice(start, start + size)
             pos = torch.arange(start, start + size)[None].expand(2, -1)
             keys, values = cache.update(apply_rotary(k[:, :, sl], pos[:, None], rotary), v[:, :, sl], 0)
-            mask = SinkMask(sdpa_mask, {"attention_mask": torch.ones(2, start + size, dtype=torch.bool)})
+            mask = sink_mask(torch.ones(2, start + size, dtype=torch.bool), size)
             out, _ = attention(module, apply_rotary(q[:, :, sl], pos[:, None], rotary), keys, values, mask,
                                scaling=0.3, position_ids=pos)
             outs.append(out.transpose(1, 2))

@@ -33,16 +33,16 @@ if not GPU and "triton" not in sys.modules:
 
 from conftest import random_ids, tiny_model  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
-from transformers.masking_utils import sdpa_mask  # noqa: E402
 
 import hf_sinks  # noqa: E402
 from hf_sinks.attention import kernel_fallback  # noqa: E402
 from hf_sinks.attention import triton as sink_triton  # noqa: E402
-from hf_sinks.attention.masks import SinkMask  # noqa: E402
+from mask_helpers import sink_mask  # noqa: E402
 from hf_sinks.attention.reference import reference_sink_attention  # noqa: E402
 from hf_sinks.kernels import sink_attention as K  # noqa: E402
 from hf_sinks.oracle import reference_logits  # noqa: E402
 from hf_sinks.rope import RotaryParams, apply_rotary  # noqa: E402
+from hf_sinks.compat import cache_kwargs
 
 #: Why the kernels cannot run in this process (None: they can).
 IN_PROCESS_PROBLEM = K.unavailable_reason(torch.device(DEVICE))
@@ -207,7 +207,7 @@ def run_stream(attention, q, k, v, sinks, window, chunks, rotary, pads=None):
         qr = apply_rotary(q[:, :, sl], pos[:, None], rotary)
         kr = apply_rotary(k[:, :, sl], pos[:, None], rotary)
         keys, values = cache.update(kr, v[:, :, sl], 0)
-        mask = SinkMask(sdpa_mask, {"attention_mask": valid[:, : start + size]})
+        mask = sink_mask(valid[:, : start + size], size)
         out, weights = attention(MODULE, qr, keys, values, mask, scaling=0.3, position_ids=pos)
         assert weights is None
         outs.append(out.transpose(1, 2))
@@ -262,7 +262,7 @@ def test_tiny_model_generates_like_the_spec(monkeypatch, arch, backend):
     sinks, window, prompt_len = 2, 6, 11
     model = tiny_model(arch, "sink_triton", layers=2).to(DEVICE)
     prompt = random_ids(1, prompt_len).to(DEVICE)
-    out = model.generate(prompt, past_key_values=hf_sinks.SinkCache(sinks, window, config=model.config),
+    out = model.generate(prompt, **cache_kwargs(hf_sinks.SinkCache(sinks, window, config=model.config)),
                          max_new_tokens=8, min_new_tokens=8, do_sample=False, output_logits=True,
                          return_dict_in_generate=True)
     logits = torch.stack(out.logits, dim=1)[0]
@@ -277,7 +277,7 @@ def test_without_sink_cache_it_is_stock_sdpa():
     logits = []
     for impl in ("sink_triton", "sdpa"):
         model = tiny_model("llama", impl)
-        out = model.generate(prompt, attention_mask=mask, past_key_values=DynamicCache(config=model.config),
+        out = model.generate(prompt, attention_mask=mask, **cache_kwargs(DynamicCache(config=model.config)),
                              max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
         logits.append(torch.stack(out.logits))
     torch.testing.assert_close(logits[0], logits[1], atol=0, rtol=0)
