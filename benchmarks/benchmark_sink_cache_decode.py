@@ -42,6 +42,7 @@ import transformers  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import hf_sinks  # noqa: E402
+from hf_sinks.compat import cache_kwargs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "docs" / "benchmarks"
@@ -99,16 +100,16 @@ class Runner:
             if impl.startswith("sink_cache"):
                 self.cache = hf_sinks.SinkCache(NUM_SINK_TOKENS, resident - NUM_SINK_TOKENS, config=model.config)
                 if impl.endswith("+sink_sdpa"):  # the sink attention prefills past capacity exactly, in one chunk
-                    model(input_ids=self._ids(resident + extra, vocab), past_key_values=self.cache, use_cache=True)
+                    model(input_ids=self._ids(resident + extra, vocab), **cache_kwargs(self.cache), use_cache=True)
                 else:  # a stock attention cannot mask a chunk past capacity: fill it, then evict token by token
-                    model(input_ids=self._ids(resident, vocab), past_key_values=self.cache, use_cache=True)
+                    model(input_ids=self._ids(resident, vocab), **cache_kwargs(self.cache), use_cache=True)
                     for _ in range(extra):
-                        model(input_ids=self._ids(1, vocab), past_key_values=self.cache, use_cache=True)
+                        model(input_ids=self._ids(1, vocab), **cache_kwargs(self.cache), use_cache=True)
                 assert self.cache.get_stored_length() == resident, (self.cache.get_stored_length(), resident)
                 assert self.cache.get_seq_length() == resident + extra
             else:
                 self.cache = DynamicCache(config=model.config)
-                model(input_ids=self._ids(resident, vocab), past_key_values=self.cache, use_cache=True)
+                model(input_ids=self._ids(resident, vocab), **cache_kwargs(self.cache), use_cache=True)
                 assert self.cache.get_seq_length() == resident
 
     def _ids(self, n: int, vocab: int) -> torch.Tensor:
@@ -123,7 +124,7 @@ class Runner:
             for _ in range(steps):
                 ids = self._ids(1, vocab)
                 t0 = time.perf_counter()
-                self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                self.model(input_ids=ids, **cache_kwargs(self.cache), use_cache=True, logits_to_keep=1)
                 times.append((time.perf_counter() - t0) * 1e3)
                 if dynamic:
                     self.cache.crop(-1)  # back to `resident` tokens (untimed)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import TextStreamer  # noqa: E402
 
 import hf_sinks  # noqa: E402  (registers the sink_* attention implementations)
+from hf_sinks.compat import cache_kwargs  # noqa: E402
 from hf_sinks.default_model import load_model_and_tokenizer  # noqa: E402
 
 DEFAULT_PROMPT = (
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         streamer = ProgressStreamer(tokenizer, bar, cache, skip_special_tokens=True)
         start = time.perf_counter()
         with torch.inference_mode():
-            output = model.generate(**inputs, past_key_values=cache, streamer=streamer, **gen_kwargs)
+            output = model.generate(**inputs, **cache_kwargs(cache), streamer=streamer, **gen_kwargs)
         end = time.perf_counter()
 
     generated = output.shape[1] - prompt_tokens

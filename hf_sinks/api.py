@@ -10,10 +10,11 @@ from typing import Any
 import torch
 
 from .cache import SinkCache
+from .compat import CACHE_KWARGS, cache_from_kwargs, cache_kwargs
 from .config import CONFIG_ATTRIBUTE, SinkConfig
-from .rope import RotaryParams
-from .models import get_spec
+from .models import ModelSpec, get_spec
 from .positions import install_position_hook
+from .rope import RotaryParams
 
 _APPLIED = "_hf_sinks_handle"
 logger = logging.getLogger(__name__)
@@ -22,20 +23,28 @@ logger = logging.getLogger(__name__)
 class SinkHandle:
     """What :func:`apply` changed on one model; :meth:`remove` restores it exactly. Also a context manager."""
 
-    def __init__(self, model: torch.nn.Module, sink_config: SinkConfig, attn_implementation: str):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        sink_config: SinkConfig,
+        attn_implementation: str,
+        spec: ModelSpec,
+        rotary: RotaryParams,
+        previous_flag: Any = None,
+    ):
         self.model = model
         self.sink_config = sink_config
+        self.rotary = rotary
         self._previous_impl = model.config._attn_implementation
-        self._previous_flag = getattr(model.config, CONFIG_ATTRIBUTE, None)
+        self._previous_flag = previous_flag
         self._unpatch = None
-        spec = get_spec(getattr(model.config, "model_type", None))
         if spec.route == "patch":  # the model bypasses AttentionInterface: patch its attention instances
             self._unpatch = importlib.import_module(f"hf_sinks.patches.{spec.model_type}").patch_model(model)
             model.config._attn_implementation = attn_implementation
         else:
             model.set_attn_implementation(attn_implementation)
         setattr(model.config, CONFIG_ATTRIBUTE, sink_config.to_dict())
-        self._hook = install_position_hook(model)
+        self._hook = install_position_hook(model, rotary, self.new_cache)
         self.num_attention_modules = self._count_attention_modules(spec.route)
         self._wrap_generate()
         logger.info(
@@ -52,8 +61,12 @@ class SinkHandle:
             raise ValueError(f"hf_sinks.apply found no attention module in {type(self.model).__name__}; nothing would stream.")
         return count
 
+    def new_cache(self) -> SinkCache:
+        """A fresh :class:`SinkCache` for this model (its sizes and rotary parameters)."""
+        return SinkCache.from_config(self.sink_config, rotary=self.rotary)
+
     def _wrap_generate(self) -> None:
-        """``model.generate`` without ``past_key_values`` streams with a SinkCache of its own (instance attribute)."""
+        """``model.generate`` without a cache streams with a SinkCache of its own (instance attribute)."""
         original = self.model.generate
         handle = self
 
@@ -62,8 +75,10 @@ class SinkHandle:
             generation_config = kwargs.get("generation_config") or handle.model.generation_config
             wants_cache = kwargs.get("use_cache", generation_config.use_cache) is not False
             chosen = kwargs.get("cache_implementation", generation_config.cache_implementation)
-            if kwargs.get("past_key_values") is None and wants_cache and chosen is None:
-                kwargs["past_key_values"] = SinkCache.from_config(handle.sink_config, rotary=RotaryParams.from_model(handle.model))
+            if cache_from_kwargs(kwargs) is None and wants_cache and chosen is None:
+                for name in CACHE_KWARGS:  # an explicit `cache=None` must not collide with the new cache
+                    kwargs.pop(name, None)
+                kwargs.update(cache_kwargs(handle.new_cache()))
             return original(*args, **kwargs)
 
         self.model.generate = generate
@@ -114,18 +129,25 @@ def apply(
         ValueError: unsupported model type (the message lists the supported ones), an ALiBi Falcon, a non-sink
             ``attn_implementation``, or a model in which no attention module was found.
     """
-    get_spec(getattr(model.config, "model_type", None))
+    # Everything is validated before the previous setup (if any) is touched: a bad call leaves the model streaming.
+    spec = get_spec(getattr(model.config, "model_type", None))
     from .attention.registry import ATTENTION_IMPLEMENTATIONS
 
     if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
             f"attn_implementation={attn_implementation!r} is not a sink attention; use one of {sorted(ATTENTION_IMPLEMENTATIONS)}."
         )
+    if spec.route == "patch":
+        importlib.import_module(f"hf_sinks.patches.{spec.model_type}").check_supported(model.config)
     overrides = {k: v for k, v in (("num_sink_tokens", num_sink_tokens), ("window_length", window_length)) if v is not None}
     previous = getattr(model, _APPLIED, None)
+    # what remove() must restore: the flag as it was before the first apply
+    original_flag = previous._previous_flag if previous is not None else getattr(model.config, CONFIG_ATTRIBUTE, None)
+    sink_config = SinkConfig.from_model_config(model.config, **overrides) or SinkConfig()
+    rotary = RotaryParams.from_model(model)
     if previous is not None:
         previous.remove()
-    sink_config = SinkConfig.from_model_config(model.config, **overrides) or SinkConfig()
-    handle = SinkHandle(model, sink_config, attn_implementation)
+    handle = SinkHandle(model, sink_config, attn_implementation, spec, rotary, previous_flag=original_flag)
     setattr(model, _APPLIED, handle)
     return handle
+

@@ -189,6 +189,7 @@ class SinkCacheLayer(RowStateLayer):
     def _write(self, key_states, value_states, valid, positions) -> None:
         if valid is None and self.uniform is not None and key_states.shape[-2] == 1:
             return self._write_one(key_states, value_states, positions)
+        positions_unknown = positions is None and not self._padding_known()
         q = key_states.shape[-2]
         s, w = self.num_sink_tokens, self.window_length
         real = self.new_token_indices(valid, q)  # [B, q]
@@ -209,14 +210,19 @@ class SinkCacheLayer(RowStateLayer):
             srows, scols = sink.nonzero(as_tuple=True)
             self.sink_keys[srows, :, real[srows, scols]] = key_states[srows, :, scols]
             self.sink_shift[srows] = 0
+        most = int(total.max())
+        if most > self.capacity and positions_unknown:
+            self._refuse_unknown_padding(key_states.shape[0])
         self.real_seen = total
-        self.filled = max(self.filled, min(int(total.max()), self.capacity))
+        self.filled = max(self.filled, min(most, self.capacity))
         lockstep = self.uniform is not None and bool((real >= 0).all()) and bool((total == total[0]).all())
         self.uniform = int(total[0]) if lockstep else None
 
     def _write_one(self, key_states, value_states, positions) -> None:
         """Decode fast path: every row holds the same real-token count, so the slot is one Python int."""
         r = self.uniform
+        if r >= self.capacity and positions is None and not self._padding_known():
+            self._refuse_unknown_padding(key_states.shape[0])
         slot = self.slot_index(r)
         self.keys[:, :, slot] = key_states[:, :, 0]
         self.values[:, :, slot] = value_states[:, :, 0]
@@ -232,6 +238,21 @@ class SinkCacheLayer(RowStateLayer):
         self.real_seen += 1
         self.uniform = r + 1
         self.filled = max(self.filled, min(r + 1, self.capacity))
+
+    def _padding_known(self) -> bool:
+        """Whether someone who saw the attention mask (the position hook, a sink attention) describes the tokens."""
+        return bool(self.acknowledged or self._acknowledged_now)
+
+    def _refuse_unknown_padding(self, batch: int) -> None:
+        if batch == 1:
+            return  # one row: generate never pads it
+        raise ValueError(
+            f"SinkCache: a batch of {batch} rows is streaming past the cache capacity ({self.capacity}) under a stock "
+            "attention (attn_implementation='sdpa'/'eager'), which never tells the cache which tokens are left "
+            "padding: padding would become the rows' sinks and silently change the results. Call "
+            "hf_sinks.apply(model) first (its position hook tells the cache the padding), or load the model with "
+            "attn_implementation='sink_sdpa'."
+        )
 
     def slot_index(self, real: int) -> int:
         """:meth:`slot_of` for one Python int."""
@@ -342,7 +363,7 @@ class SinkCache(Cache):
 
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sink_sdpa")
         cache = hf_sinks.SinkCache(num_sink_tokens=4, window_length=1020)
-        model.generate(**inputs, past_key_values=cache, max_new_tokens=20_000)
+        model.generate(**inputs, cache=cache, max_new_tokens=20_000)  # past_key_values=cache before transformers 5.24
 
     Args:
         num_sink_tokens: sinks ``S`` (>= 0).
@@ -365,6 +386,7 @@ class SinkCache(Cache):
         if rotary is None and config is not None:
             rotary = RotaryParams.from_config(config.get_text_config(decoder=True))
         self.rotary = rotary
+        self._rotary_bound = False  # set once the model's own parameters were checked against ``rotary``
         self._incoming: tuple[int, torch.Tensor | None, torch.Tensor | None] | None = None
         self._base: torch.Tensor | None = None  # per-row offset subtracted from positions (set by the hook)
         self._real_seen: torch.Tensor | None = None  # per-row real tokens, as counted by the hook
@@ -396,6 +418,24 @@ class SinkCache(Cache):
     @property
     def capacity(self) -> int:
         return self.sink_config.capacity
+
+    def bind_rotary(self, rotary: RotaryParams) -> None:
+        """Take the model's rotary parameters (called once per cache, before the first forward uses them).
+
+        Raises:
+            ValueError: the cache was built with other rotary parameters (e.g. ``config=`` of another model): its
+                sinks would be shifted with the wrong frequencies.
+        """
+        if self._rotary_bound:
+            return
+        if self.rotary is not None and not self.rotary.matches(rotary):
+            raise ValueError(
+                f"This SinkCache was built with the rotary parameters of {self.rotary.describe()}, but the model "
+                f"rotates with {rotary.describe()}; its sinks would be re-positioned with the wrong frequencies. "
+                "Build the cache with SinkCache(..., config=model.config) or SinkCache.from_model(model)."
+            )
+        self.rotary = rotary
+        self._rotary_bound = True
 
     def get_stored_length(self, layer_idx: int = 0) -> int:
         """Tokens actually held by ``layer_idx`` (``get_seq_length`` counts every token seen, as generate expects)."""

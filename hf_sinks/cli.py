@@ -219,6 +219,7 @@ def cmd_generate(args) -> int:
     from transformers import TextStreamer
 
     import hf_sinks
+    from hf_sinks.compat import cache_kwargs
 
     if args.window_length < 1:
         raise CLIError(f"--window-length={args.window_length} must be >= 1")
@@ -251,7 +252,7 @@ def cmd_generate(args) -> int:
         history = torch.cat([history, new_ids], dim=1)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, streamer=streamer,
-                          past_key_values=cache, attention_mask=torch.ones_like(history),
+                          **cache_kwargs(cache), attention_mask=torch.ones_like(history),
                           pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
         if args.temperature > 0:
             gen_kwargs.update(temperature=args.temperature, top_p=args.top_p)

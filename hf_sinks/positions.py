@@ -4,16 +4,20 @@
 ~0.03 rad. The hook (a forward pre-hook on the base model, installed per instance by :func:`hf_sinks.apply`) asks
 the cache for bounded positions that keep every relative distance (see ``SinkCache.begin_forward``) and tells it
 the padding of the new tokens before any layer runs, so even stock attentions get left padding right.
+
+A streaming model given no cache (``model(ids, use_cache=True)`` with no cache, as attention_sinks' own loops do)
+gets a fresh :class:`SinkCache` here, so a hand-written loop streams in bounded memory like ``generate`` does.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
 from .cache import SinkCache
+from .compat import cache_from_kwargs, cache_kwarg_in
 from .models import get_spec
 from .rope import RotaryParams
 
@@ -26,22 +30,42 @@ def base_model_of(model: torch.nn.Module) -> torch.nn.Module:
     return base
 
 
-def install_position_hook(model: torch.nn.Module) -> RemovableHandle:
-    """Install the position hook on ``model``'s base model; returns the handle (``.remove()`` undoes it)."""
-    rotary = RotaryParams.from_model(model)
+def install_position_hook(
+    model: torch.nn.Module, rotary: RotaryParams, new_cache: Callable[[], SinkCache]
+) -> RemovableHandle:
+    """Install the position hook on ``model``'s base model; returns the handle (``.remove()`` undoes it).
+
+    Args:
+        model: the causal LM.
+        rotary: the model's own rotary parameters (a cache built with other ones is refused).
+        new_cache: builds the SinkCache of a forward that asks for a cache but brings none.
+    """
+    base = base_model_of(model)
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs)
+        if cache is None and _wants_new_cache(module, kwargs):
+            cache = new_cache()
+            kwargs[cache_kwarg_in(kwargs)] = cache
         if not isinstance(cache, SinkCache):
             return None
         tokens = kwargs.get("input_ids")
         if tokens is None:
             tokens = args[0] if args and args[0] is not None else kwargs["inputs_embeds"]
-        if cache.rotary is None:
-            cache.rotary = rotary
+        cache.bind_rotary(rotary)
         kwargs["position_ids"] = cache.begin_forward(
             tokens.shape[0], tokens.shape[1], kwargs.get("attention_mask"), tokens.device
         )
         return args, kwargs
 
-    return base_model_of(model).register_forward_pre_hook(hook, with_kwargs=True)
+    return base.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _wants_new_cache(module: torch.nn.Module, kwargs: dict[str, Any]) -> bool:
+    """A forward that will build a cache of its own (``use_cache``, inference): make it a SinkCache instead."""
+    if module.training:  # training forwards keep full attention (and transformers' own caching rules)
+        return False
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(module.config, "use_cache", False)
+    return bool(use_cache)

@@ -8,7 +8,7 @@ so a shift is exact whatever position the stream has reached.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,6 +23,18 @@ class RotaryParams:
 
     inv_freq: torch.Tensor  # [rotary_dim // 2], fp32, exactly the model's buffer when taken from the model
     rotary_dim: int
+    source: str = field(default="", compare=False)  # where the parameters came from, for error messages
+
+    def matches(self, other: "RotaryParams") -> bool:
+        """Same rotation (to fp32 rounding of the frequencies)."""
+        return self.rotary_dim == other.rotary_dim and torch.allclose(
+            self.inv_freq.double().cpu(), other.inv_freq.double().cpu(), rtol=1e-5, atol=0
+        )
+
+    def describe(self) -> str:
+        """E.g. ``rope_theta=10000.0 (rotary_dim=64, inv_freq[1]=0.749894)``, for error messages."""
+        first = f", inv_freq[1]={float(self.inv_freq[1]):.6g}" if self.inv_freq.numel() > 1 else ""
+        return f"{self.source or 'rotary'} (rotary_dim={self.rotary_dim}{first})"
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "RotaryParams":
@@ -31,7 +43,7 @@ class RotaryParams:
             inv_freq = getattr(module, "inv_freq", None)
             if isinstance(inv_freq, torch.Tensor) and hasattr(module, "attention_scaling"):
                 _check_static(getattr(module, "rope_type", "default"))
-                return cls(inv_freq.detach().float(), 2 * inv_freq.numel())
+                return cls(inv_freq.detach().float(), 2 * inv_freq.numel(), _describe_config(model.config))
         raise ValueError(f"{type(model).__name__} has no rotary embedding module (no `inv_freq` buffer).")
 
     @classmethod
@@ -49,7 +61,15 @@ class RotaryParams:
             inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         else:
             inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
-        return cls(inv_freq.float(), 2 * inv_freq.numel())
+        return cls(inv_freq.float(), 2 * inv_freq.numel(), _describe_config(config))
+
+
+def _describe_config(config) -> str:
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
+    rope_type = rope.get("rope_type", "default")
+    kind = "" if rope_type == "default" else f"rope_type={rope_type!r}, "
+    return f"{getattr(config, 'model_type', 'model')} config ({kind}rope_theta={theta})"
 
 
 def _check_static(rope_type: str) -> None:

@@ -5,6 +5,11 @@ projection, head split, rotary and output projection run as before, and only the
 ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`` (an hf_sinks ``sink_*`` function). Removing the instance
 attribute restores the original method.
 
+Falcon picks its attention class from ``FALCON_ATTENTION_CLASSES[config._attn_implementation]``, so
+``from_pretrained(..., attn_implementation="sink_sdpa")`` would fail with a bare ``KeyError``: :func:`register` adds
+the ``sink_*`` names there, mapped to :class:`FalconSinkAttention` (the same delegating forward, as a class), so
+loading with a sink attention works as it does for Llama.
+
 ALiBi Falcons are refused: Falcon builds its ALiBi bias from the absolute token count at model level, outside the
 attention, so the cache cannot re-position it.
 """
@@ -16,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.falcon import modeling_falcon
 from transformers.models.falcon.modeling_falcon import FalconAttention, apply_rotary_pos_emb
 
 
@@ -62,6 +68,32 @@ def _sink_forward(
     return self.dense(out.reshape(batch, length, -1)), weights
 
 
+def _set_groups(module: FalconAttention) -> None:
+    # K/V arrive with `num_kv_heads` heads (new architecture: already broadcast to all heads by _split_heads)
+    kv_heads = module.num_heads if module.new_decoder_architecture else module.num_kv_heads
+    module.num_key_value_groups = module.num_heads // kv_heads
+
+
+class FalconSinkAttention(FalconAttention):
+    """``FalconAttention`` whose attention core is ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``."""
+
+    def __init__(self, config: Any, layer_idx: int | None = None):
+        check_supported(config)
+        super().__init__(config, layer_idx)
+        _set_groups(self)
+
+    forward = _sink_forward
+
+
+def register(names: Any) -> None:
+    """Map each attention name in ``names`` to :class:`FalconSinkAttention` for Falcon models built from now on."""
+    classes = getattr(modeling_falcon, "FALCON_ATTENTION_CLASSES", None)
+    if not isinstance(classes, dict):  # Falcon routes through AttentionInterface in this release: nothing to add
+        return
+    for name in names:
+        classes.setdefault(name, FalconSinkAttention)
+
+
 def is_patched(model: torch.nn.Module) -> bool:
     return any("forward" in vars(m) for m in model.modules() if isinstance(m, FalconAttention))
 
@@ -73,15 +105,14 @@ def patch_model(model: torch.nn.Module) -> Callable[[], None]:
     if not patched:
         raise ValueError(f"{type(model).__name__} has no FalconAttention module to patch.")
     for module in patched:
-        # K/V arrive with `num_kv_heads` heads (new architecture: already broadcast to all heads by _split_heads)
-        kv_heads = module.num_heads if module.new_decoder_architecture else module.num_kv_heads
-        module.num_key_value_groups = module.num_heads // kv_heads
+        _set_groups(module)
         module.forward = types.MethodType(_sink_forward, module)
 
     def undo() -> None:
         for module in patched:
             del module.forward
-            del module.num_key_value_groups
+            if not isinstance(module, FalconSinkAttention):
+                del module.num_key_value_groups
 
     undo.count = len(patched)  # type: ignore[attr-defined]
     return undo

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_sinks
 from hf_sinks.oracle import reference_logits
+from hf_sinks.compat import output_cache
 
 ARCHS = ["llama", "mistral", "gpt_neox", "falcon", "falcon_new"]
 LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"],
@@ -42,8 +43,8 @@ def test_config_flag_switches_streaming_on_and_generate_brings_its_cache(arch, t
     rows, ids, mask = padded_batch([12, 5])
     out = model.generate(ids, attention_mask=mask, max_new_tokens=15, min_new_tokens=15, do_sample=False,
                          output_logits=True, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, hf_sinks.SinkCache)
-    assert out.past_key_values.get_stored_length() == 9
+    assert isinstance(output_cache(out), hf_sinks.SinkCache)
+    assert output_cache(out).get_stored_length() == 9
     assert_rows_match_spec(model, rows, out, ids.shape[1], 2, 7)
 
 
@@ -69,7 +70,7 @@ def test_context_manager_restores_and_models_stay_independent(arch):
         before, other_before = model(prompt).logits, other(prompt).logits
     with hf_sinks.apply(model, num_sink_tokens=2, window_length=6):
         streamed = model.generate(prompt, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
-        assert isinstance(streamed.past_key_values, hf_sinks.SinkCache)
+        assert isinstance(output_cache(streamed), hf_sinks.SinkCache)
         with torch.no_grad():
             assert torch.equal(other(prompt).logits, other_before)
     assert "generate" not in vars(model)
@@ -82,7 +83,7 @@ def test_generate_keeps_a_user_cache_choice():
     hf_sinks.apply(model, num_sink_tokens=2, window_length=6)
     out = model.generate(random_ids(1, 4), max_new_tokens=3, use_cache=True, cache_implementation="static",
                          return_dict_in_generate=True)
-    assert not isinstance(out.past_key_values, hf_sinks.SinkCache)
+    assert not isinstance(output_cache(out), hf_sinks.SinkCache)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -96,5 +97,5 @@ def test_streams_after_get_peft_model_with_lora(arch):
     rows, ids, mask = padded_batch([14, 6], seed=40)
     out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12,
                               do_sample=False, output_logits=True, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, hf_sinks.SinkCache)
+    assert isinstance(output_cache(out), hf_sinks.SinkCache)
     assert_rows_match_spec(peft_model.base_model.model, rows, out, ids.shape[1], 2, 7)

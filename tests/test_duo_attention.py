@@ -19,6 +19,7 @@ from hf_sinks.duo import DuoCache, HeadPattern
 from hf_sinks.eval.memory import cache_bytes
 from hf_sinks.oracle import using_attention
 from hf_sinks.rope import RotaryParams
+from hf_sinks.compat import cache_kwargs
 
 duo.register()
 
@@ -63,10 +64,10 @@ def streamed_logits(model, ids, cache, chunks):
     """Feed ``ids`` in chunks of the given sizes (then token by token) through ``cache``; all logits."""
     out, pos = [], 0
     for size in chunks:
-        out.append(model(input_ids=ids[:, pos : pos + size], past_key_values=cache, use_cache=True).logits)
+        out.append(model(input_ids=ids[:, pos : pos + size], **cache_kwargs(cache), use_cache=True).logits)
         pos += size
     while pos < ids.shape[1]:
-        out.append(model(input_ids=ids[:, pos : pos + 1], past_key_values=cache, use_cache=True).logits)
+        out.append(model(input_ids=ids[:, pos : pos + 1], **cache_kwargs(cache), use_cache=True).logits)
         pos += 1
     return torch.cat(out, dim=1)
 
@@ -88,9 +89,9 @@ def test_all_retrieval_generate_equals_dynamic_cache(arch, kw):
     model = tiny_model(arch, attn_implementation="duo_sdpa", **kw)
     prompt = random_ids(2, 9)
     common = dict(max_new_tokens=16, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    duo_out = model.generate(prompt, past_key_values=DuoCache(HeadPattern.full(model.config), S, W), **common)
+    duo_out = model.generate(prompt, **cache_kwargs(DuoCache(HeadPattern.full(model.config), S, W)), **common)
     with using_attention(model, "sdpa"):
-        dense = model.generate(prompt, past_key_values=DynamicCache(), **common)
+        dense = model.generate(prompt, **cache_kwargs(DynamicCache()), **common)
     assert torch.equal(duo_out.sequences, dense.sequences)
     torch.testing.assert_close(torch.stack(duo_out.logits), torch.stack(dense.logits), atol=1e-5, rtol=0)
 
@@ -162,7 +163,7 @@ def test_stored_bytes_exact(chunks):
     streamed_logits(model, ids, cache, chunks)
     with using_attention(model, "sdpa"):
         dense = DynamicCache()
-        model(input_ids=ids, past_key_values=dense, use_cache=True)
+        model(input_ids=ids, **cache_kwargs(dense), use_cache=True)
     per_token_head = batch * 16 * 2 * 4  # keys + values, fp32
     expected = per_token_head * (1 * n + 3 * (S + W))
     assert cache.stored_bytes() == expected
@@ -233,15 +234,15 @@ def test_pattern_validation_errors(tmp_path):
     # the cache also checks the KV heads it actually receives
     wrong = HeadPattern(torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="3"):
-        model(input_ids=random_ids(1, 4), past_key_values=DuoCache(wrong, S, W), use_cache=True)
+        model(input_ids=random_ids(1, 4), **cache_kwargs(DuoCache(wrong, S, W)), use_cache=True)
 
 
 def test_stock_attention_is_refused():
     model = tiny_model("llama", attn_implementation="sdpa")
     cache = DuoCache(HeadPattern.streaming(model.config), S, W)
-    model(input_ids=random_ids(1, 4), past_key_values=cache, use_cache=True)
+    model(input_ids=random_ids(1, 4), **cache_kwargs(cache), use_cache=True)
     with pytest.raises(ValueError, match="duo_sdpa"):
-        model(input_ids=random_ids(1, 1), past_key_values=cache, use_cache=True)
+        model(input_ids=random_ids(1, 1), **cache_kwargs(cache), use_cache=True)
 
 
 def test_duo_sdpa_without_duo_cache_is_stock_sdpa():
@@ -435,7 +436,7 @@ def test_beam_search_all_retrieval_equals_dynamic_cache():
     model = tiny_model("llama", attn_implementation="duo_sdpa")
     prompt = random_ids(1, 6)
     common = dict(max_new_tokens=10, do_sample=False, num_beams=3, num_return_sequences=2)
-    got = model.generate(prompt, past_key_values=DuoCache(HeadPattern.full(model.config), S, W), **common)
+    got = model.generate(prompt, **cache_kwargs(DuoCache(HeadPattern.full(model.config), S, W)), **common)
     with using_attention(model, "sdpa"):
-        dense = model.generate(prompt, past_key_values=DynamicCache(), **common)
+        dense = model.generate(prompt, **cache_kwargs(DynamicCache()), **common)
     assert torch.equal(got, dense)

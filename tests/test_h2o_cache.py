@@ -12,6 +12,7 @@ from hf_sinks.attention.reference import visible_indices
 from hf_sinks.h2o_cache import H2O_ATTENTION, H2OCache, h2o_perplexity, register
 from hf_sinks.oracle import reference_logits, using_attention
 from hf_sinks.rope import RotaryParams, apply_rotary, shift_rotary
+from hf_sinks.compat import cache_kwargs
 
 register()
 
@@ -81,7 +82,7 @@ def stream(model, ids, cache, chunk, record=False):
     logits, kept = [], []
     with using_attention(model, H2O_ATTENTION), torch.no_grad():
         for b in range(0, ids.numel(), chunk):
-            out = model(input_ids=ids[None, b : b + chunk], past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids[None, b : b + chunk], **cache_kwargs(cache), use_cache=True)
             logits.append(out.logits[0])
             if record:
                 kept.append([cache.kept_token_indices(l)[0].tolist() for l in range(len(cache.layers))])
@@ -139,7 +140,7 @@ def test_mixed_chunks_and_decode_steps():
     logits, bounds = [], [0, 17, 18, 19, 20, 21, 22, 31, 32, 33, 34, 45, 46, 60]
     with using_attention(model, H2O_ATTENTION), torch.no_grad():
         for b0, b1 in zip(bounds, bounds[1:]):
-            logits.append(model(input_ids=ids[None, b0:b1], past_key_values=cache).logits[0])
+            logits.append(model(input_ids=ids[None, b0:b1], **cache_kwargs(cache)).logits[0])
             for layer in range(2):
                 assert cache.kept_token_indices(layer)[0].tolist() == ref_kept[layer][b1 - 1], (b1, layer)
     torch.testing.assert_close(torch.cat(logits), ref_logits, atol=2e-5, rtol=1e-4)
@@ -209,7 +210,7 @@ def test_batch_rows_are_independent():
     ids = random_ids(2, 30, seed=5)
     cache = H2OCache(1, 4, 4)
     with using_attention(model, H2O_ATTENTION), torch.no_grad():
-        both = torch.cat([model(input_ids=ids[:, b : b + 5], past_key_values=cache).logits for b in range(0, 30, 5)], 1)
+        both = torch.cat([model(input_ids=ids[:, b : b + 5], **cache_kwargs(cache)).logits for b in range(0, 30, 5)], 1)
     for row in range(2):
         alone, _ = stream(model, ids[row], H2OCache(1, 4, 4), chunk=5)
         torch.testing.assert_close(both[row], alone, atol=2e-5, rtol=1e-4)
@@ -219,7 +220,7 @@ def test_generate():
     """Greedy generate with an H2OCache picks, at every step, the argmax of the reference logits."""
     model = tiny_model("llama", attn_implementation=H2O_ATTENTION, layers=2)
     cache = H2OCache(2, 4, 4)
-    out = model.generate(random_ids(1, 12), past_key_values=cache, max_new_tokens=20, min_new_tokens=20,
+    out = model.generate(random_ids(1, 12), **cache_kwargs(cache), max_new_tokens=20, min_new_tokens=20,
                          do_sample=False, pad_token_id=0)
     assert out.shape == (1, 32)
     assert cache.get_seq_length() == 31 and cache.get_stored_length() == 9
@@ -232,9 +233,9 @@ def test_stock_attention_is_refused():
     model = tiny_model("llama", attn_implementation="sdpa", layers=1)
     cache = H2OCache(1, 4, 4)
     with torch.no_grad():
-        model(input_ids=random_ids(1, 5), past_key_values=cache)
+        model(input_ids=random_ids(1, 5), **cache_kwargs(cache))
         with pytest.raises(ValueError, match="attn_implementation='h2o_sdpa'"):
-            model(input_ids=random_ids(1, 1), past_key_values=cache)
+            model(input_ids=random_ids(1, 1), **cache_kwargs(cache))
 
 
 def test_without_cache_is_stock_sdpa():
@@ -282,7 +283,7 @@ def test_beam_search_reorders_rows():
     """Beam search reorders/repeats the cache rows; every beam still holds S + W + H - 1 tokens per KV head."""
     model = tiny_model("llama", attn_implementation=H2O_ATTENTION, layers=2)
     cache = H2OCache(1, 3, 3)
-    out = model.generate(random_ids(1, 10), past_key_values=cache, max_new_tokens=8, min_new_tokens=8,
+    out = model.generate(random_ids(1, 10), **cache_kwargs(cache), max_new_tokens=8, min_new_tokens=8,
                          num_beams=2, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 18)
     assert cache.kept_token_indices(0).shape[:1] == (2,) and cache.get_stored_length() == 6
@@ -336,7 +337,7 @@ def test_cache_positions_mixed_steps():
     bounds, logits = [0, 12, 13, 14, 15, 16, 17, 18, 29, 30, 31, 40, 41, 50], []
     with using_attention(model, H2O_ATTENTION), torch.no_grad():
         for b0, b1 in zip(bounds, bounds[1:]):
-            logits.append(model(input_ids=ids[None, b0:b1], past_key_values=cache).logits[0])
+            logits.append(model(input_ids=ids[None, b0:b1], **cache_kwargs(cache)).logits[0])
             assert cache.kept_token_indices(1)[0].tolist() == ref_kept[1][b1 - 1], b1
     torch.testing.assert_close(torch.cat(logits), ref_logits, atol=2e-5, rtol=1e-4)
 

@@ -7,6 +7,7 @@ import torch
 
 import hf_sinks
 from hf_sinks.oracle import reference_logits
+from hf_sinks.compat import cache_kwargs
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +34,7 @@ def test_smollm2_streams_past_its_cache_exactly(smollm2):
     text = "The old lighthouse keeper climbed the stairs every night, counting each step as the storm rolled in."
     prompt = tokenizer(text, return_tensors="pt").input_ids
     cache = hf_sinks.SinkCache(sinks, window)
-    out = model.generate(prompt, past_key_values=cache, max_new_tokens=48, min_new_tokens=48, do_sample=False,
+    out = model.generate(prompt, **cache_kwargs(cache), max_new_tokens=48, min_new_tokens=48, do_sample=False,
                          output_logits=True, return_dict_in_generate=True)
     assert out.sequences.shape[1] > sinks + window + 20  # well past capacity
     assert cache.get_stored_length() == sinks + window

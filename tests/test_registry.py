@@ -7,6 +7,7 @@ from transformers import AttentionInterface, AttentionMaskInterface, AutoModelFo
 
 import hf_sinks
 from hf_sinks.attention import ATTENTION_IMPLEMENTATIONS
+from hf_sinks.compat import cache_kwargs
 
 NAMES = sorted(ATTENTION_IMPLEMENTATIONS)
 
@@ -35,7 +36,7 @@ def test_without_sink_cache_they_are_exactly_the_stock_attention(name, stock, ar
     outs = []
     for impl in (name, stock):
         model = tiny_model(arch, impl, **extra)
-        out = model.generate(prompt, attention_mask=mask, past_key_values=DynamicCache(config=model.config), max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        out = model.generate(prompt, attention_mask=mask, **cache_kwargs(DynamicCache(config=model.config)), max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
         outs.append(torch.stack(out.logits))
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
 
@@ -73,7 +74,7 @@ def test_apply_and_remove_restore_the_model_exactly():
     assert model.config.attention_sinks == {"num_sink_tokens": 2, "window_length": 6, "position_mode": "cache"}
     hf_sinks.apply(model, window_length=8)  # idempotent: replaces, never stacks hooks
     assert len(model.model._forward_pre_hooks) == 1
-    model.generate(prompt, past_key_values=hf_sinks.SinkCache.from_model(model), max_new_tokens=12)
+    model.generate(prompt, **cache_kwargs(hf_sinks.SinkCache.from_model(model)), max_new_tokens=12)
     model._hf_sinks_handle.remove()
     handle.remove()
     assert model.config._attn_implementation == "sdpa"

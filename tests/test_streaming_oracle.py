@@ -10,6 +10,7 @@ from conftest import random_ids, tiny_model
 
 import hf_sinks
 from hf_sinks.oracle import recompute_logits, reference_logits, using_attention
+from hf_sinks.compat import cache_kwargs
 
 TOL = 1e-4
 SINK_IMPLS = ["sink_sdpa", "sink_eager", "sink_flex"]
@@ -18,7 +19,7 @@ SINK_IMPLS = ["sink_sdpa", "sink_eager", "sink_flex"]
 def stream(model, prompt, cache, new_tokens, **kwargs):
     out = model.generate(
         prompt,
-        past_key_values=cache,
+        **cache_kwargs(cache),
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         do_sample=kwargs.pop("do_sample", False),
@@ -131,7 +132,7 @@ def test_beam_search_scores_match_spec():
     model = tiny_model("llama", "sink_sdpa", layers=2)
     out = model.generate(
         random_ids(1, prompt_len),
-        past_key_values=hf_sinks.SinkCache(sinks, window),
+        **cache_kwargs(hf_sinks.SinkCache(sinks, window)),
         num_beams=3,
         num_return_sequences=3,
         max_new_tokens=14,
@@ -185,7 +186,7 @@ def test_long_prompt_is_processed_in_bounded_blocks(monkeypatch):
     model = tiny_model("llama", "sink_sdpa", layers=2)
     prompt = random_ids(1, 90)
     with torch.no_grad():
-        logits = model(prompt, past_key_values=hf_sinks.SinkCache(sinks, window)).logits[0]
+        logits = model(prompt, **cache_kwargs(hf_sinks.SinkCache(sinks, window))).logits[0]
     monkeypatch.undo()
     torch.testing.assert_close(logits, reference_logits(model, prompt, sinks, window), atol=TOL, rtol=0)
     assert key_lengths and max(key_lengths) <= sinks + 2 * window + 8  # never the whole 90-token prompt
@@ -220,4 +221,4 @@ def test_stock_attention_refuses_left_padded_batch():
     mask = torch.ones_like(prompt)
     mask[1, :3] = 0
     with pytest.raises(ValueError, match="left-padded batch.*sink_sdpa"):
-        model.generate(prompt, attention_mask=mask, past_key_values=hf_sinks.SinkCache.from_model(model), max_new_tokens=3)
+        model.generate(prompt, attention_mask=mask, **cache_kwargs(hf_sinks.SinkCache.from_model(model)), max_new_tokens=3)

@@ -27,7 +27,7 @@ over keys of different lengths. Without a ``DuoCache`` ``duo_sdpa`` is stock SDP
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="duo_sdpa")
     pattern = HeadPattern.load("pattern.safetensors")          # or identify_heads(model, tokenizer=tok)
     cache = DuoCache(pattern, num_sink_tokens=64, window_length=256)
-    model.generate(**inputs, past_key_values=cache, max_new_tokens=200)
+    model.generate(**inputs, cache=cache, max_new_tokens=200)  # past_key_values=cache before transformers 5.24
 
 Modules: ``pattern`` (HeadPattern), ``cache`` (DuoCache), ``attention`` (``duo_sdpa``, ``duo_gate``, :func:`register`),
 ``identify`` (:func:`identify_heads`, :func:`attention_mass_scores`, :func:`passkey_retrieval_scores`), ``eval``

@@ -5,7 +5,7 @@ Procedure (:func:`decode_benchmark`), for each stream length ``L`` in increasing
 * ``"sink"`` (``SinkCache(S, W)``) and ``"dense"`` (``DynamicCache``) each keep one stream going for the whole
   benchmark. The stream is advanced to ``L`` tokens with untimed chunked forwards (``prefill_chunk`` tokens each;
   exact for the sink cache, see :mod:`hf_sinks.eval.perplexity`), then ``warmup`` untimed and ``steps`` timed
-  single-token forwards follow (``model(token, past_key_values=cache, logits_to_keep=1)``: one decoding step of
+  single-token forwards follow (``model(token, **cache_kwargs(cache), logits_to_keep=1)``: one decoding step of
   ``generate`` without the sampling). The timed steps are split into ``rounds`` blocks that alternate between the
   modes (A B, B A, ...), so bursts of machine noise hit them alike.
 * ``"recompute"`` (sliding window with re-computation) keeps no state: each of its ``recompute_steps`` timed steps is
@@ -27,6 +27,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ..compat import cache_kwargs
 from .memory import cache_bytes, rss_bytes
 from .perplexity import make_cache, sink_attention, visible_positions
 
@@ -109,7 +110,7 @@ def decode_benchmark(
                 bar.set_description(f"bench {mode}: prefill to {length}")
                 while state["pos"] < length:
                     n = min(prefill_chunk, length - state["pos"])
-                    model(input_ids=_tokens(ids, state["pos"], n)[None], past_key_values=state["cache"], use_cache=True,
+                    model(input_ids=_tokens(ids, state["pos"], n)[None], **cache_kwargs(state["cache"]), use_cache=True,
                           logits_to_keep=1)
                     state["pos"] += n
                 at[mode] = state["pos"]
@@ -164,7 +165,7 @@ def _decode_steps(model, ids, state: dict, count: int, device) -> list[float]:
         token = _tokens(ids, state["pos"], 1)[None]
         _sync(device)
         t0 = time.perf_counter()
-        model(input_ids=token, past_key_values=state["cache"], use_cache=True, logits_to_keep=1)
+        model(input_ids=token, **cache_kwargs(state["cache"]), use_cache=True, logits_to_keep=1)
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
         state["pos"] += 1

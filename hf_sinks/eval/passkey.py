@@ -35,6 +35,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..compat import cache_kwargs
 from .perplexity import make_cache, sink_attention
 
 PASSKEY_MODES = ("dense", "sink", "h2o", "duo")
@@ -161,7 +162,7 @@ def _answer_passkey(model, input_ids, mode, num_sink_tokens, window_length, chun
         cache = _passkey_cache(model, stack, mode, num_sink_tokens, window_length, heavy_budget, pattern)
         logits = None
         for begin in range(0, ids.shape[1], chunk_size):
-            out = model(input_ids=ids[:, begin : begin + chunk_size], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids[:, begin : begin + chunk_size], **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
             logits = out.logits[:, -1]
         kv_bytes = cache_bytes(cache)
         answer: list[int] = []
@@ -170,7 +171,7 @@ def _answer_passkey(model, input_ids, mode, num_sink_tokens, window_length, chun
             answer.append(int(token))
             if len(answer) == max_new_tokens:
                 break
-            logits = model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(input_ids=token[:, None], **cache_kwargs(cache), use_cache=True).logits[:, -1]
     return answer, kv_bytes
 
 

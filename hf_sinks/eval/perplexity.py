@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..compat import cache_kwargs
 from .memory import MemoryMeter, cache_bytes
 
 MODES = ("dense", "window", "sink", "recompute")
@@ -299,7 +300,7 @@ def make_cache(model: torch.nn.Module, mode: str, num_sink_tokens: int | None, w
 def _cached_steps(model, stream, cache, chunk_size):
     for begin in range(0, stream.numel(), chunk_size):
         chunk = stream[begin : begin + chunk_size][None]
-        out = model(input_ids=chunk, past_key_values=cache, use_cache=True)
+        out = model(input_ids=chunk, **cache_kwargs(cache), use_cache=True)
         yield begin, out.logits[0], cache
 
 

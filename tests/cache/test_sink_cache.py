@@ -14,6 +14,7 @@ def feed(cache, start, size, batch=2, heads=2):
     idx = torch.arange(start, start + size, dtype=torch.float32)
     values = idx.view(1, 1, size, 1).expand(batch, heads, size, 4).clone()
     keys = torch.randn(batch, heads, size, 4)
+    cache.begin_forward(batch, size, None, keys.device)  # as the position hook does: no padding in these rows
     return cache.update(keys, values, 0)
 
 
@@ -60,6 +61,7 @@ def test_batch_operations_move_every_row_state():
     for i in range(6):
         keys = torch.randn(3, 1, 1, 4)
         values = torch.full((3, 1, 1, 4), float(i)) + torch.arange(3.0).view(3, 1, 1, 1) * 100
+        cache.begin_forward(3, 1, None, keys.device)
         cache.update(keys, values, 0)
     layer = cache.layers[0]
     before = layer.values.clone()

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from hf_sinks.compat import cache_from_kwargs
 from hf_sinks.eval.passkey import (
     FILLER,
     INSTRUCTION,
@@ -88,9 +89,10 @@ class KeyReader(torch.nn.Module):
         self.question = tokenizer(QUESTION, add_special_tokens=False).input_ids
         self.seen, self.pending, self.cache = [], [], None
 
-    def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=0):
-        if past_key_values is not self.cache:  # a new prompt
-            self.cache, self.seen, self.pending = past_key_values, [], []
+    def forward(self, input_ids, use_cache=True, logits_to_keep=0, **kwargs):
+        cache = cache_from_kwargs(kwargs)
+        if cache is not self.cache:  # a new prompt
+            self.cache, self.seen, self.pending = cache, [], []
         self.seen += input_ids[0].tolist()
         if self.seen[-len(self.question) :] == self.question and not self.pending:
             key = first_number(self.tokenizer.decode(self.seen).split("pass key is", 1)[1])
@@ -125,13 +127,13 @@ class PromptRecorder(KeyReader):
         super().__init__(tokenizer, lambda key: False)
         self.prompts = []
 
-    def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=0):
-        if past_key_values is not self.cache:  # a new prompt (KeyReader resets its state too)
+    def forward(self, input_ids, use_cache=True, logits_to_keep=0, **kwargs):
+        if cache_from_kwargs(kwargs) is not self.cache:  # a new prompt (KeyReader resets its state too)
             self.prompts.append([])
             self.pending = []
         if not self.pending:  # still reading the prompt
             self.prompts[-1] += input_ids[0].tolist()
-        return super().forward(input_ids, past_key_values, use_cache, logits_to_keep)
+        return super().forward(input_ids, use_cache, logits_to_keep, **kwargs)
 
 
 def test_prefix_ids_are_prepended_to_the_same_prompts(tokenizer):
@@ -198,7 +200,7 @@ def _record_caches(model):
     seen = []
 
     def hook(module, args, kwargs):
-        seen.append((type(kwargs.get("past_key_values")).__name__, module.config._attn_implementation))
+        seen.append((type(cache_from_kwargs(kwargs)).__name__, module.config._attn_implementation))
 
     model.register_forward_pre_hook(hook, with_kwargs=True)
     return seen

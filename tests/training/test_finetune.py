@@ -14,6 +14,7 @@ from training_helpers import LEARNABLE_TEXT, char_tokenizer, logits_of
 import hf_sinks
 from hf_sinks.training import finetune, load_finetuned, prepend_sink_token
 from hf_sinks.training.finetune import LOSS_CSV, LOSS_PNG, RECIPE_FILE
+from hf_sinks.compat import cache_kwargs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -95,7 +96,7 @@ def test_merged_sink_token_model_streams_with_one_sink(tmp_path):
 
     ids = out[:, :30]
     cache = hf_sinks.SinkCache.from_model(merged, num_sink_tokens=1, window_length=8)
-    streamed = torch.cat([merged(input_ids=ids[:, i : i + 1], past_key_values=cache).logits for i in range(ids.shape[1])], 1)
+    streamed = torch.cat([merged(input_ids=ids[:, i : i + 1], **cache_kwargs(cache)).logits for i in range(ids.shape[1])], 1)
     oracle = reference_logits(merged, ids[0], 1, 8)
     torch.testing.assert_close(streamed[0], oracle, rtol=1e-4, atol=1e-4)
 
