@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Decode cost of a full SinkCache vs a plain DynamicCache holding the same number of tokens (DESIGN §3).
+"""Decode cost of a full SinkCache vs a plain DynamicCache holding the same number of tokens (docs/design.md §4.1).
 
 Target: ``ms_per_token(SinkCache, full and evicting) / ms_per_token(DynamicCache, same resident tokens) <= 1.05``.
 

@@ -270,7 +270,7 @@ class SinkCacheLayer(RowStateLayer):
         return -self.cache.position_base(self.real_seen.shape[0], self.device)
 
     def query_cache_positions(self, real: torch.Tensor) -> torch.Tensor:
-        """Position of a query inside its visible set (DESIGN §2): its real index, capped at ``S + W - 1``."""
+        """Position of a query in its visible set (docs/design.md §2.2): its real index, capped at ``S + W - 1``."""
         return real.clamp(max=self.capacity - 1)
 
     def sink_offset(self) -> torch.Tensor:

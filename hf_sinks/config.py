@@ -1,4 +1,4 @@
-"""`SinkConfig`: the validated description of how a model streams (DESIGN §2)."""
+"""`SinkConfig`: the validated description of how a model streams (docs/design.md §2.1, §2.2)."""
 
 from __future__ import annotations
 

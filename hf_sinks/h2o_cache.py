@@ -11,7 +11,7 @@ Semantics (the contract the tests check against a naive full-attention-matrix re
   (the ``H`` heavy hitters plus the token that just left the window) the one with the **lowest score** goes, the
   **oldest** on ties. Evicted tokens never come back. Each KV head (and batch row) evicts independently, so heads
   keep different tokens; they always hold the same *number* of tokens.
-* ``heavy_budget=0`` is exactly the sink + window visibility rule of DESIGN §2: query ``t`` sees ``j <= t`` with
+* ``heavy_budget=0`` is exactly the visibility rule of docs/design.md §2.1: query ``t`` sees ``j <= t`` with
   ``j < S`` or ``t - j < W``.
 * **Positions.** Keys are always *stored* as the model rotated them, at their original absolute positions (the
   cache reports every token seen through ``get_seq_length``, so the model assigns positions as without eviction).
@@ -23,7 +23,7 @@ Semantics (the contract the tests check against a naive full-attention-matrix re
     see docs/benchmarks/h2o_smollm2_12k).
   - ``"cache"`` (StreamingLLM-style, like SinkCache): the query that sees ``m`` keys sits at ``m - 1`` and those keys
     at ``0..m-1`` in text order, so the window keeps its true distances and sinks + heavy hitters sit just before it.
-    With ``heavy_budget=0`` these are exactly DESIGN §2's cache positions. Each attention rotates the held keys from
+    With ``heavy_budget=0`` they are those of docs/design.md §2.2. Each attention rotates the held keys from
     their stored originals (angles in fp64: no drift; O(C) per step and KV head).
 
 The scores need the attention probabilities, which no fused kernel returns: use the registered ``h2o_sdpa``
@@ -316,7 +316,7 @@ class H2OCache(Cache):
         heavy_budget: ``H`` further tokens kept by accumulated attention (>= 0; 0 gives sinks + window).
         positions: ``"original"`` (default; H2O's scheme: every token keeps its position in the text) or
             ``"cache"`` (StreamingLLM-style: the query at ``m - 1`` and the ``m`` keys it sees at ``0..m-1`` in text
-            order; with ``heavy_budget=0`` exactly DESIGN §2's cache positions). See the module docstring.
+            order; with ``heavy_budget=0`` the cache positions of docs/design.md §2.2). See the module docstring.
         rotary: the model's :class:`~hf_sinks.rope.RotaryParams` (``"cache"`` only; taken from the model's config at
             the first forward when omitted).
     """

@@ -1,4 +1,4 @@
-"""Which model types hf_sinks supports and how each is routed (DESIGN §4).
+"""Which model types hf_sinks supports and how each is routed (docs/design.md §5.5).
 
 ``route="interface"``: the model calls transformers' ``AttentionInterface``, so the registered ``sink_*`` functions
 and ``SinkCache`` are all it needs. ``route="patch"``: the model bypasses the interface and needs

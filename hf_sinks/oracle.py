@@ -1,4 +1,4 @@
-"""The recompute oracle (DESIGN §2): what a streaming model must output, computed the slow, obvious way.
+"""The recompute oracle (docs/design.md §3.1): what a streaming model must output, computed the slow, obvious way.
 
 For token ``i`` the oracle runs a fresh forward pass over only the tokens visible to ``i`` (sinks + window, by the
 visibility rule) with positions ``0..len-1`` and no cache, and takes the last logits. This is also the "sliding

@@ -1,6 +1,6 @@
 """Sink+window attention (StreamingLLM) as one Triton kernel: forward, backward, launchers, autograd.
 
-Visibility (DESIGN §2), per batch row, from the real-token index of every query and key column::
+Visibility (docs/design.md §2.1), per batch row, from the real-token index of every query and key column::
 
     query r sees key j  iff  j >= 0, r >= 0, j <= r and (j < S or r - j < W)
 

@@ -10,7 +10,7 @@ onto a copy of the base and merged) and runs :func:`hf_sinks.eval.passkey.passke
 * ``fine-tuned dense``: the trained ``<|sink|>`` token prepended (as in training), no eviction;
 * ``fine-tuned sink 1+255``: the trained token prepended and kept as the single sink.
 
-The cached runs hold ``--cache-size`` tokens (256, as in the perplexity figures of docs/FINETUNE_README_SECTION.md).
+The cached runs hold ``--cache-size`` tokens (256, as in the perplexity figures of docs/finetuning.md).
 The prepended token does not count toward the context length (``prefix_ids`` of ``passkey_accuracy``). Lengths run
 in increasing order, each for all four runs; a length is skipped if the time so far, scaled by the tokens it adds,
 predicts a total above ``--max-minutes``. Writes ``passkey.csv`` and ``passkey.png`` to ``--output-dir`` and prints a

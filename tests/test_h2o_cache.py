@@ -163,7 +163,7 @@ def test_kept_keys_stay_at_their_original_positions(chunk):
 
 
 def _visibility_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """DESIGN §2's visibility rule (hf_sinks.attention.reference.visible_indices) at absolute positions."""
+    """docs/design.md §2.1 visibility (hf_sinks.attention.reference.visible_indices) at absolute positions."""
     s, w = _REF["args"][:2]
     length = query.shape[2]
     mask = torch.zeros(length, length, dtype=torch.bool)
@@ -322,7 +322,7 @@ def test_cache_positions_match_reference(s, w, heavy, chunk, monkeypatch):
 
 @pytest.mark.parametrize("chunk", [1, 7])
 def test_cache_positions_without_heavy_hitters_are_the_sink_spec(chunk):
-    """heavy_budget=0 with positions='cache' is DESIGN §2 exactly: the fp64 spec (hf_sinks.oracle.reference_logits)."""
+    """heavy_budget=0, positions='cache' is docs/design.md §2.1-2.2: the fp64 spec (oracle.reference_logits)."""
     model = tiny_model("llama", attn_implementation="sdpa", layers=2, heads=4, kv_heads=2)
     ids = random_ids(1, 40, seed=21)[0]
     logits, _ = stream(model, ids, H2OCache(3, 6, 0, positions="cache"), chunk=chunk)

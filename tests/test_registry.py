@@ -58,10 +58,12 @@ def test_every_model_spec_has_an_oracle_test_and_a_readme_row():
     root = pathlib.Path(__file__).resolve().parents[1]
     oracle_tests = (root / "tests" / "test_streaming_oracle.py").read_text()
     readme = (root / "README.md").read_text()
+    models_page = (root / "docs" / "models.md").read_text()
     for model_type, spec in hf_sinks.MODEL_SPECS.items():
         assert spec.route in ("interface", "patch")
         assert f'"{model_type}"' in oracle_tests, f"no oracle test for {model_type}"
         assert f"| `{model_type}` |" in readme, f"no README row for {model_type}"
+        assert f"| `{model_type}` |" in models_page, f"no docs/models.md row for {model_type}"
 
 
 def test_apply_and_remove_restore_the_model_exactly():

@@ -1,4 +1,4 @@
-"""The heart of the suite: streaming inside ``generate`` equals the oracles (DESIGN §2), token by token.
+"""The heart of the suite: streaming inside ``generate`` equals the oracles (docs/design.md §3), token by token.
 
 * one-layer models: the recompute oracle (fresh forward over the visible tokens, positions 0..len-1);
 * deeper models: a full-sequence forward where every attention layer is the fp64 spec (``reference_logits``).

@@ -1,7 +1,7 @@
 """The registered ``sink_*`` attention functions (``AttentionInterface``).
 
 With a :class:`~hf_sinks.cache.SinkCache` they apply the exact visibility rule and cache-relative positions of
-DESIGN §2 from the cache layer's per-slot bookkeeping:
+docs/design.md §2.1, §2.2 from the cache layer's per-slot bookkeeping:
 
 * decode (one token, already written in place by the cache): shift the ``S`` sink keys to the query (O(S)), then
   one attention call over the resident slots;

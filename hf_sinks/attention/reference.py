@@ -1,4 +1,4 @@
-"""The specification of sink attention, written for clarity, not speed (DESIGN §2).
+"""The specification of sink attention, written for clarity, not speed (docs/design.md §2.1, §2.2).
 
 Every backend (the registered ``sink_*`` functions, the cache, the Triton kernels) is tested against this one
 function, itself checked against plain causal attention when nothing is evicted. Inputs are *un-rotated* per-token

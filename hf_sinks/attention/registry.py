@@ -11,7 +11,7 @@ from .triton import sink_triton_attention_forward
 
 
 #: ``attn_implementation`` name -> (attention function, mask function). Without the mask registration transformers
-#: would hand the function no mask at all (DESIGN §5).
+#: would hand the function no mask at all (docs/design.md §5.4).
 ATTENTION_IMPLEMENTATIONS = {
     "sink_sdpa": (sink_sdpa_attention_forward, sink_sdpa_mask),
     "sink_eager": (sink_eager_attention_forward, sink_eager_mask),

@@ -1,6 +1,6 @@
 """Learned per-head sink logits (gpt-oss style) on an attention module: where they live and how they are read.
 
-Unrelated to sink *tokens* (DESIGN §2 keeps the names apart): one extra logit ``b_h`` per head joins every softmax
+Unrelated to sink *tokens* (docs/design.md §2.4): one extra logit ``b_h`` per head joins every softmax
 denominator with no value attached, ``out = (sum_j e^{s_j} v_j) / (sum_j e^{s_j} + e^{b_h})``. An attention module
 carries them as ``module.sink_logits``: a ``[num_heads]`` tensor/parameter, or a module whose call returns one
 (``hf_sinks.training.AttentionSinkLogits``; a module survives PEFT's ``modules_to_save`` wrapping, whose wrapper

@@ -8,7 +8,7 @@ Every (layer, KV head) is either a **retrieval head** (full KV, grows with the t
 Semantics (what the tests check against a per-head full-sequence reference):
 
 * **Visibility.** A retrieval head's query ``i`` sees every key ``j <= i``; a streaming head's query ``i`` sees key
-  ``j`` iff ``j <= i`` and (``j < S`` or ``i - j < W``) (DESIGN §2's rule, per head). This holds for decoding and for
+  ``j`` iff ``j <= i`` and (``j < S`` or ``i - j < W``) (docs/design.md §2.1 per head). It holds for decoding and for
   every query of a multi-token chunk (chunked prefill of a prompt longer than ``S + W``).
 * **Positions: the model's absolute positions, for every head (DuoAttention's setting: long-context models used
   within their trained context).** The cache reports every token seen through ``get_seq_length``, so the model

@@ -10,7 +10,7 @@ Modes:
 
 * ``"dense"``: a plain ``DynamicCache``; every token sees the whole prompt.
 * ``"sink"``: a ``SinkCache(S, W)`` and the ``sink_*`` attention (StreamingLLM): the prompt is streamed in chunks
-  with the visibility rule (DESIGN §2), so once the prompt is longer than ``S + W`` the key is *evicted* unless it
+  by the visibility rule (docs/design.md §2.1): once the prompt is longer than ``S + W`` the key is *evicted* unless it
   lies in the last ``W`` tokens. StreamingLLM does not extend memory; this eval shows exactly that.
 * ``"h2o"``: an :class:`~hf_sinks.h2o_cache.H2OCache` ``(S, W, heavy_budget)`` and the ``h2o_sdpa`` attention: sinks,
   the last ``W`` tokens and the ``heavy_budget`` tokens with the most accumulated attention, per layer and KV head.

@@ -14,7 +14,7 @@ Modes (StreamingLLM paper, Fig. 1):
 
 Token-by-token vs chunked. With ``chunk_size > 1`` the stream is fed ``chunk_size`` tokens per forward. For
 ``"dense"`` that is ordinary causal attention; for ``"sink"``/``"window"`` the ``sink_*`` attention functions apply
-the visibility rule (DESIGN §2) to every query of a chunk, with cache-relative positions, and each token's states at
+the visibility rule (docs/design.md §2.1) to each query of a chunk, at cache-relative positions; each token's states at
 every layer are computed from its own visible set in both cases. So the two are the *same computation* up to
 floating-point summation order: chunking only batches queries (tests/eval check chunk 1 == chunk 16 to 1e-4 in
 NLL). Chunking is much faster on CPU; token-by-token is what a decoding server does.

@@ -1,7 +1,7 @@
 """Learned per-head sink logits (gpt-oss style): an extra logit per head in the softmax denominator, no value.
 
 ``out = (Σ_j e^{s_j} v_j) / (Σ_j e^{s_j} + e^{b_h})``: a head can put attention mass "nowhere" instead of on a sink
-*token* (DESIGN §2 keeps the names apart: ``num_sink_tokens`` vs ``sink_logits``). Equivalent to rescaling the
+*token* (docs/design.md §2.4: ``num_sink_tokens`` vs ``sink_logits``). Equivalent to rescaling the
 ordinary attention output by ``σ(lse − b_h)``.
 
 Where the parameter lives: PEFT's ``modules_to_save`` wraps *modules*, not bare parameters, so each attention module

@@ -111,7 +111,7 @@ def test_recompute_equals_oracle(ids, sinks):
 
 
 def test_one_layer_sink_equals_recompute():
-    """For one layer streaming == sliding window with re-computation (DESIGN §2); deeper models differ."""
+    """For one layer streaming == sliding window with re-computation (docs/design.md §3.3); deeper models differ."""
     m = tiny_model("llama", layers=1)
     ids = random_ids(1, 40, seed=5)
     sink = streaming_perplexity(m, ids, mode="sink", num_sink_tokens=S, window_length=W, chunk_size=8, progress=False)

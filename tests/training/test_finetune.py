@@ -91,7 +91,7 @@ def test_merged_sink_token_model_streams_with_one_sink(tmp_path):
     prompt = prepend_sink_token(tok("the cat", return_tensors="pt")["input_ids"], result.recipe.sink_token_id)
     out = merged.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)
     assert out.shape == (1, prompt.shape[1] + 20) and out[0, 0] == result.recipe.sink_token_id
-    # token-by-token streaming with the trained sink matches hf_sinks' spec model (DESIGN §2)
+    # token-by-token streaming with the trained sink matches hf_sinks' spec model (docs/design.md §3.2)
     from hf_sinks.oracle import reference_logits
 
     ids = out[:, :30]
