@@ -132,6 +132,32 @@ def test_generate_one_shot(model_dir, capsys):
     assert new == 40 and seen >= 40 + 3 - 1 and resident == 14
 
 
+def test_generate_and_the_demo_warn_nothing(model_dir, capsys, caplog):
+    """`hf-sinks generate` and examples/streaming_generate.py: no deprecation raised or logged, on any release."""
+    import importlib.util
+    import logging
+    import warnings
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "streaming_generate_demo", Path(__file__).parents[1] / "examples" / "streaming_generate.py"
+    )
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    if hasattr(logging.Logger.warning_once, "cache_clear"):  # transformers logs a deprecation once per process
+        logging.Logger.warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        assert main(["generate", "--model", str(model_dir), "--prompt", "the king is", "--max-new-tokens", "20",
+                     "--ignore-eos", "--num-sink-tokens", "2", "--window-length", "8", "--no-progress"]) == 0
+        demo.main(["--model", str(model_dir), "--prompt", "the king", "--raw-prompt", "--max-new-tokens", "20",
+                   "--num-sink-tokens", "2", "--window-length", "8", "--greedy"])
+    assert "bounded" in capsys.readouterr().out
+    deprecations = [str(r.message) for r in records if issubclass(r.category, (FutureWarning, DeprecationWarning))]
+    assert deprecations == []
+    assert not [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+
+
 @pytest.mark.parametrize("fixture", ["model_dir", "chat_model_dir"])
 def test_chat_reuses_one_cache(request, monkeypatch, capsys, fixture):
     path = request.getfixturevalue(fixture)
