@@ -62,7 +62,8 @@ def test_streaming_generate_warns_nothing(caplog):
 
 
 # ------------------------------------------------------------------------------------------------ mask objects
-@pytest.mark.parametrize("impl", ["sink_sdpa", "sink_eager", "sink_flex"])
+# (not sink_flex: transformers 5.23 itself cannot precompute a flex mask for a static cache, stock flex included)
+@pytest.mark.parametrize("impl", ["sink_sdpa", "sink_eager"])
 def test_sink_masks_are_what_transformers_accepts(impl):
     """A precomputed mask (static cache) goes through transformers' own pre-processing on every release."""
     model = tiny_model("llama", impl)
