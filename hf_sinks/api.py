@@ -122,8 +122,6 @@ def apply(
             f"attn_implementation={attn_implementation!r} is not a sink attention; use one of {sorted(ATTENTION_IMPLEMENTATIONS)}."
         )
     overrides = {k: v for k, v in (("num_sink_tokens", num_sink_tokens), ("window_length", window_length)) if v is not None}
-    if overrides:
-        SinkConfig.from_dict({}, **overrides)  # bad sizes fail before the previous setup is removed
     previous = getattr(model, _APPLIED, None)
     if previous is not None:
         previous.remove()

@@ -414,6 +414,11 @@ class SinkCache(Cache):
         """Build from a :class:`SinkConfig` (or its dict form)."""
         if isinstance(sink_config, dict):
             sink_config = SinkConfig.from_dict(sink_config)
+        if not isinstance(sink_config, SinkConfig):
+            raise SinkTypeError(
+                f"sink_config={sink_config!r} is invalid: must be a SinkConfig or its dict form, not "
+                f"{type(sink_config).__name__}."
+            )
         return cls(sink_config.num_sink_tokens, sink_config.window_length, **kwargs)
 
     @classmethod

@@ -81,6 +81,10 @@ def check_common(args, output_dir: bool = True) -> None:
     of after the run) and ``--text-file``."""
     from .validation import check_device, check_output_dir, check_threads
 
+    if getattr(args, "model", None) is not None:
+        from .default_model import resolve_model
+
+        resolve_model(args.model)  # a missing path or a non-.gguf file fails now, not after the other checks
     check_threads(getattr(args, "threads", None))
     if getattr(args, "device", None) is not None:
         check_device(args.device)

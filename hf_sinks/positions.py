@@ -26,23 +26,6 @@ def base_model_of(model: torch.nn.Module) -> torch.nn.Module:
     return base
 
 
-def _check_same_rotary(cache: SinkCache, rotary: RotaryParams, model: torch.nn.Module) -> None:
-    """A cache built with another model's config would re-position sinks with the wrong frequencies: refuse it."""
-    theirs = cache.rotary
-    if theirs.rotary_dim != rotary.rotary_dim:
-        detail = f"it rotates {theirs.rotary_dim} channels per head, the model {rotary.rotary_dim}"
-    else:
-        mine, model_freq = theirs.inv_freq.float().cpu(), rotary.inv_freq.float().cpu()
-        if torch.allclose(mine, model_freq, rtol=1e-5, atol=0):
-            cache.rotary = rotary  # the model's own buffer: checked once
-            return
-        detail = f"its RoPE frequencies differ from the model's (inv_freq[-1] {float(mine[-1]):.6g} vs {float(model_freq[-1]):.6g})"
-    raise ValueError(
-        f"This SinkCache's rotary parameters are not {type(model).__name__}'s: {detail}; it was built with another "
-        f"model's config. Build it with SinkCache.from_model(model)."
-    )
-
-
 def install_position_hook(model: torch.nn.Module) -> RemovableHandle:
     """Install the position hook on ``model``'s base model; returns the handle (``.remove()`` undoes it)."""
     rotary = RotaryParams.from_model(model)
@@ -56,8 +39,6 @@ def install_position_hook(model: torch.nn.Module) -> RemovableHandle:
             tokens = args[0] if args and args[0] is not None else kwargs["inputs_embeds"]
         if cache.rotary is None:
             cache.rotary = rotary
-        elif cache.rotary is not rotary:
-            _check_same_rotary(cache, rotary, model)
         kwargs["position_ids"] = cache.begin_forward(
             tokens.shape[0], tokens.shape[1], kwargs.get("attention_mask"), tokens.device
         )

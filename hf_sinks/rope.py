@@ -35,11 +35,7 @@ class RotaryParams:
             if isinstance(inv_freq, torch.Tensor) and hasattr(module, "attention_scaling"):
                 _check_static(getattr(module, "rope_type", "default"))
                 return cls(inv_freq.detach().float(), 2 * inv_freq.numel())
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        raise ValueError(
-            f"{type(model).__name__} (model_type={model_type!r}) has no rotary embedding module (no `inv_freq` "
-            f"buffer): attention sinks need a RoPE model; {_SUPPORTED}."
-        )
+        raise ValueError(f"{type(model).__name__} has no rotary embedding module (no `inv_freq` buffer).")
 
     @classmethod
     def from_config(cls, config) -> "RotaryParams":
