@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -165,12 +164,6 @@ def _gpt2_config():
     from transformers import GPT2Config
 
     return GPT2Config()
-
-
-def _training(name):
-    import hf_sinks.training as training
-
-    return getattr(training, name, None) or getattr(__import__(f"hf_sinks.training.{name}", fromlist=["x"]), name)
 
 
 def _lazy(module, name):

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from ..validation import check_int
 
 #: Format tag written into saved patterns.
 PATTERN_FORMAT = "hf_sinks.HeadPattern"
