@@ -392,6 +392,9 @@ def analyze(
     """
     _check_args(epsilon, sink_tokens, num_tokens, secondary_factor, secondary_min_heads, min_distance)
     ids, tokenizer = _token_ids(tokenizer_or_ids, text, num_tokens)
+    from .validation import check_token_ids
+
+    check_token_ids(ids, model)
     length = ids.numel()
     if sink_tokens >= length:
         raise ValueError(f"sink_tokens={sink_tokens} must be smaller than the number of tokens ({length}).")
@@ -556,6 +559,11 @@ def cmd_analyze(args: Any) -> int:
         raise CLIError(f"--epsilon={args.epsilon} must be strictly between 0 and 1")
     if args.sink_tokens < 1:
         raise CLIError(f"--sink-tokens={args.sink_tokens} must be >= 1")
+    for flag, value, minimum in (("--secondary-factor", args.secondary_factor, "> 1"),
+                                 ("--secondary-min-heads", args.secondary_min_heads, ">= 1"),
+                                 ("--min-distance", args.min_distance, ">= 1")):
+        if not (value > 1 if minimum == "> 1" else value >= 1):
+            raise CLIError(f"{flag}={value} must be {minimum}")
     model, tokenizer, ids = _model_and_tokens(args, args.num_tokens)
     analysis = analyze(model, ids, None, None, epsilon=args.epsilon, sink_tokens=args.sink_tokens,
                        progress=not args.no_progress, secondary_factor=args.secondary_factor,

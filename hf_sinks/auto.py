@@ -29,11 +29,23 @@ class AutoModelForCausalLM:
 
     @staticmethod
     def _sizes(kwargs: dict[str, Any]) -> dict[str, Any]:
-        sizes = {
-            "num_sink_tokens": kwargs.pop("num_sink_tokens", kwargs.pop("attention_sink_size", None)),
-            "window_length": kwargs.pop("window_length", kwargs.pop("attention_sink_window_size", None)),
-            "attn_implementation": kwargs.pop("sink_attn_implementation", "sink_sdpa"),
-        }
+        """Pop the streaming arguments from ``kwargs`` and check them before any weight is loaded."""
+        from .attention.registry import ATTENTION_IMPLEMENTATIONS
+        from .config import SinkConfig
+        from .validation import check_choice
+
+        sizes: dict[str, Any] = {}
+        for name, alias in (("num_sink_tokens", "attention_sink_size"), ("window_length", "attention_sink_window_size")):
+            value, legacy = kwargs.pop(name, None), kwargs.pop(alias, None)
+            if value is not None and legacy is not None and value != legacy:
+                raise ValueError(f"{name}={value!r} and {alias}={legacy!r} disagree; pass only one of them.")
+            sizes[name] = value if value is not None else legacy
+        given = {k: v for k, v in sizes.items() if v is not None}
+        if given:
+            SinkConfig.from_dict({}, **given)
+        sizes["attn_implementation"] = check_choice(
+            "sink_attn_implementation", kwargs.pop("sink_attn_implementation", "sink_sdpa"), sorted(ATTENTION_IMPLEMENTATIONS)
+        )
         return sizes
 
     @classmethod

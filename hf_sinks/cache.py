@@ -29,6 +29,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .config import SinkConfig
 from .rope import RotaryParams, rotate_with, shift_rotary, shift_tables
+from .validation import SinkTypeError, check_batch_size, check_layer_shape, check_layers_in_step
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +81,20 @@ class SinkCacheLayer(RowStateLayer):
     # ------------------------------------------------------------------ state
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, head_dim = key_states.shape
+        self.cache._check_head_dim(head_dim)
         self.dtype, self.device = key_states.dtype, key_states.device
         cap, s = self.capacity, self.num_sink_tokens
-        self.keys = key_states.new_zeros(batch, heads, cap, head_dim)
-        self.values = value_states.new_zeros(batch, heads, cap, value_states.shape[-1])
+        try:
+            self.keys = key_states.new_zeros(batch, heads, cap, head_dim)
+            self.values = value_states.new_zeros(batch, heads, cap, value_states.shape[-1])
+        except RuntimeError as e:  # torch.OutOfMemoryError included
+            need = batch * heads * cap * (head_dim + value_states.shape[-1]) * key_states.element_size()
+            self.keys = self.values = None
+            raise MemoryError(
+                f"SinkCache(num_sink_tokens={s}, window_length={self.window_length}) cannot allocate its "
+                f"{cap}-slot layer ({need / 2**30:.1f} GiB for batch {batch} x {heads} KV heads x head_dim "
+                f"{head_dim} on {self.device}): use a smaller window_length ({type(e).__name__})."
+            ) from None
         self.sink_keys = key_states.new_zeros(batch, heads, s, head_dim)  # sinks as first rotated
         self.real_idx = torch.full((batch, cap), -1, dtype=torch.long, device=self.device)  # -1: empty slot
         self.positions = torch.zeros(batch, cap, dtype=torch.long, device=self.device)  # rotation of each slot
@@ -291,9 +302,11 @@ class SinkCacheLayer(RowStateLayer):
         rotary = self.cache.rotary
         if rotary is None:
             raise ValueError(
-                "SinkCache needs the model's rotary parameters to re-position the sinks under a stock attention "
-                "(attn_implementation='sdpa'/'eager'). Create it with SinkCache(..., config=model.config) or "
-                "SinkCache.from_model(model), or load the model with attn_implementation='sink_sdpa'."
+                "SinkCache has no rotary parameters to re-position the sinks under a stock attention "
+                "(attn_implementation='sdpa'/'eager') past its capacity of "
+                f"{self.capacity} tokens. For a RoPE model (falcon, gpt_neox, llama, mistral) build it with "
+                "SinkCache.from_model(model) or load the model with attn_implementation='sink_sdpa'; a model "
+                "without rotary embeddings (e.g. GPT-2's learned absolute positions) cannot stream with a SinkCache."
             )
         cos, sin = self.cache.sink_tables(shift, self.device, torch.promote_types(dtype, torch.float32))
         return rotate_with(sinks, cos, sin, rotary.rotary_dim).to(dtype)
@@ -356,6 +369,21 @@ class SinkCacheLayer(RowStateLayer):
         raise NotImplementedError("SinkCache evicts tokens; it cannot be cropped (assisted decoding is unsupported).")
 
 
+def _text_config(config: Any) -> Any:
+    """The decoder text config of a transformers config; ``TypeError`` naming what was passed instead."""
+    if isinstance(config, torch.nn.Module):
+        raise SinkTypeError(
+            f"config={type(config).__name__}(...) is a model, not a config: pass config=model.config or use "
+            f"SinkCache.from_model(model)."
+        )
+    if not hasattr(config, "get_text_config"):
+        raise SinkTypeError(
+            f"config={config!r} is invalid: must be a transformers PretrainedConfig (e.g. model.config), not "
+            f"{type(config).__name__}."
+        )
+    return config.get_text_config(decoder=True)
+
+
 class SinkCache(Cache):
     """A ``Cache`` that keeps the first ``num_sink_tokens`` tokens and the last ``window_length`` tokens per layer.
 
@@ -383,10 +411,21 @@ class SinkCache(Cache):
     ):
         self.sink_config = SinkConfig(num_sink_tokens=num_sink_tokens, window_length=window_length)
         super().__init__(layers=[])
-        if rotary is None and config is not None:
-            rotary = RotaryParams.from_config(config.get_text_config(decoder=True))
+        self._config_head_dim: tuple[int, str] | None = None  # (head_dim, what it came from) to check at first update
+        if config is not None:
+            config = _text_config(config)
+            if rotary is None:
+                rotary = RotaryParams.from_config(config)
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            self._config_head_dim = (int(head_dim), f"config ({type(config).__name__}, head_dim {head_dim})")
+        if rotary is not None and not isinstance(rotary, RotaryParams):
+            raise SinkTypeError(
+                f"rotary={rotary!r} is invalid: must be a hf_sinks.RotaryParams (e.g. RotaryParams.from_model(model)) "
+                f"or None, not {type(rotary).__name__}."
+            )
         self.rotary = rotary
         self._rotary_bound = False  # set once the model's own parameters were checked against ``rotary``
+        self._announced: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # see begin_forward
         self._incoming: tuple[int, torch.Tensor | None, torch.Tensor | None] | None = None
         self._base: torch.Tensor | None = None  # per-row offset subtracted from positions (set by the hook)
         self._real_seen: torch.Tensor | None = None  # per-row real tokens, as counted by the hook
@@ -397,6 +436,11 @@ class SinkCache(Cache):
         """Build from a :class:`SinkConfig` (or its dict form)."""
         if isinstance(sink_config, dict):
             sink_config = SinkConfig.from_dict(sink_config)
+        if not isinstance(sink_config, SinkConfig):
+            raise SinkTypeError(
+                f"sink_config={sink_config!r} is invalid: must be a SinkConfig or its dict form, not "
+                f"{type(sink_config).__name__}."
+            )
         return cls(sink_config.num_sink_tokens, sink_config.window_length, **kwargs)
 
     @classmethod
@@ -451,10 +495,31 @@ class SinkCache(Cache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
             self.layers.append(SinkCacheLayer(self))
+        layer = self.layers[layer_idx]
+        if layer.is_initialized:
+            check_batch_size("This SinkCache", layer.keys.shape[0], key_states.shape[0])
+            check_layer_shape("SinkCache", layer_idx, (layer.keys.shape[1], layer.keys.shape[-1]),
+                              (key_states.shape[1], key_states.shape[-1]))
+        check_layers_in_step("SinkCache", self.layers, layer_idx, key_states.shape[-2])
+        self._announced = None  # the forward the hook announced reached the layers
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError("SinkCache evicts tokens; it cannot be cropped (assisted decoding is unsupported).")
+
+    def _check_head_dim(self, head_dim: int) -> None:
+        """At a layer's first update: the keys' head_dim must match the config / rotary the cache was built with."""
+        if self._config_head_dim is not None and self._config_head_dim[0] != head_dim:
+            expected, source = self._config_head_dim
+            raise ValueError(
+                f"SinkCache was built with a {source} but the model gives keys with head_dim {head_dim}: the config "
+                f"is another model's. Build the cache from this model: SinkCache.from_model(model)."
+            )
+        if self.rotary is not None and self.rotary.rotary_dim > head_dim:
+            raise ValueError(
+                f"SinkCache's rotary parameters rotate {self.rotary.rotary_dim} channels but the model gives keys with "
+                f"head_dim {head_dim}: they are another model's. Build the cache with SinkCache.from_model(model)."
+            )
 
     # --------------------------------------------------------------- positions
     def position_base(self, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -469,6 +534,17 @@ class SinkCache(Cache):
         advances (re-rotating resident window keys once, O(S + W) per layer every ~``S + W`` tokens) so positions
         stay below ``2 (S + W)`` however long the stream: no fp32 angle loss at any stream length.
         """
+        if self._announced is not None:  # the previous forward failed before its first layer: nothing was stored
+            real_seen, base, delta = self._announced
+            if delta is not None:
+                for layer in self.layers:
+                    layer.rebase(-delta)
+            self._real_seen, self._base, self._incoming, self._announced = real_seen, base, None, None
+        held = [layer for layer in self.layers if layer.is_initialized]
+        for layer in held:
+            check_batch_size("This SinkCache", layer.keys.shape[0], batch_size)
+        if held:
+            check_layers_in_step("SinkCache", self.layers, self.layers.index(held[0]), 0)
         for layer in self.layers:  # a chunk left by a stock attention is stored before positions move
             if layer.pending is not None:
                 layer._warn_if_dense_prefill()
@@ -484,12 +560,14 @@ class SinkCache(Cache):
             real = self._real_seen[:, None] + torch.arange(q, device=device)
         else:
             real = self._real_seen[:, None] + valid.long().cumsum(-1) - 1
+        announced = (self._real_seen, self._base, None)
         if int((real[:, -1] - self._base).max()) >= 2 * self.capacity:
             new_base = (self._real_seen - self.capacity).clamp(min=0)
             delta = new_base - self._base
             for layer in self.layers:
                 layer.rebase(delta)
             self._base = new_base
+            announced = (announced[0], announced[1], delta)
         positions = (real - self._base[:, None]).clamp(min=0)
         if valid is not None:
             positions = torch.where(valid, positions, torch.zeros_like(positions))
@@ -497,6 +575,7 @@ class SinkCache(Cache):
         else:
             self._real_seen = self._real_seen + q
         self._incoming = (self.get_seq_length(), valid, positions)
+        self._announced = announced  # cleared by the first layer update; restored if the forward never gets there
         return positions
 
     def _map_rows(self, fn) -> None:
@@ -518,7 +597,7 @@ class SinkCache(Cache):
     def reset(self) -> None:
         super().reset()
         self._real_seen = self._base = None
-        self._incoming = None
+        self._incoming = self._announced = None
 
     def sink_tables(self, shift: torch.Tensor, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin moving the sinks by ``shift`` per row; every layer of a step shares one computation."""

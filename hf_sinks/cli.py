@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -56,8 +57,48 @@ def _modes(text: str, allowed: Sequence[str]) -> list[str]:
 
 
 def _check_text_file(path: str | None) -> None:
-    if path is not None and str(path).lower() != "default" and not Path(path).expanduser().is_file():
+    """``--text-file`` exists and is UTF-8 text (binary refused, a few bad bytes warned about); read once here."""
+    if path is None or str(path).lower() == "default":
+        return
+    if not Path(path).expanduser().is_file():
         raise CLIError(f"text file {path!r} does not exist (omit --text-file for the default Shakespeare text)")
+    from .eval.data import read_text
+
+    read_text(path)  # ValueError (empty, binary) or a UnicodeWarning (replacement characters), before the model loads
+
+
+def _check_min(args, *checks: tuple[str, int | float]) -> None:
+    """``--flag`` values (attribute names derived from the flags) must be >= their minimum."""
+    for flag, minimum in checks:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None and value < minimum:
+            raise CLIError(f"{flag}={value} must be >= {minimum}")
+
+
+def check_common(args, output_dir: bool = True) -> None:
+    """Checks every model command shares, run before anything is loaded: ``--threads``, ``--device``,
+    ``--attn-implementation``, ``--output-dir`` (created and write-tested now, so a bad path fails in a second instead
+    of after the run) and ``--text-file``."""
+    from .validation import check_device, check_output_dir, check_threads
+
+    if getattr(args, "model", None) is not None:
+        from .default_model import resolve_model
+
+        resolve_model(args.model)  # a missing path or a non-.gguf file fails now, not after the other checks
+    check_threads(getattr(args, "threads", None))
+    if getattr(args, "device", None) is not None:
+        check_device(args.device)
+    attn = getattr(args, "attn_implementation", None)
+    if attn is not None and attn.lower() not in ("auto", "none"):
+        from transformers import AttentionInterface
+
+        known = sorted({"eager", "sdpa", *AttentionInterface._global_mapping})
+        if attn not in known:
+            raise CLIError(f"--attn-implementation={attn!r} is not a registered attention; use one of {', '.join(known)}")
+    if output_dir and getattr(args, "output_dir", None) is not None:
+        check_output_dir(args.output_dir)
+    if hasattr(args, "text_file"):
+        _check_text_file(args.text_file)
 
 
 def _setup_torch(threads: int | None) -> None:
@@ -87,13 +128,18 @@ def _model_and_tokens(args, num_tokens: int | None = None):
     a clear error if the text is shorter; ``None``: all of it)."""
     from .eval.data import load_token_ids
 
-    _check_text_file(args.text_file)
+    check_common(args)
     _setup_torch(args.threads)
     model, tokenizer = _load(args)
     try:
-        ids = load_token_ids(tokenizer, args.text_file, num_tokens)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnicodeWarning)  # already reported by check_common
+            ids = load_token_ids(tokenizer, args.text_file, num_tokens)
     except ValueError as e:
         raise CLIError(str(e)) from None
+    from .validation import check_token_ids
+
+    check_token_ids(ids, model, name=f"the tokenized text ({_text_name(args.text_file)})")
     return model, tokenizer, ids
 
 
@@ -145,6 +191,7 @@ def cmd_perplexity(args) -> int:
         raise CLIError(f"--chunk-size={args.chunk_size} must be >= 1")
     if args.num_tokens < 2:
         raise CLIError(f"--num-tokens={args.num_tokens} must be >= 2")
+    _check_min(args, ("--csv-every", 1), ("--smooth", 1))
     model, tokenizer, ids = _model_and_tokens(args, args.num_tokens)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,6 +274,11 @@ def cmd_generate(args) -> int:
         raise CLIError(f"--num-sink-tokens={args.num_sink_tokens} must be >= 0")
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise CLIError(f"--temperature={args.temperature} must be a finite number >= 0 (0: greedy)")
+    if not 0 < args.top_p <= 1:
+        raise CLIError(f"--top-p={args.top_p} must be in (0, 1]")
+    check_common(args)
     _setup_torch(args.threads)
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -324,6 +376,7 @@ def cmd_bench(args) -> int:
         raise CLIError(f"--num-sink-tokens={args.num_sink_tokens} must be >= 0")
     if args.steps < 1 or args.rounds < 1:
         raise CLIError(f"--steps={args.steps} and --rounds={args.rounds} must be >= 1")
+    _check_min(args, ("--warmup", 0), ("--prefill-chunk", 1), ("--recompute-max-length", 0), ("--recompute-steps", 1))
     model, tokenizer, ids = _model_and_tokens(args)
     needed = max(lengths) + args.steps + args.warmup
     if ids.shape[1] < needed:
@@ -379,7 +432,8 @@ def cmd_passkey(args) -> int:
     if not depths or any(not 0 <= d <= 1 for d in depths):
         raise CLIError(f"--depths={args.depths!r} must be comma-separated numbers in [0, 1]")
     for name, value, minimum in (("--trials", args.trials, 1), ("--window-length", args.window_length, 1),
-                                 ("--num-sink-tokens", args.num_sink_tokens, 0), ("--chunk-size", args.chunk_size, 1)):
+                                 ("--num-sink-tokens", args.num_sink_tokens, 0), ("--chunk-size", args.chunk_size, 1),
+                                 ("--max-new-tokens", args.max_new_tokens, 1)):
         if value < minimum:
             raise CLIError(f"{name}={value} must be >= {minimum}")
     if "h2o" in modes and (args.heavy_budget is None or args.heavy_budget < 0):
@@ -388,13 +442,21 @@ def cmd_passkey(args) -> int:
         raise CLIError("--modes duo needs --pattern (a HeadPattern .json/.safetensors, see python -m hf_sinks.duo score)")
     if args.pattern is not None and not Path(args.pattern).expanduser().is_file():
         raise CLIError(f"--pattern {args.pattern!r} does not exist")
-    _setup_torch(args.threads)
-    model, tokenizer = _load(args)
     pattern = None
-    if "duo" in modes:
+    if args.pattern is not None:
         from .duo import HeadPattern
 
-        pattern = HeadPattern.load(args.pattern, config=model.config)
+        pattern = HeadPattern.load(args.pattern)  # a broken file fails here, named, before the model loads
+    check_common(args)
+    _setup_torch(args.threads)
+    model, tokenizer = _load(args)
+    if pattern is not None:
+        try:
+            pattern.validate(model.config)
+        except ValueError as e:
+            raise CLIError(f"--pattern {args.pattern!r}: {e}") from None
+    if "duo" not in modes:
+        pattern = None
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -512,19 +574,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: What ``main`` reports as a one-line user error (exit status 2) instead of a traceback: the CLI's own checks, the
+#: library's argument checks (``ValueError``/``TypeError`` naming the value), files and paths (``OSError``),
+#: a missing optional package (``ImportError``) and memory a size cannot get (``MemoryError``).
+USER_ERRORS = (CLIError, ValueError, TypeError, OSError, ImportError, MemoryError)
+
+
+def run_command(command: str, func, args) -> int:
+    """Run ``func(args)``: user errors print one line ``hf-sinks <command>: error: ...`` and return 2; warnings
+    print one line ``hf-sinks <command>: warning: ...``."""
+    from .validation import one_line
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"hf-sinks {command}: warning: {one_line(message)}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        try:
+            return func(args)
+        except USER_ERRORS as e:
+            print(f"hf-sinks {command}: error: {one_line(e)}", file=sys.stderr, flush=True)
+            return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``hf-sinks``; returns the exit status (2 for user errors, with a message on stderr)."""
+    """Entry point of ``hf-sinks``; returns the exit status (2 for user errors, with one line on stderr)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (CLIError, FileNotFoundError, ImportError) as e:
-        print(f"hf-sinks {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # argument validation inside the library (it names the value)
-        print(f"hf-sinks {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(args.command, args.func, args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,18 +7,12 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .validation import SinkTypeError, check_cache_size, check_choice, check_int
+
 #: Attribute of a transformers ``PretrainedConfig`` under which a streaming setup is recorded.
 CONFIG_ATTRIBUTE = "attention_sinks"
 
 POSITION_MODES = ("cache",)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    # bool is an int subclass; `num_sink_tokens=True` is a bug, not a count.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r} ({type(value).__name__}).")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value}.")
 
 
 @dataclass
@@ -40,10 +34,10 @@ class SinkConfig:
     position_mode: str = field(default="cache", metadata={"help": f"One of {POSITION_MODES}."})
 
     def __post_init__(self) -> None:
-        _check_int("num_sink_tokens", self.num_sink_tokens, 0)
-        _check_int("window_length", self.window_length, 1)
-        if self.position_mode not in POSITION_MODES:
-            raise ValueError(f"`position_mode` must be one of {POSITION_MODES}, got {self.position_mode!r}.")
+        check_int("num_sink_tokens", self.num_sink_tokens, 0)
+        check_int("window_length", self.window_length, 1)
+        check_cache_size("SinkConfig", num_sink_tokens=self.num_sink_tokens, window_length=self.window_length)
+        check_choice("position_mode", self.position_mode, POSITION_MODES)
 
     @property
     def capacity(self) -> int:
@@ -56,7 +50,12 @@ class SinkConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> "SinkConfig":
         """Build from a dict (e.g. ``config.attention_sinks``); unknown keys raise ``ValueError``."""
-        merged = {**dict(data), **overrides}
+        if not isinstance(data, dict):
+            raise SinkTypeError(
+                f"SinkConfig.from_dict needs a dict like {{'num_sink_tokens': 4, 'window_length': 1020}}, got "
+                f"{data!r} ({type(data).__name__})."
+            )
+        merged = {**data, **overrides}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(merged) - known)
         if unknown:
@@ -72,15 +71,50 @@ class SinkConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "SinkConfig":
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        """Read a file written by :meth:`to_json_file`; errors name the file."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"SinkConfig file {str(path)!r} does not exist (or is not a file).")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"SinkConfig file {str(path)!r} is not valid JSON: {e}.") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise type(e)(f"SinkConfig file {str(path)!r}: {e}") from None
 
     @classmethod
     def from_model_config(cls, config: Any, **overrides: Any) -> "SinkConfig | None":
-        """Read ``config.attention_sinks`` (a dict or ``SinkConfig``); ``None`` if the flag is absent and no overrides."""
+        """Read ``config.attention_sinks`` (a dict, a ``SinkConfig`` or the JSON text of a dict); ``None`` if the
+        flag is absent and no overrides. Anything else raises naming the value."""
         recorded = getattr(config, CONFIG_ATTRIBUTE, None)
         if recorded is None and not overrides:
             return None
         if isinstance(recorded, SinkConfig):
             recorded = recorded.to_dict()
-        return cls.from_dict(recorded or {}, **overrides)
+        elif isinstance(recorded, str):
+            try:
+                recorded = json.loads(recorded)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"config.{CONFIG_ATTRIBUTE}={_short(recorded)} is not valid JSON ({e}); set it to a dict like "
+                    f"{{'num_sink_tokens': 4, 'window_length': 1020}} (or delete it for the defaults)."
+                ) from None
+        if recorded is not None and not isinstance(recorded, dict):
+            raise SinkTypeError(
+                f"config.{CONFIG_ATTRIBUTE}={_short(recorded)} is invalid: must be a dict like "
+                f"{{'num_sink_tokens': 4, 'window_length': 1020}}, not {type(recorded).__name__} (or delete it for "
+                f"the defaults)."
+            )
+        if overrides:
+            cls.from_dict({}, **overrides)  # a bad override is named as the argument, not as the config's
+        try:
+            return cls.from_dict(recorded or {}, **overrides)
+        except ValueError as e:
+            raise type(e)(f"config.{CONFIG_ATTRIBUTE}: {e}") from None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -47,6 +47,15 @@ import torch
 from transformers.cache_utils import Cache
 
 from .cache import RowStateLayer
+from .validation import (
+    SinkTypeError,
+    check_batch_size,
+    check_cache_size,
+    check_choice,
+    check_int,
+    check_layer_shape,
+    check_layers_in_step,
+)
 
 #: ``attn_implementation`` name of the score-accumulating attention.
 H2O_ATTENTION = "h2o_sdpa"
@@ -56,11 +65,6 @@ LAYER_ATTRIBUTE = "_hf_sinks_h2o_layer"
 QUERY_BLOCK = 256
 #: ``H2OCache(positions=...)``: keep original positions, or re-position inside the visible set.
 POSITION_MODES = ("original", "cache")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}.")
 
 
 class H2OCacheLayer(RowStateLayer):
@@ -130,7 +134,8 @@ class H2OCacheLayer(RowStateLayer):
             raise ValueError(
                 f"H2OCache needs attn_implementation={H2O_ATTENTION!r}: the previous forward's attention did not "
                 f"accumulate scores (a stock attention cannot). Call hf_sinks.h2o_cache.register() and load the model "
-                f"with attn_implementation={H2O_ATTENTION!r} (or model.set_attn_implementation({H2O_ATTENTION!r}))."
+                f"with attn_implementation={H2O_ATTENTION!r} (or model.set_attn_implementation({H2O_ATTENTION!r})). "
+                f"If the previous forward failed instead, call cache.reset()."
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -330,11 +335,19 @@ class H2OCache(Cache):
         positions: str = "original",
         rotary: Any = None,
     ):
-        _check_int("num_sink_tokens", num_sink_tokens, 0)
-        _check_int("window_length", window_length, 1)
-        _check_int("heavy_budget", heavy_budget, 0)
-        if positions not in POSITION_MODES:
-            raise ValueError(f"positions={positions!r} is not supported; allowed: {', '.join(map(repr, POSITION_MODES))}.")
+        check_int("num_sink_tokens", num_sink_tokens, 0)
+        check_int("window_length", window_length, 1)
+        check_int("heavy_budget", heavy_budget, 0)
+        check_cache_size("H2OCache", num_sink_tokens=num_sink_tokens, window_length=window_length,
+                         heavy_budget=heavy_budget)
+        check_choice("positions", positions, POSITION_MODES)
+        from .rope import RotaryParams
+
+        if rotary is not None and not isinstance(rotary, RotaryParams):
+            raise SinkTypeError(
+                f"rotary={rotary!r} is invalid: must be a hf_sinks.RotaryParams (e.g. RotaryParams.from_model(model)) "
+                f"or None, not {type(rotary).__name__}."
+            )
         super().__init__(layers=[])
         self.num_sink_tokens = num_sink_tokens
         self.window_length = window_length
@@ -355,7 +368,13 @@ class H2OCache(Cache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
             self.layers.append(H2OCacheLayer(self))
-        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        if layer.is_initialized:
+            check_batch_size("This H2OCache", layer.keys.shape[0], key_states.shape[0])
+            check_layer_shape("H2OCache", layer_idx, (layer.keys.shape[1], layer.keys.shape[-1]),
+                              (key_states.shape[1], key_states.shape[-1]))
+        check_layers_in_step("H2OCache", self.layers, layer_idx, key_states.shape[-2])
+        return layer.update(key_states, value_states, *args, **kwargs)
 
     def get_stored_length(self, layer_idx: int = 0) -> int:
         """Tokens each KV head of ``layer_idx`` holds (``get_seq_length`` counts every token seen)."""
@@ -438,7 +457,7 @@ def h2o_perplexity(
     from .eval.perplexity import cache_perplexity, validate
 
     validate("sink", num_sink_tokens, window_length, chunk_size)
-    _check_int("heavy_budget", heavy_budget, 0)
+    check_int("heavy_budget", heavy_budget, 0)
     register()
     cache = H2OCache(num_sink_tokens, window_length, heavy_budget, positions=positions)
     return cache_perplexity(

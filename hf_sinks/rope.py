@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .validation import SinkTypeError
+
 # RoPE types whose frequencies depend on the current sequence length: a cached key cannot be shifted exactly.
 _DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
+_SUPPORTED = "hf_sinks supports the RoPE model types falcon (rotary), gpt_neox, llama, mistral"
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,31 @@ class RotaryParams:
         """Recompute the frequencies from a transformers config (what the model's rotary module does at init)."""
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        rope = dict(getattr(config, "rope_parameters", None) or {})
+        if not hasattr(config, "to_dict") or not hasattr(config, "model_type"):
+            raise SinkTypeError(
+                f"config must be a transformers PretrainedConfig (e.g. model.config), got {type(config).__name__}."
+            )
+        model_type = getattr(config, "model_type", None)
+        rope = getattr(config, "rope_parameters", None) or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"config.rope_parameters={rope!r} (model_type={model_type!r}) is not a dict of RoPE settings.")
+        rope = dict(rope)
+        if getattr(config, "alibi", False):
+            raise ValueError(
+                f"{type(config).__name__} (model_type={model_type!r}) has alibi=True: ALiBi models have no rotary "
+                f"embedding to re-position sinks with; {_SUPPORTED}."
+            )
         rope_type = rope.get("rope_type", "default")
+        if rope_type == "default" and "rope_theta" not in rope:
+            raise ValueError(
+                f"{type(config).__name__} (model_type={model_type!r}) has no rotary embedding (no "
+                f"rope_parameters['rope_theta']): attention sinks need a RoPE model; {_SUPPORTED}."
+            )
+        if rope_type not in ("default", *ROPE_INIT_FUNCTIONS, *_DYNAMIC_ROPE_TYPES):
+            raise ValueError(
+                f"rope_type={rope_type!r} (model_type={model_type!r}) is not a RoPE type transformers knows: "
+                f"{sorted(ROPE_INIT_FUNCTIONS)}."
+            )
         _check_static(rope_type)
         if rope_type == "default":
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -13,13 +13,13 @@ def test_defaults_follow_the_paper():
 @pytest.mark.parametrize(
     "kwargs,pattern",
     [
-        ({"num_sink_tokens": -1}, r"num_sink_tokens.*>= 0.*-1"),
-        ({"window_length": 0}, r"window_length.*>= 1.*got 0"),
+        ({"num_sink_tokens": -1}, r"num_sink_tokens=-1 is invalid: must be an int >= 0"),
+        ({"window_length": 0}, r"window_length=0 is invalid: must be an int >= 1"),
         ({"window_length": -5}, r"window_length.*-5"),
-        ({"num_sink_tokens": 2.5}, r"num_sink_tokens.*int.*2\.5"),
+        ({"num_sink_tokens": 2.5}, r"num_sink_tokens=2\.5 is invalid: must be an int >= 0, not float"),
         ({"window_length": "64"}, r"window_length.*'64'"),
         ({"num_sink_tokens": True}, r"num_sink_tokens.*True"),
-        ({"position_mode": "absolute-ish"}, r"position_mode.*'cache'"),
+        ({"position_mode": "absolute-ish"}, r"position_mode='absolute-ish'.*cache"),
     ],
 )
 def test_bad_values_raise_naming_value_and_range(kwargs, pattern):

@@ -37,6 +37,13 @@ def duo_sdpa_attention_forward(
         raise ValueError("DuoCache does not support padded batches (the attention mask has padding).")
     if dropout > 0:
         raise ValueError(f"dropout={dropout} is not supported with a DuoCache (inference only).")
+    if getattr(module, "config", None) is not None:
+        try:
+            layer.cache.validate_model_config(module.config)
+        except ValueError:
+            layer.pending = None
+            layer.seen -= key.shape[-2]  # nothing was stored: the cache stays usable with a fitting pattern
+            raise
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = layer.attend(query, scaling)
     return out.transpose(1, 2).contiguous(), None

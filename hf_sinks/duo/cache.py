@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
 from ..cache import RowStateLayer
-from .pattern import HeadPattern, _check_int
+from ..validation import (
+    SinkTypeError,
+    check_batch_size,
+    check_cache_size,
+    check_int,
+    check_layer_shape,
+    check_layers_in_step,
+)
+from .pattern import HeadPattern
 
 #: ``attn_implementation`` name of the inference attention (retrieval heads dense, streaming heads sink + window).
 DUO_ATTENTION = "duo_sdpa"
@@ -97,7 +105,8 @@ class DuoCacheLayer(RowStateLayer):
                 f"DuoCache needs attn_implementation={DUO_ATTENTION!r}: the previous forward's attention did not "
                 f"consume the cache (a stock attention cannot attend heads over keys of different lengths). Call "
                 f"hf_sinks.duo.register() and load the model with attn_implementation={DUO_ATTENTION!r} "
-                f"(or model.set_attn_implementation({DUO_ATTENTION!r}))."
+                f"(or model.set_attn_implementation({DUO_ATTENTION!r})). If the previous forward failed instead, "
+                f"call cache.reset()."
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -217,11 +226,16 @@ class DuoCache(Cache):
 
     def __init__(self, pattern: HeadPattern, num_sink_tokens: int = 64, window_length: int = 256, *, config: Any = None):
         if not isinstance(pattern, HeadPattern):
-            raise ValueError(f"pattern must be a HeadPattern, got {type(pattern).__name__}.")
-        _check_int("num_sink_tokens", num_sink_tokens, 0)
-        _check_int("window_length", window_length, 1)
+            raise SinkTypeError(
+                f"pattern={type(pattern).__name__}(...) is invalid: must be a HeadPattern (HeadPattern.load(path), "
+                f"HeadPattern.from_scores(...)), not {type(pattern).__name__}."
+            )
+        check_int("num_sink_tokens", num_sink_tokens, 0)
+        check_int("window_length", window_length, 1)
+        check_cache_size("DuoCache", num_sink_tokens=num_sink_tokens, window_length=window_length)
         if config is not None:
             pattern.validate(config)
+        self._validated_config = config is not None  # else duo_sdpa validates against the model's config
         super().__init__(layers=[])
         self.pattern = pattern
         self.num_sink_tokens = num_sink_tokens
@@ -239,10 +253,26 @@ class DuoCache(Cache):
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if layer_idx >= self.pattern.num_layers:
-            raise ValueError(f"DuoCache got layer {layer_idx} but its HeadPattern has {self.pattern.num_layers} layers.")
+            raise ValueError(
+                f"DuoCache got layer {layer_idx} but its HeadPattern has {self.pattern.num_layers} layers: the pattern "
+                f"is another model's; build one for this model (HeadPattern.validate(model.config))."
+            )
         while len(self.layers) <= layer_idx:
             self.layers.append(DuoCacheLayer(self, len(self.layers)))
-        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        if layer.is_initialized:
+            held = layer.retrieval_keys if layer.retrieval_keys.shape[1] else layer.streaming_keys
+            check_batch_size("This DuoCache", held.shape[0], key_states.shape[0])
+            check_layer_shape("DuoCache", layer_idx, (len(layer.heads[0]) + len(layer.heads[1]), held.shape[-1]),
+                              (key_states.shape[1], key_states.shape[-1]))
+        check_layers_in_step("DuoCache", self.layers, layer_idx, key_states.shape[-2])
+        return layer.update(key_states, value_states, *args, **kwargs)
+
+    def validate_model_config(self, config: Any) -> None:
+        """Check the pattern against the model's config once (``duo_sdpa`` calls it with ``module.config``)."""
+        if not self._validated_config:
+            self.pattern.validate(config)
+            self._validated_config = True
 
     def get_stored_lengths(self, layer_idx: int = 0) -> tuple[int, int]:
         """Tokens held by ``layer_idx``'s ``(retrieval heads, streaming heads)``."""

@@ -12,7 +12,8 @@ import torch
 
 from .attention import gated_attention, register
 from .cache import visibility_mask
-from .pattern import HeadPattern, _check_int, _kv_shape
+from ..validation import check_int
+from .pattern import HeadPattern, _kv_shape
 
 #: Filler sentences of the synthetic passkey haystack (text mode).
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -40,8 +41,8 @@ def make_passkey_example(
     filler tokens, ``key_length`` random key tokens fenced by a marker token (id 1), and the marker + key again at the
     end as the answer. Only the answer span is marked (DuoAttention distils on answer tokens).
     """
-    _check_int("context_length", context_length, 4)
-    _check_int("key_length", key_length, 1)
+    check_int("context_length", context_length, 4)
+    check_int("key_length", key_length, 1)
     if tokenizer is not None:
         def ids(text: str) -> list[int]:
             return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -137,9 +138,9 @@ def identify_heads(
 
     from ..oracle import _routed_through_interface, using_attention
 
-    _check_int("num_steps", num_steps, 1)
-    _check_int("num_sink_tokens", num_sink_tokens, 0)
-    _check_int("window_length", window_length, 1)
+    check_int("num_steps", num_steps, 1)
+    check_int("num_sink_tokens", num_sink_tokens, 0)
+    check_int("window_length", window_length, 1)
     if not 0 <= initial_value <= 1:
         raise ValueError(f"initial_value={initial_value!r} must be in [0, 1].")
     if reg_weight < 0 or lr <= 0:
@@ -280,7 +281,7 @@ def passkey_retrieval_scores(
     """Heuristic retrieval scores from passkey prompts: :func:`attention_mass_scores` at the queries that predict
     the answer (the tokens a streaming head would drop then include the needle), averaged over ``num_examples``
     synthetic examples (:func:`make_passkey_example`; token-level without a tokenizer). ``[L, KVH]``."""
-    _check_int("num_examples", num_examples, 1)
+    check_int("num_examples", num_examples, 1)
     rng = random.Random(seed)
     vocab = model.config.get_text_config(decoder=True).vocab_size
     total = None

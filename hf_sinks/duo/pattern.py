@@ -10,12 +10,9 @@ from typing import Any
 
 import torch
 
+
 #: Format tag written into saved patterns.
 PATTERN_FORMAT = "hf_sinks.HeadPattern"
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}.")
 
 
 def _kv_shape(config: Any) -> tuple[int, int]:
@@ -43,6 +40,8 @@ class HeadPattern:
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if not isinstance(self.retrieval, torch.Tensor):
+            self.retrieval = _table("retrieval", self.retrieval)
         retrieval = torch.as_tensor(self.retrieval)
         if retrieval.dim() != 2 or retrieval.numel() == 0:
             raise ValueError(
@@ -50,22 +49,28 @@ class HeadPattern:
                 f"{tuple(retrieval.shape)}."
             )
         if retrieval.dtype != torch.bool:
-            if retrieval.is_floating_point() or not bool(((retrieval == 0) | (retrieval == 1)).all()):
+            bad = ~((retrieval == 0) | (retrieval == 1))
+            if retrieval.is_floating_point() or bool(bad.any()):
+                where = ""
+                if bool(bad.any()):
+                    layer, head = (int(i) for i in bad.nonzero()[0])
+                    where = f" (retrieval[{layer}, {head}] = {retrieval[layer, head].item()!r})"
                 raise ValueError(
-                    f"HeadPattern.retrieval must be boolean (or 0/1 integers), got dtype {retrieval.dtype}; "
+                    f"HeadPattern.retrieval must be boolean (or 0/1 integers), got dtype {retrieval.dtype}{where}; "
                     "use HeadPattern.from_scores to binarise scores."
                 )
             retrieval = retrieval.bool()
         self.retrieval = retrieval.cpu()
         if self.scores is not None:
+            if not isinstance(self.scores, torch.Tensor):
+                self.scores = _table("scores", self.scores)
             scores = torch.as_tensor(self.scores, dtype=torch.float32).cpu()
             if scores.shape != self.retrieval.shape:
                 raise ValueError(
                     f"HeadPattern.scores has shape {tuple(scores.shape)}, retrieval {tuple(self.retrieval.shape)}: "
                     "they must match."
                 )
-            if not bool(torch.isfinite(scores).all()):
-                raise ValueError("HeadPattern.scores must be finite (no NaN or inf).")
+            _check_finite("HeadPattern.scores", scores)
             self.scores = scores
         if not isinstance(self.metadata, dict):
             raise ValueError(f"HeadPattern.metadata must be a dict, got {type(self.metadata).__name__}.")
@@ -91,8 +96,7 @@ class HeadPattern:
         scores = torch.as_tensor(scores, dtype=torch.float32).detach().cpu()
         if scores.dim() != 2 or scores.numel() == 0:
             raise ValueError(f"scores must be a non-empty [num_layers, num_key_value_heads] tensor, got {tuple(scores.shape)}.")
-        if not bool(torch.isfinite(scores).all()):
-            raise ValueError("scores must be finite (no NaN or inf).")
+        _check_finite("scores", scores)
         if sparsity is not None:
             if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= 1:
                 raise ValueError(f"sparsity={sparsity!r} must be a number in [0, 1] (the fraction of streaming heads).")
@@ -117,6 +121,8 @@ class HeadPattern:
         sizes go into ``metadata``), binarised like :meth:`from_scores` (give ``sparsity=None`` with a threshold)."""
         path = Path(path)
         folder, tsv = (path, path / "full_attention_heads.tsv") if path.is_dir() else (path.parent, path)
+        if not tsv.is_file():
+            raise FileNotFoundError(f"DuoAttention pattern {str(tsv)!r} does not exist (full_attention_heads.tsv).")
         rows = [line.split() for line in tsv.read_text().splitlines() if line.strip()]
         try:
             scores = torch.tensor([[float(x) for x in row] for row in rows]).clamp(0, 1)
@@ -180,9 +186,13 @@ class HeadPattern:
     @classmethod
     def from_dict(cls, data: dict) -> "HeadPattern":
         if not isinstance(data, dict) or data.get("format") != PATTERN_FORMAT:
-            raise ValueError(f"Not a saved HeadPattern (expected format={PATTERN_FORMAT!r}).")
+            got = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"Not a saved HeadPattern (expected format={PATTERN_FORMAT!r}, got {got!r}).")
+        if "retrieval" not in data:
+            raise ValueError("A saved HeadPattern needs a 'retrieval' table; this one has none.")
         scores = data.get("scores")
-        return cls(torch.tensor(data["retrieval"]), None if scores is None else torch.tensor(scores), data.get("metadata") or {})
+        return cls(_table("retrieval", data["retrieval"]), None if scores is None else _table("scores", scores),
+                   data.get("metadata") or {})
 
     def save(self, path: str | Path) -> Path:
         """Write to ``*.safetensors`` (tensors + JSON metadata in the header) or ``*.json``, by extension."""
@@ -202,24 +212,91 @@ class HeadPattern:
 
     @classmethod
     def load(cls, path: str | Path, config: Any = None) -> "HeadPattern":
-        """Read a pattern written by :meth:`save`; with ``config``, also :meth:`validate` it."""
-        path = Path(path)
-        if path.suffix == ".json":
-            pattern = cls.from_dict(json.loads(path.read_text()))
-        elif path.suffix == ".safetensors":
-            from safetensors import safe_open
+        """Read a pattern written by :meth:`save`; with ``config``, also :meth:`validate` it.
 
+        Raises:
+            FileNotFoundError: ``path`` does not exist (named).
+            ValueError: an unknown extension, or a file that is not a readable HeadPattern (corrupted, truncated,
+                ragged tables, another format); the message names the file.
+        """
+        path = Path(path)
+        if path.suffix not in (".json", ".safetensors"):
+            raise ValueError(f"Unknown pattern file extension {path.suffix!r} in {str(path)!r}; use .safetensors or .json.")
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"HeadPattern file {str(path)!r} does not exist" + (" (it is a directory)" if path.is_dir() else "")
+                + "; make one with `python -m hf_sinks.duo score` or HeadPattern.save."
+            )
+        try:
+            pattern = cls._read(path)
+        except ValueError as e:
+            raise ValueError(f"HeadPattern file {str(path)!r} is not a valid pattern: {e}") from None
+        if config is None:
+            return pattern
+        try:
+            return pattern.validate(config)
+        except ValueError as e:
+            raise ValueError(f"HeadPattern file {str(path)!r}: {e}") from None
+
+    @classmethod
+    def _read(cls, path: Path) -> "HeadPattern":
+        if path.suffix == ".json":
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not valid JSON ({e})") from None
+            return cls.from_dict(data)
+        from safetensors import safe_open
+
+        try:
             with safe_open(str(path), framework="pt") as f:
                 header = f.metadata() or {}
-                if header.get("format") != PATTERN_FORMAT:
-                    raise ValueError(f"{str(path)!r} is not a saved HeadPattern (expected format={PATTERN_FORMAT!r}).")
                 names = set(f.keys())
+                if header.get("format") != PATTERN_FORMAT:
+                    raise ValueError(f"its header has format={header.get('format')!r}, expected {PATTERN_FORMAT!r}")
+                if "retrieval" not in names:
+                    raise ValueError(f"it has no 'retrieval' tensor (tensors: {sorted(names)})")
                 retrieval = f.get_tensor("retrieval")
                 scores = f.get_tensor("scores") if "scores" in names else None
-            pattern = cls(retrieval, scores, json.loads(header.get("metadata") or "{}"))
-        else:
-            raise ValueError(f"Unknown pattern file extension {path.suffix!r} in {str(path)!r}; use .safetensors or .json.")
-        return pattern.validate(config) if config is not None else pattern
+        except ValueError:
+            raise
+        except Exception as e:  # safetensors_rust.SafetensorError and I/O errors: a corrupted or truncated file
+            raise ValueError(f"not a readable .safetensors file ({type(e).__name__}: {e})") from None
+        try:
+            metadata = json.loads(header.get("metadata") or "{}")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"its metadata is not valid JSON ({e})") from None
+        return cls(retrieval, scores, metadata)
+
+
+def _table(name: str, rows: Any) -> torch.Tensor:
+    """A rectangular table of numbers as a tensor; ``ValueError`` naming ``name`` and the first ragged row otherwise."""
+    if isinstance(rows, torch.Tensor):
+        return rows
+    if isinstance(rows, list) and rows and all(isinstance(r, list) for r in rows):
+        widths = [len(r) for r in rows]
+        if len(set(widths)) > 1:
+            row = next(i for i, w in enumerate(widths) if w != widths[0])
+            raise ValueError(
+                f"{name} is ragged: row 0 has {widths[0]} entries but row {row} has {widths[row]}; it must be a "
+                f"[num_layers, num_key_value_heads] table."
+            )
+    try:
+        return torch.tensor(rows)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{name} is not a [num_layers, num_key_value_heads] table of numbers ({e}).") from None
+
+
+def _check_finite(name: str, scores: torch.Tensor) -> None:
+    bad = ~torch.isfinite(scores)
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name} must be finite (no NaN or inf), but {name}[{', '.join(map(str, index))}] = "
+            f"{scores[index].item()}."
+        )
 
 
 def _pattern_json(data: dict) -> str:

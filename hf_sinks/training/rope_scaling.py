@@ -52,7 +52,7 @@ def normalize_rope_scaling(rope_scaling: dict[str, Any] | float | int | None) ->
     if rope_type not in allowed:
         raise ValueError(f"Unknown rope scaling type {rope_type!r}; supported types: {', '.join(allowed)}.")
     factor = scaling.get("factor")
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
         raise ValueError(f"rope_scaling needs a positive 'factor', got {factor!r}.")
     return {"rope_type": rope_type, **scaling, "factor": float(factor)}
 
