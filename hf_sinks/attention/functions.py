@@ -135,7 +135,7 @@ def _rotary_for(layer: SinkCacheLayer, module: torch.nn.Module) -> RotaryParams:
     if not cache._rotary_bound:  # once per cache: the model's parameters win, a mismatch is refused
         try:
             model_rotary = RotaryParams.from_config(module.config)
-        except (AttributeError, KeyError):
+        except (AttributeError, KeyError, TypeError):  # TypeError: hf_sinks' "not a config" (SinkTypeError)
             if cache.rotary is None:
                 raise
             model_rotary = cache.rotary  # a bare module with no RoPE config: only the cache's parameters are known
