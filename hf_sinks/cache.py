@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .config import SinkConfig
 from .rope import RotaryParams, rotate_with, shift_rotary, shift_tables
-from .validation import SinkTypeError, check_batch_size, check_layer_shape, check_layers_in_step
+from .validation import SinkTypeError, check_batch_size, check_cache_update, check_layers_in_step
 
 logger = logging.getLogger(__name__)
 
@@ -496,11 +496,8 @@ class SinkCache(Cache):
         while len(self.layers) <= layer_idx:
             self.layers.append(SinkCacheLayer(self))
         layer = self.layers[layer_idx]
-        if layer.is_initialized:
-            check_batch_size("This SinkCache", layer.keys.shape[0], key_states.shape[0])
-            check_layer_shape("SinkCache", layer_idx, (layer.keys.shape[1], layer.keys.shape[-1]),
-                              (key_states.shape[1], key_states.shape[-1]))
-        check_layers_in_step("SinkCache", self.layers, layer_idx, key_states.shape[-2])
+        held = (layer.keys.shape[0], layer.keys.shape[1], layer.keys.shape[-1]) if layer.is_initialized else None
+        check_cache_update("SinkCache", self.layers, layer_idx, key_states, held)
         self._announced = None  # the forward the hook announced reached the layers
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 

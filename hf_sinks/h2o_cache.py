@@ -49,12 +49,10 @@ from transformers.cache_utils import Cache
 from .cache import RowStateLayer
 from .validation import (
     SinkTypeError,
-    check_batch_size,
     check_cache_size,
+    check_cache_update,
     check_choice,
     check_int,
-    check_layer_shape,
-    check_layers_in_step,
 )
 
 #: ``attn_implementation`` name of the score-accumulating attention.
@@ -369,11 +367,8 @@ class H2OCache(Cache):
         while len(self.layers) <= layer_idx:
             self.layers.append(H2OCacheLayer(self))
         layer = self.layers[layer_idx]
-        if layer.is_initialized:
-            check_batch_size("This H2OCache", layer.keys.shape[0], key_states.shape[0])
-            check_layer_shape("H2OCache", layer_idx, (layer.keys.shape[1], layer.keys.shape[-1]),
-                              (key_states.shape[1], key_states.shape[-1]))
-        check_layers_in_step("H2OCache", self.layers, layer_idx, key_states.shape[-2])
+        held = (layer.keys.shape[0], layer.keys.shape[1], layer.keys.shape[-1]) if layer.is_initialized else None
+        check_cache_update("H2OCache", self.layers, layer_idx, key_states, held)
         return layer.update(key_states, value_states, *args, **kwargs)
 
     def get_stored_length(self, layer_idx: int = 0) -> int:

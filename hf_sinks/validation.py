@@ -204,6 +204,21 @@ def check_batch_size(owner: str, held: int, got: int) -> None:
         )
 
 
+def check_cache_update(
+    owner: str, layers: Sequence[Any], layer_idx: int, key_states: Any, held: tuple[int, int, int] | None
+) -> None:
+    """The checks every hf_sinks cache runs when ``layers[layer_idx]`` is updated with ``key_states``.
+
+    Args:
+        owner: the cache class name, for messages.
+        held: ``(batch, kv_heads, head_dim)`` the layer holds, ``None`` before its first update.
+    """
+    if held is not None:
+        check_batch_size(f"This {owner}", held[0], key_states.shape[0])
+        check_layer_shape(owner, layer_idx, held[1:], (key_states.shape[1], key_states.shape[-1]))
+    check_layers_in_step(owner, layers, layer_idx, key_states.shape[-2])
+
+
 def check_layer_shape(owner: str, layer_idx: int, held: tuple[int, ...], got: tuple[int, ...]) -> None:
     """Refuse keys whose ``(kv_heads, head_dim)`` differ from what the layer holds (a cache reused across models)."""
     if held != got:

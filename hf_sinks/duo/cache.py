@@ -11,11 +11,9 @@ from transformers.cache_utils import Cache
 from ..cache import RowStateLayer
 from ..validation import (
     SinkTypeError,
-    check_batch_size,
     check_cache_size,
+    check_cache_update,
     check_int,
-    check_layer_shape,
-    check_layers_in_step,
 )
 from .pattern import HeadPattern
 
@@ -260,12 +258,11 @@ class DuoCache(Cache):
         while len(self.layers) <= layer_idx:
             self.layers.append(DuoCacheLayer(self, len(self.layers)))
         layer = self.layers[layer_idx]
+        held = None
         if layer.is_initialized:
-            held = layer.retrieval_keys if layer.retrieval_keys.shape[1] else layer.streaming_keys
-            check_batch_size("This DuoCache", held.shape[0], key_states.shape[0])
-            check_layer_shape("DuoCache", layer_idx, (len(layer.heads[0]) + len(layer.heads[1]), held.shape[-1]),
-                              (key_states.shape[1], key_states.shape[-1]))
-        check_layers_in_step("DuoCache", self.layers, layer_idx, key_states.shape[-2])
+            keys = layer.retrieval_keys if layer.retrieval_keys.shape[1] else layer.streaming_keys
+            held = (keys.shape[0], len(layer.heads[0]) + len(layer.heads[1]), keys.shape[-1])
+        check_cache_update("DuoCache", self.layers, layer_idx, key_states, held)
         return layer.update(key_states, value_states, *args, **kwargs)
 
     def validate_model_config(self, config: Any) -> None:
