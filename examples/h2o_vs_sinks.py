@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     from hf_sinks.eval.data import load_token_ids
     from hf_sinks.eval.perplexity import streaming_perplexity
     from hf_sinks.eval.plots import plot_perplexity
-    from hf_sinks.h2o_cache import h2o_perplexity
+    from hf_sinks.h2o import h2o_perplexity
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(args.model, attn_implementation="sdpa")

@@ -17,8 +17,8 @@ from .cache import SinkCache
 from .config import SinkConfig
 from .duo import DuoCache, HeadPattern
 from .duo import register as _register_duo
-from .h2o_cache import H2OCache
-from .h2o_cache import register as _register_h2o
+from .h2o import H2OCache
+from .h2o import register as _register_h2o
 from .models import MODEL_SPECS
 from .rope import RotaryParams
 

@@ -176,7 +176,7 @@ def _lazy(module, name):
 
 streaming_perplexity = _lazy("hf_sinks.eval.perplexity", "streaming_perplexity")
 cache_perplexity = _lazy("hf_sinks.eval.perplexity", "cache_perplexity")
-h2o_perplexity = _lazy("hf_sinks.h2o_cache", "h2o_perplexity")
+h2o_perplexity = _lazy("hf_sinks.h2o", "h2o_perplexity")
 make_passkey_prompt = _lazy("hf_sinks.eval.passkey", "make_passkey_prompt")
 decode_benchmark = _lazy("hf_sinks.eval.bench", "decode_benchmark")
 read_text = _lazy("hf_sinks.eval.data", "read_text")

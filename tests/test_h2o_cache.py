@@ -9,7 +9,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
 from hf_sinks.attention.reference import visible_indices
-from hf_sinks.h2o_cache import H2O_ATTENTION, H2OCache, h2o_perplexity, register
+from hf_sinks.h2o import H2O_ATTENTION, H2OCache, h2o_perplexity, register
 from hf_sinks.oracle import reference_logits, using_attention
 from hf_sinks.rope import RotaryParams, apply_rotary, shift_rotary
 from hf_sinks.compat import cache_kwargs
@@ -118,7 +118,7 @@ def test_heads_evict_independently():
 
 @pytest.mark.parametrize("chunk", [3, 16, 64])
 def test_chunks_match_reference(chunk, monkeypatch):
-    import hf_sinks.h2o_cache as h2o
+    import hf_sinks.h2o.cache as h2o
 
     monkeypatch.setattr(h2o, "QUERY_BLOCK", 7)  # several query blocks inside a chunk
     model = tiny_model("llama", attn_implementation="sdpa", layers=2, heads=4, kv_heads=2)
@@ -304,7 +304,7 @@ def test_other_architectures_match_reference(arch, positions):
 # ------------------------------------------------------------------------------- positions="cache"
 @pytest.mark.parametrize("s, w, heavy, chunk", [(2, 4, 5, 1), (1, 3, 6, 5), (0, 5, 3, 16), (4, 2, 2, 1)])
 def test_cache_positions_match_reference(s, w, heavy, chunk, monkeypatch):
-    import hf_sinks.h2o_cache as h2o
+    import hf_sinks.h2o.cache as h2o
 
     monkeypatch.setattr(h2o, "QUERY_BLOCK", 6)
     model = tiny_model("llama", attn_implementation="sdpa", layers=2, heads=4, kv_heads=2)

@@ -12,7 +12,7 @@ Modes:
 * ``"sink"``: a ``SinkCache(S, W)`` and the ``sink_*`` attention (StreamingLLM): the prompt is streamed in chunks
   by the visibility rule (docs/design.md §2.1): once the prompt is longer than ``S + W`` the key is *evicted* unless it
   lies in the last ``W`` tokens. StreamingLLM does not extend memory; this eval shows exactly that.
-* ``"h2o"``: an :class:`~hf_sinks.h2o_cache.H2OCache` ``(S, W, heavy_budget)`` and the ``h2o_sdpa`` attention: sinks,
+* ``"h2o"``: an :class:`~hf_sinks.h2o.H2OCache` ``(S, W, heavy_budget)`` and the ``h2o_sdpa`` attention: sinks,
   the last ``W`` tokens and the ``heavy_budget`` tokens with the most accumulated attention, per layer and KV head.
 * ``"duo"``: a :class:`~hf_sinks.duo.DuoCache` ``(pattern, S, W)`` and the ``duo_sdpa`` attention (DuoAttention):
   the ``pattern``'s retrieval heads keep every token, its streaming heads sinks + window.
@@ -113,7 +113,7 @@ def _passkey_cache(model, stack: ExitStack, mode, num_sink_tokens, window_length
     from ..oracle import _routed_through_interface, using_attention
 
     if mode == "h2o":
-        from ..h2o_cache import H2O_ATTENTION, H2OCache, register
+        from ..h2o import H2O_ATTENTION, H2OCache, register
 
         cache, attention = H2OCache(num_sink_tokens, window_length, heavy_budget), H2O_ATTENTION
     elif mode == "duo":

@@ -1,43 +1,4 @@
-"""`H2OCache`: attention sinks + a recent window + heavy hitters (H2O, Zhang et al. 2023), per layer and KV head.
-
-Semantics (the contract the tests check against a naive full-attention-matrix reference):
-
-* Budget ``C = num_sink_tokens + window_length + heavy_budget`` (``S + W + H``): every query sees at most ``C``
-  keys, itself included. Query ``t`` (absolute 0-based index) sees the tokens its KV head still holds plus itself.
-* Every token a KV head holds accumulates a **score**: the attention probability it receives from every query that
-  sees it (its own query included), summed over the query heads of the KV head's GQA group and over steps.
-* After query ``t`` has attended, when the head holds ``C`` tokens (``t`` included) it evicts one so the next query
-  fits: never a sink (``j < S``) nor a token inside the next query's window (``(t + 1) - j < W``); among the others
-  (the ``H`` heavy hitters plus the token that just left the window) the one with the **lowest score** goes, the
-  **oldest** on ties. Evicted tokens never come back. Each KV head (and batch row) evicts independently, so heads
-  keep different tokens; they always hold the same *number* of tokens.
-* ``heavy_budget=0`` is exactly the visibility rule of docs/design.md §2.1: query ``t`` sees ``j <= t`` with
-  ``j < S`` or ``t - j < W``.
-* **Positions.** Keys are always *stored* as the model rotated them, at their original absolute positions (the
-  cache reports every token seen through ``get_seq_length``, so the model assigns positions as without eviction).
-  ``H2OCache(positions=...)`` chooses what attention sees:
-
-  - ``"original"`` (default; H2O's own scheme): nothing is re-rotated. A kept token keeps the position it had in the
-    text and query ``t`` is at position ``t``: true distances to every kept token, so sinks and heavy hitters drift
-    thousands of positions away from the query on a long stream (on SmolLM2 this costs perplexity after ~4k tokens,
-    see docs/benchmarks/h2o_smollm2_12k).
-  - ``"cache"`` (StreamingLLM-style, like SinkCache): the query that sees ``m`` keys sits at ``m - 1`` and those keys
-    at ``0..m-1`` in text order, so the window keeps its true distances and sinks + heavy hitters sit just before it.
-    With ``heavy_budget=0`` they are those of docs/design.md §2.2. Each attention rotates the held keys from
-    their stored originals (angles in fp64: no drift; O(C) per step and KV head).
-
-The scores need the attention probabilities, which no fused kernel returns: use the registered ``h2o_sdpa``
-attention (:func:`register`). It processes a multi-token chunk (prompt, chunked streaming) in blocks of queries and,
-inside a block, query by query for the softmax and eviction (the logits and ``P @ V`` are batched), so a chunk gives
-*exactly* what token-by-token decoding gives, with memory bounded by ``heads x block x (C + block)``.
-
-::
-
-    hf_sinks.h2o_cache.register()
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="h2o_sdpa")
-    cache = H2OCache(num_sink_tokens=4, window_length=128, heavy_budget=124)
-    model.generate(**inputs, cache=cache, max_new_tokens=2000)  # past_key_values=cache before transformers 5.24
-"""
+"""`H2OCache` / `H2OCacheLayer`: sinks + recent window + heavy hitters per layer and KV head (semantics: :mod:`hf_sinks.h2o`)."""
 
 from __future__ import annotations
 
@@ -46,8 +7,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from .cache import RowStateLayer
-from .validation import (
+from ..cache import RowStateLayer
+from ..validation import (
     SinkTypeError,
     check_cache_size,
     check_cache_update,
@@ -77,7 +38,7 @@ class H2OCacheLayer(RowStateLayer):
     Decoding (one token) writes the token into its free slot, attends over the ``C`` slots and evicts in place:
     O(1) copies per step, like :class:`~hf_sinks.cache.SinkCache` (``positions="cache"`` adds one O(C) rotation of
     the held keys, on a temporary copy). A multi-token chunk attends over the slots plus the
-    chunk (query by query inside, see the module docstring) and then compacts the survivors into slots ``0..count-1``.
+    chunk (query by query inside, see :mod:`hf_sinks.h2o`) and then compacts the survivors into slots ``0..count-1``.
     """
 
     is_compileable = False
@@ -131,7 +92,7 @@ class H2OCacheLayer(RowStateLayer):
         if self.pending is not None:
             raise ValueError(
                 f"H2OCache needs attn_implementation={H2O_ATTENTION!r}: the previous forward's attention did not "
-                f"accumulate scores (a stock attention cannot). Call hf_sinks.h2o_cache.register() and load the model "
+                f"accumulate scores (a stock attention cannot). Call hf_sinks.h2o.register() and load the model "
                 f"with attn_implementation={H2O_ATTENTION!r} (or model.set_attn_implementation({H2O_ATTENTION!r})). "
                 f"If the previous forward failed instead, call cache.reset()."
             )
@@ -197,7 +158,7 @@ class H2OCacheLayer(RowStateLayer):
         ``r``; the model rotated both at their original indices, so keeping the query where it is, the key moves by
         ``(r - index) + (query_index - (visible - 1))``: 0 for the window (its distances are the true ones).
         Always from the stored originals, angles in fp64: no drift."""
-        from .rope import shift_rotary
+        from ..rope import shift_rotary
 
         if self.cache.rotary is None:
             raise ValueError("H2OCache(positions='cache') needs the model's rotary parameters; pass rotary="
@@ -309,7 +270,7 @@ class H2OCacheLayer(RowStateLayer):
 
 
 class H2OCache(Cache):
-    """Sinks + recent window + heavy hitters, per layer and KV head (see the module docstring for the semantics).
+    """Sinks + recent window + heavy hitters, per layer and KV head (see :mod:`hf_sinks.h2o` for the semantics).
 
     Needs ``attn_implementation="h2o_sdpa"`` (call :func:`register` first); rows must not be padded.
 
@@ -319,7 +280,7 @@ class H2OCache(Cache):
         heavy_budget: ``H`` further tokens kept by accumulated attention (>= 0; 0 gives sinks + window).
         positions: ``"original"`` (default; H2O's scheme: every token keeps its position in the text) or
             ``"cache"`` (StreamingLLM-style: the query at ``m - 1`` and the ``m`` keys it sees at ``0..m-1`` in text
-            order; with ``heavy_budget=0`` the cache positions of docs/design.md §2.2). See the module docstring.
+            order; with ``heavy_budget=0`` the cache positions of docs/design.md §2.2). See :mod:`hf_sinks.h2o`.
         rotary: the model's :class:`~hf_sinks.rope.RotaryParams` (``"cache"`` only; taken from the model's config at
             the first forward when omitted).
     """
@@ -339,7 +300,7 @@ class H2OCache(Cache):
         check_cache_size("H2OCache", num_sink_tokens=num_sink_tokens, window_length=window_length,
                          heavy_budget=heavy_budget)
         check_choice("positions", positions, POSITION_MODES)
-        from .rope import RotaryParams
+        from ..rope import RotaryParams
 
         if rotary is not None and not isinstance(rotary, RotaryParams):
             raise SinkTypeError(
@@ -383,83 +344,4 @@ class H2OCache(Cache):
         raise NotImplementedError("H2OCache evicts tokens; it cannot be cropped (assisted decoding is unsupported).")
 
 
-# ------------------------------------------------------------------------------------- attention
-def h2o_sdpa_attention_forward(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: Any,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """``attn_implementation="h2o_sdpa"``: H2O attention with an :class:`H2OCache`, stock SDPA without one."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from .attention.masks import new_token_validity, stock_mask
-
-    layer = getattr(key, LAYER_ATTRIBUTE, None)
-    if layer is None:
-        dense = stock_mask(attention_mask)
-        return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
-    if new_token_validity(attention_mask, query.shape[2]) is not None:
-        raise ValueError("H2OCache does not support padded batches (the attention mask has padding).")
-    if dropout > 0:
-        raise ValueError(f"dropout={dropout} is not supported with an H2OCache (inference only).")
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if layer.cache.positions == "cache" and layer.cache.rotary is None:
-        from .rope import RotaryParams
-
-        layer.cache.rotary = RotaryParams.from_config(module.config)
-    out = layer.attend(query, scaling)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def register() -> None:
-    """Register ``h2o_sdpa`` with transformers (``AttentionInterface`` + ``AttentionMaskInterface``). Idempotent."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-
-    from .attention.masks import sink_sdpa_mask
-
-    AttentionInterface.register(H2O_ATTENTION, h2o_sdpa_attention_forward)
-    # the lazy mask: the attention reads only the padding; the dense mask is built only for the stock fallback
-    AttentionMaskInterface.register(H2O_ATTENTION, sink_sdpa_mask)
-
-
-# ------------------------------------------------------------------------------------ evaluation
-@torch.no_grad()
-def h2o_perplexity(
-    model: torch.nn.Module,
-    input_ids,
-    num_sink_tokens: int = 4,
-    window_length: int = 128,
-    heavy_budget: int = 124,
-    chunk_size: int = 64,
-    progress: bool = True,
-    positions: str = "original",
-):
-    """Streaming perplexity with an :class:`H2OCache` (like :func:`hf_sinks.eval.streaming_perplexity`).
-
-    The stream is fed ``chunk_size`` tokens per forward; ``h2o_sdpa`` evicts query by query inside a chunk, so
-    every chunk size gives the token-by-token result (up to float summation order).
-
-    Returns:
-        a :class:`~hf_sinks.eval.perplexity.StreamingResult` with ``mode="h2o"`` and
-        ``extra={"heavy_budget": H, "positions": positions}`` (``window_length`` is ``W``; the budget is
-        ``S + W + H``).
-    """
-    from .eval.perplexity import cache_perplexity, validate
-
-    validate("sink", num_sink_tokens, window_length, chunk_size)
-    check_int("heavy_budget", heavy_budget, 0)
-    register()
-    cache = H2OCache(num_sink_tokens, window_length, heavy_budget, positions=positions)
-    return cache_perplexity(
-        model, input_ids, cache, attn_implementation=H2O_ATTENTION, chunk_size=chunk_size, mode="h2o",
-        num_sink_tokens=num_sink_tokens, window_length=window_length, progress=progress,
-        extra={"heavy_budget": heavy_budget, "positions": positions},
-    )
-
-
-__all__ = ["H2OCache", "H2OCacheLayer", "H2O_ATTENTION", "POSITION_MODES", "h2o_perplexity", "h2o_sdpa_attention_forward", "register"]
+__all__ = ["H2OCache", "H2OCacheLayer", "H2O_ATTENTION", "LAYER_ATTRIBUTE", "POSITION_MODES", "QUERY_BLOCK"]
