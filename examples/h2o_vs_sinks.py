@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     from hf_sinks.eval.data import load_token_ids
     from hf_sinks.eval.perplexity import streaming_perplexity
     from hf_sinks.eval.plots import plot_perplexity
-    from hf_sinks.h2o import h2o_perplexity
+    from hf_sinks.h2o import H2OCache
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(args.model, attn_implementation="sdpa")
@@ -64,16 +64,19 @@ def main(argv=None) -> int:
     budget = s + w + h
     progress = not args.no_progress
     chunk = args.chunk_size
+    def h2o(cache):
+        return streaming_perplexity(model, ids, chunk_size=chunk, progress=progress, cache=cache)
+
     plan = {
         "dense": (f"dense", None, lambda: streaming_perplexity(model, ids, "dense", chunk_size=chunk, progress=progress)),
         "sink": (f"sink {s}+{budget - s}", (s, budget - s, 0),
                  lambda: streaming_perplexity(model, ids, "sink", s, budget - s, chunk_size=chunk, progress=progress)),
-        "h2o": (f"h2o {s}+{w}+{h}", (s, w, h), lambda: h2o_perplexity(model, ids, s, w, h, chunk, progress)),
+        "h2o": (f"h2o {s}+{w}+{h}", (s, w, h), lambda: h2o(H2OCache(s, w, h))),
         "h2o_cache": (f"h2o {s}+{w}+{h} cache-pos", (s, w, h),
-                      lambda: h2o_perplexity(model, ids, s, w, h, chunk, progress, positions="cache")),
+                      lambda: h2o(H2OCache(s, w, h, positions="cache"))),
         "h2o_no_heavy": (f"h2o {s}+{budget - s}+0", (s, budget - s, 0),
-                         lambda: h2o_perplexity(model, ids, s, budget - s, 0, chunk, progress)),
-        "h2o_no_sinks": (f"h2o 0+{w}+{h + s}", (0, w, h + s), lambda: h2o_perplexity(model, ids, 0, w, h + s, chunk, progress)),
+                         lambda: h2o(H2OCache(s, budget - s, 0))),
+        "h2o_no_sinks": (f"h2o 0+{w}+{h + s}", (0, w, h + s), lambda: h2o(H2OCache(0, w, h + s))),
         "window": (f"window 0+{budget}", (0, budget, 0),
                    lambda: streaming_perplexity(model, ids, "window", 0, budget, chunk_size=chunk, progress=progress)),
     }

@@ -175,8 +175,6 @@ def _lazy(module, name):
 
 
 streaming_perplexity = _lazy("hf_sinks.eval.perplexity", "streaming_perplexity")
-cache_perplexity = _lazy("hf_sinks.eval.perplexity", "cache_perplexity")
-h2o_perplexity = _lazy("hf_sinks.h2o", "h2o_perplexity")
 make_passkey_prompt = _lazy("hf_sinks.eval.passkey", "make_passkey_prompt")
 decode_benchmark = _lazy("hf_sinks.eval.bench", "decode_benchmark")
 read_text = _lazy("hf_sinks.eval.data", "read_text")
@@ -281,9 +279,10 @@ API_CASES = [
     case("h2o-rotary-int", lambda c: H2OCache(rotary=1), TypeError, "rotary=1"),
     case("h2o-reuse-batch", lambda c: _reuse_with_batch(c.h2o_model, H2OCache(2, 4, 2), 1, 2), ValueError,
          "batch of 1", "batch size 2", "reset()"),
-    case("h2o-perplexity-heavy", lambda c: h2o_perplexity(c.llama_sdpa, TEN, 2, 4, -1, progress=False), ValueError,
-         "heavy_budget=-1"),
-    case("h2o-perplexity-ids", lambda c: h2o_perplexity(c.llama_sdpa, BAD_IDS, 2, 4, 2, progress=False), ValueError,
+    case("h2o-perplexity-heavy", lambda c: streaming_perplexity(c.llama_sdpa, TEN, progress=False,
+                                                                  cache=H2OCache(2, 4, -1)), ValueError, "heavy_budget=-1"),
+    case("h2o-perplexity-ids", lambda c: streaming_perplexity(c.llama_sdpa, BAD_IDS, progress=False,
+                                                                 cache=H2OCache(2, 4, 2)), ValueError,
          "token id 500", f"{VOCAB} tokens"),
     # DuoCache / HeadPattern
     case("duo-tensor-pattern", lambda c: DuoCache(torch.ones(2, 2, dtype=torch.bool)), TypeError, "Tensor", "HeadPattern"),
@@ -390,7 +389,13 @@ API_CASES = [
     case("ppl-one-token", lambda c: streaming_perplexity(c.llama, torch.tensor([3]), progress=False), ValueError,
          "1 token"),
     case("ppl-float-ids", lambda c: streaming_perplexity(c.llama, torch.rand(5), progress=False), ValueError, "float32"),
-    case("cache-ppl-bad-id", lambda c: cache_perplexity(c.llama, BAD_IDS, SinkCache(2, 4), progress=False), ValueError,
+    case("cache-ppl-with-mode", lambda c: streaming_perplexity(c.llama, TEN, "sink", progress=False,
+                                                                 cache=SinkCache(2, 4)), ValueError, "mode='sink'", "cache="),
+    case("cache-ppl-not-a-cache", lambda c: streaming_perplexity(c.llama, TEN, progress=False, cache={"k": 1}), TypeError,
+         "transformers Cache", "dict"),
+    case("ppl-attention-without-cache", lambda c: streaming_perplexity(c.llama, TEN, attn_implementation="sdpa",
+                                                                         progress=False), ValueError, "cache="),
+    case("cache-ppl-bad-id", lambda c: streaming_perplexity(c.llama, BAD_IDS, progress=False, cache=SinkCache(2, 4)), ValueError,
          "token id 500"),
     case("passkey-depth", lambda c: make_passkey_prompt(c.tokenizer, 64, 1.5, "123"), ValueError, "depth=1.5"),
     case("passkey-key", lambda c: make_passkey_prompt(c.tokenizer, 64, 0.5, "abc"), ValueError, "key='abc'"),

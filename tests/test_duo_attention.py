@@ -15,7 +15,9 @@ from transformers.masking_utils import sdpa_mask
 
 import hf_sinks
 from hf_sinks import duo
+from hf_sinks.duo import eval as duo_eval
 from hf_sinks.duo import DuoCache, HeadPattern
+from hf_sinks.eval import streaming_perplexity
 from hf_sinks.eval.memory import cache_bytes
 from hf_sinks.oracle import using_attention
 from hf_sinks.rope import RotaryParams
@@ -316,7 +318,7 @@ def test_duo_perplexity_matches_reference_for_any_chunk_size():
     ref = reference_logits(model, ids[None, :-1], pattern)[0]
     expected = torch.nn.functional.cross_entropy(ref, ids[1:], reduction="none")
     for chunk in (1, 7, 64):
-        result = duo.duo_perplexity(model, ids, pattern, S, W, chunk_size=chunk, progress=False)
+        result = streaming_perplexity(model, ids, chunk_size=chunk, progress=False, cache=duo.DuoCache(pattern, S, W))
         torch.testing.assert_close(result.nll, expected, atol=1e-5, rtol=0)
         assert result.mode == "duo" and result.extra["streaming_fraction"] == pattern.streaming_fraction
         assert int(result.cache_bytes[-1]) > 0
@@ -369,7 +371,7 @@ def test_duo_passkey_all_retrieval_equals_dense(bpe_tokenizer):
     model = tiny_model("llama", attn_implementation="sdpa", vocab_size=320)
     grid = dict(context_lengths=(120,), depths=(0.0, 1.0), trials=1, chunk_size=32, max_new_tokens=3)
     dense = passkey_accuracy(model, bpe_tokenizer, mode="dense", progress=False, **grid)
-    full = duo.eval.duo_passkey_accuracy(model, bpe_tokenizer, HeadPattern.full(model.config), S, W, **grid)
+    full = duo_eval.duo_passkey_accuracy(model, bpe_tokenizer, HeadPattern.full(model.config), S, W, **grid)
     assert [r["answers"] for r in full] == [r["answers"] for r in dense]
     assert full[0]["mode"] == "duo" and full[0]["label"].startswith("duo 0% streaming")
 
@@ -386,7 +388,7 @@ def test_text_passkey_example(bpe_tokenizer):
 def test_plot_head_pattern(tmp_path):
     pytest.importorskip("matplotlib")
     pattern = HeadPattern.from_scores(torch.rand(4, 3), sparsity=0.5)
-    path = duo.eval.plot_head_pattern(pattern, tmp_path / "pattern.png")
+    path = duo_eval.plot_head_pattern(pattern, tmp_path / "pattern.png")
     assert path.stat().st_size > 1000
 
 
@@ -417,7 +419,7 @@ def test_command_identify_score_bench(tmp_path, bpe_tokenizer):
     tiny_model("llama", attn_implementation="sdpa", vocab_size=320).save_pretrained(model_dir)
     text = tmp_path / "text.txt"
     text.write_text(duo.identify.FILLER * 40)
-    run = duo.eval.main
+    run = duo_eval.main
     run(["identify", "--model", str(model_dir), "--output", str(tmp_path / "alpha.safetensors"), "--steps", "2",
          "--context-length", "40", "60", "--sink-size", "2", "--recent-size", "4"])
     trained = HeadPattern.load(tmp_path / "alpha.safetensors")

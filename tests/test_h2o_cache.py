@@ -9,7 +9,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
 from hf_sinks.attention.reference import visible_indices
-from hf_sinks.h2o import H2O_ATTENTION, H2OCache, h2o_perplexity, register
+from hf_sinks.eval import streaming_perplexity
+from hf_sinks.h2o import H2O_ATTENTION, H2OCache, register
 from hf_sinks.oracle import reference_logits, using_attention
 from hf_sinks.rope import RotaryParams, apply_rotary, shift_rotary
 from hf_sinks.compat import cache_kwargs
@@ -268,15 +269,15 @@ def test_h2o_perplexity_matches_reference():
     ids = random_ids(1, 40, seed=9)[0]
     ref_logits, _, _, _ = reference(model, ids, 2, 4, 6)
     nll = torch.nn.functional.cross_entropy(ref_logits[:-1].float(), ids[1:], reduction="none")
-    one = h2o_perplexity(model, ids, 2, 4, 6, chunk_size=1, progress=False)
-    many = h2o_perplexity(model, ids, 2, 4, 6, chunk_size=16, progress=False)
+    one = streaming_perplexity(model, ids, chunk_size=1, progress=False, cache=H2OCache(2, 4, 6))
+    many = streaming_perplexity(model, ids, chunk_size=16, progress=False, cache=H2OCache(2, 4, 6))
     torch.testing.assert_close(one.nll, nll, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(many.nll, nll, atol=1e-4, rtol=1e-4)
     assert one.perplexity == pytest.approx(math.exp(float(nll.double().mean())), rel=1e-4)
     assert one.mode == "h2o" and one.extra == {"heavy_budget": 6, "positions": "original"} and one.peak_cache_bytes > 0
     assert model.config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match="heavy_budget=-1"):
-        h2o_perplexity(model, ids, 2, 4, -1, progress=False)
+        streaming_perplexity(model, ids, progress=False, cache=H2OCache(2, 4, -1))
 
 
 def test_beam_search_reorders_rows():

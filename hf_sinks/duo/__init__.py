@@ -31,7 +31,7 @@ over keys of different lengths. Without a ``DuoCache`` ``duo_sdpa`` is stock SDP
 
 Modules: ``pattern`` (HeadPattern), ``cache`` (DuoCache), ``attention`` (``duo_sdpa``, ``duo_gate``, :func:`register`),
 ``identify`` (:func:`identify_heads`, :func:`attention_mass_scores`, :func:`passkey_retrieval_scores`), ``eval``
-(:func:`duo_perplexity`, passkey retrieval, the command ``python -m hf_sinks.duo {identify,score,bench,passkey}``,
+(passkey retrieval, the command ``python -m hf_sinks.duo {identify,score,bench,passkey}``,
 also under ``accelerate launch -m hf_sinks.duo identify``).
 """
 
@@ -43,7 +43,6 @@ from .attention import (
     register,
 )
 from .cache import DUO_ATTENTION, DuoCache, DuoCacheLayer, visibility_mask
-from .eval import duo_perplexity
 from .identify import (
     IdentificationResult,
     PasskeyExample,
@@ -56,7 +55,7 @@ from .pattern import HeadPattern
 
 __all__ = [
     "DUO_ATTENTION", "DUO_GATE_ATTENTION", "DuoCache", "DuoCacheLayer", "HeadPattern", "IdentificationResult",
-    "PasskeyExample", "attention_mass_scores", "duo_gate_attention_forward", "duo_perplexity",
+    "PasskeyExample", "attention_mass_scores", "duo_gate_attention_forward",
     "duo_sdpa_attention_forward", "gated_attention", "identify_heads", "make_passkey_example",
     "passkey_retrieval_scores", "register", "visibility_mask",
 ]

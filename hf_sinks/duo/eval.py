@@ -1,4 +1,7 @@
-"""Streaming perplexity with a :class:`DuoCache` and the ``python -m hf_sinks.duo`` command (identify, bench)."""
+"""DuoAttention evaluation (passkey retrieval, the head-pattern plot) and the ``python -m hf_sinks.duo`` command.
+
+Streaming perplexity with a :class:`DuoCache`: ``hf_sinks.eval.streaming_perplexity(model, ids, cache=DuoCache(...))``.
+"""
 
 from __future__ import annotations
 
@@ -6,41 +9,9 @@ from pathlib import Path
 
 import torch
 
-from .attention import register
-from .cache import DUO_ATTENTION, DuoCache
+from .cache import DuoCache
 from .identify import attention_mass_scores, identify_heads, passkey_retrieval_scores
 from .pattern import HeadPattern, _kv_shape
-
-@torch.no_grad()
-def duo_perplexity(
-    model: torch.nn.Module,
-    input_ids,
-    pattern: HeadPattern,
-    num_sink_tokens: int = 64,
-    window_length: int = 256,
-    chunk_size: int = 64,
-    progress: bool = True,
-):
-    """Streaming perplexity with a :class:`DuoCache` (like :func:`hf_sinks.eval.streaming_perplexity`).
-
-    The stream is fed ``chunk_size`` tokens per forward; ``duo_sdpa`` applies each head's visibility to every query
-    of a chunk, so any chunk size gives the token-by-token result (up to float summation order).
-
-    Returns:
-        a :class:`~hf_sinks.eval.perplexity.StreamingResult` with ``mode="duo"`` and
-        ``extra={"streaming_fraction": f}``.
-    """
-    from ..eval.perplexity import cache_perplexity, validate
-
-    validate("sink", num_sink_tokens, window_length, chunk_size)
-    pattern.validate(model.config)
-    register()
-    return cache_perplexity(
-        model, input_ids, DuoCache(pattern, num_sink_tokens, window_length), attn_implementation=DUO_ATTENTION,
-        chunk_size=chunk_size, mode="duo", num_sink_tokens=num_sink_tokens, window_length=window_length,
-        progress=progress, extra={"streaming_fraction": pattern.streaming_fraction},
-    )
-
 
 def duo_passkey_accuracy(
     model: torch.nn.Module,
@@ -185,10 +156,11 @@ def _bench_command(args) -> None:
     per_token = layers * kv_heads * head_dim * 2 * next(model.parameters()).element_size()  # K + V, all heads
 
     runs = [("dense", lambda: streaming_perplexity(model, ids, "dense", chunk_size=chunk, progress=False), "-", None)]
-    runs.append((f"duo {args.sparsity:.0%} streaming", lambda: duo_perplexity(model, ids, pattern, s, w, chunk, False),
+    runs.append((f"duo {args.sparsity:.0%} streaming", lambda: streaming_perplexity(model, ids, chunk_size=chunk, progress=False,
+                                                                      cache=DuoCache(pattern, s, w)),
                  "heuristic", pattern.streaming_fraction))
     runs.append((f"duo {args.sparsity:.0%} streaming, inverted pattern",
-                 lambda: duo_perplexity(model, ids, inverted, s, w, chunk, False), "inverted heuristic",
+                 lambda: streaming_perplexity(model, ids, chunk_size=chunk, progress=False, cache=DuoCache(inverted, s, w)), "inverted heuristic",
                  inverted.streaming_fraction))
     rows, curves, duo_peak = [], [], None
     for label, run, pattern_name, fraction in runs:

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -148,31 +149,56 @@ def sink_attention(model: torch.nn.Module, name: str = "sink_sdpa"):
 def streaming_perplexity(
     model: torch.nn.Module,
     input_ids,
-    mode: str = "sink",
+    mode: str | None = None,
     num_sink_tokens: int = 4,
     window_length: int = 1020,
     chunk_size: int = 1,
     progress: bool = True,
+    *,
+    cache=None,
+    attn_implementation: str | None = None,
 ) -> StreamingResult:
-    """Next-token NLL of ``model`` over one long stream under ``mode`` (see the module docstring).
+    """Next-token NLL of ``model`` over one long stream, under ``mode`` or with a ``cache`` you built.
+
+    Either ``mode`` (see the module docstring; ``"sink"`` when neither is given) builds the cache from
+    ``num_sink_tokens``/``window_length``, or ``cache=`` streams through the cache given (a fresh one: it sees the
+    whole stream):
+
+    * :class:`~hf_sinks.SinkCache`: mode ``"sink"`` (``"window"`` with no sinks), run with a ``sink_*`` attention as
+      ``mode="sink"`` is;
+    * :class:`~hf_sinks.H2OCache`: mode ``"h2o"``, run with ``h2o_sdpa``; ``extra={"heavy_budget": H, "positions": ...}``
+      (``h2o_sdpa`` evicts query by query inside a chunk, so every chunk size gives the token-by-token result);
+    * :class:`~hf_sinks.DuoCache`: mode ``"duo"``, run with ``duo_sdpa``; ``extra={"streaming_fraction": f}``;
+    * ``DynamicCache``: mode ``"dense"``; any other ``transformers.Cache``: mode ``"custom"``, the model's attention.
 
     Args:
         model: a causal LM (any attention; ``"sink"``/``"window"`` temporarily switch a stock attention to
             ``sink_sdpa``, which is exact for chunks; load with ``attn_implementation="sink_sdpa"`` to avoid that).
         input_ids: ``[T]`` or ``[1, T]`` token ids, ``T >= 2``.
-        mode: ``"dense"``, ``"window"``, ``"sink"`` or ``"recompute"``.
-        num_sink_tokens, window_length: ``S`` and ``W`` (``"window"`` uses a window of ``S + W``, no sinks, so it
-            has the same cache budget as ``"sink"``; ``"dense"`` ignores them).
+        mode: ``"dense"``, ``"window"``, ``"sink"`` or ``"recompute"`` (not with ``cache``).
+        num_sink_tokens, window_length: ``S`` and ``W`` of ``mode`` (``"window"`` uses a window of ``S + W``, no
+            sinks, so it has the same cache budget as ``"sink"``; ``"dense"`` ignores them; a ``cache`` has its own).
         chunk_size: tokens per forward (``"recompute"`` always runs one fresh forward per token).
         progress: show a tqdm progress bar.
+        cache: a fresh ``transformers.Cache`` to stream through instead of ``mode``'s.
+        attn_implementation: with ``cache``, the attention to run with for the duration instead of the cache's own
+            (the model's previous one is restored afterwards).
 
     Returns:
         a :class:`StreamingResult`.
 
     Raises:
-        ValueError: unknown mode, ``window_length <= 0``, ``num_sink_tokens < 0``, ``chunk_size <= 0``, fewer than
-            2 tokens, or a batch of several sequences.
+        ValueError: unknown mode, ``mode`` together with ``cache``, ``window_length <= 0``, ``num_sink_tokens < 0``,
+            ``chunk_size <= 0``, fewer than 2 tokens, a batch of several sequences, or a token id outside the
+            model's vocabulary.
     """
+    if cache is not None:
+        if mode is not None:
+            raise ValueError(f"mode={mode!r} and cache= are exclusive: the cache decides how the stream is kept.")
+        return _cache_perplexity(model, input_ids, cache, attn_implementation, chunk_size, progress)
+    if attn_implementation is not None:
+        raise ValueError("attn_implementation= applies only with cache= (a mode chooses its attention).")
+    mode = "sink" if mode is None else mode
     ids = _as_stream(input_ids)
     validate(mode, num_sink_tokens, window_length, chunk_size, ids.numel())
     check_token_ids(ids, model)
@@ -197,41 +223,55 @@ def streaming_perplexity(
     return _measure(model, ids, mode, steps, context, sinks, window, chunk_size, progress)
 
 
-@torch.no_grad()
-def cache_perplexity(
-    model: torch.nn.Module,
-    input_ids,
-    cache,
-    attn_implementation: str | None = None,
-    chunk_size: int = 1,
-    mode: str = "custom",
-    num_sink_tokens: int | None = None,
-    window_length: int | None = None,
-    progress: bool = True,
-    extra: dict | None = None,
-) -> StreamingResult:
-    """Streaming perplexity with a cache you built (``H2OCache``, ``DuoCache``, your own ``transformers.Cache``).
+def _cache_route(model: torch.nn.Module, cache) -> tuple[str, Any, int | None, int | None, dict]:
+    """``(mode, attention context, S, W, extra)`` recorded and used for a given ``cache``."""
+    from transformers import DynamicCache
 
-    The same measurement as :func:`streaming_perplexity` (NLL per token, tokens/s, exact KV bytes, memory growth),
-    feeding ``chunk_size`` tokens per forward into ``cache``.
+    from ..cache import SinkCache
+    from ..duo import DUO_ATTENTION, DuoCache
+    from ..duo import register as register_duo
+    from ..h2o import H2O_ATTENTION, H2OCache
+    from ..h2o import register as register_h2o
 
-    Args:
-        cache: a fresh cache; it sees the whole stream.
-        attn_implementation: attention to run with for the duration (e.g. ``"h2o_sdpa"``), ``None`` to keep the
-            model's. The previous one is restored afterwards.
-        mode, num_sink_tokens, window_length, extra: recorded in the result as given.
-    """
+    if isinstance(cache, SinkCache):
+        mode = "window" if cache.num_sink_tokens == 0 else "sink"
+        return mode, sink_attention(model), cache.num_sink_tokens, cache.window_length, {}
+    if isinstance(cache, H2OCache):
+        register_h2o()
+        return ("h2o", _attention(model, H2O_ATTENTION), cache.num_sink_tokens, cache.window_length,
+                {"heavy_budget": cache.heavy_budget, "positions": cache.positions})
+    if isinstance(cache, DuoCache):
+        cache.pattern.validate(model.config)
+        register_duo()
+        return ("duo", _attention(model, DUO_ATTENTION), cache.num_sink_tokens, cache.window_length,
+                {"streaming_fraction": cache.pattern.streaming_fraction})
+    return ("dense" if isinstance(cache, DynamicCache) else "custom"), nullcontext(), None, None, {}
+
+
+@contextmanager
+def _attention(model: torch.nn.Module, name: str):
+    """Run ``model`` with attention ``name`` for the duration (a model that bypasses the interface patched for it)."""
     from ..oracle import _routed_through_interface, using_attention
 
+    with _routed_through_interface(model), using_attention(model, name):
+        yield
+
+
+def _cache_perplexity(model, input_ids, cache, attn_implementation, chunk_size, progress) -> StreamingResult:
+    """:func:`streaming_perplexity` with ``cache=``: ``chunk_size`` tokens per forward into ``cache``."""
+    from transformers.cache_utils import Cache
+
+    if not isinstance(cache, Cache):
+        raise TypeError(f"cache={cache!r} is invalid: must be a transformers Cache (SinkCache, H2OCache, DuoCache, "
+                        f"DynamicCache, ...), not {type(cache).__name__}.")
     ids = _as_stream(input_ids)
     validate("sink", 0, 1, chunk_size, ids.numel())
     check_token_ids(ids, model)
-    context = ExitStack()
+    mode, context, sinks, window, extra = _cache_route(model, cache)
     if attn_implementation is not None:
-        context.enter_context(_routed_through_interface(model))
-        context.enter_context(using_attention(model, attn_implementation))
+        context = _attention(model, attn_implementation)
     return _measure(model, ids, mode, lambda stream: _cached_steps(model, stream, cache, chunk_size), context,
-                    num_sink_tokens, window_length, chunk_size, progress, extra)
+                    sinks, window, chunk_size, progress, extra)
 
 
 def _measure(model, ids, mode, steps, context, sinks, window, chunk_size, progress, extra=None) -> StreamingResult:
@@ -318,4 +358,4 @@ def _recompute_steps(model, stream, sinks, window):
         yield i, out.logits[0, -1:], None
 
 
-__all__ = ["MODES", "StreamingResult", "cache_perplexity", "make_cache", "sink_attention", "streaming_perplexity", "validate", "visible_positions"]
+__all__ = ["MODES", "StreamingResult", "make_cache", "sink_attention", "streaming_perplexity", "validate", "visible_positions"]

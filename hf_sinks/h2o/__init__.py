@@ -44,9 +44,8 @@ Streaming perplexity with an H2OCache: :func:`hf_sinks.eval.streaming_perplexity
 
 from .attention import h2o_sdpa_attention_forward, register
 from .cache import H2O_ATTENTION, POSITION_MODES, H2OCache, H2OCacheLayer
-from .eval import h2o_perplexity
 
 __all__ = [
-    "H2OCache", "H2OCacheLayer", "H2O_ATTENTION", "POSITION_MODES", "h2o_perplexity", "h2o_sdpa_attention_forward",
+    "H2OCache", "H2OCacheLayer", "H2O_ATTENTION", "POSITION_MODES", "h2o_sdpa_attention_forward",
     "register",
 ]

@@ -220,3 +220,35 @@ def test_smollm2_sink_beats_window():
     assert sink.perplexity < 1.25 * dense.perplexity
     assert window.perplexity > 1.5 * sink.perplexity
     torch.testing.assert_close(one.nll, sink.nll[:99], atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 8])
+def test_cache_argument_gives_the_mode_results(model, ids, chunk):
+    """``cache=SinkCache`` is ``mode="sink"`` (``"window"`` without sinks), ``cache=DynamicCache`` ``mode="dense"``."""
+    from transformers import DynamicCache
+
+    from hf_sinks import SinkCache
+
+    before = model.config._attn_implementation
+    common = dict(chunk_size=chunk, progress=False)
+    for mode, cache in (("sink", SinkCache.from_model(model, S, W)), ("window", SinkCache.from_model(model, 0, S + W)),
+                        ("dense", DynamicCache())):
+        by_mode = streaming_perplexity(model, ids, mode, S, W, **common)
+        by_cache = streaming_perplexity(model, ids, cache=cache, **common)
+        assert by_cache.mode == mode
+        assert (by_cache.num_sink_tokens, by_cache.window_length) == (by_mode.num_sink_tokens, by_mode.window_length)
+        torch.testing.assert_close(by_cache.nll, by_mode.nll, atol=0, rtol=0)
+        assert torch.equal(by_cache.cache_bytes, by_mode.cache_bytes)
+    assert model.config._attn_implementation == before
+
+
+def test_cache_argument_with_attention(model, ids):
+    """``attn_implementation=`` runs the given attention for the duration and restores the model's."""
+    from hf_sinks import SinkCache
+
+    before = model.config._attn_implementation
+    eager = streaming_perplexity(model, ids, chunk_size=1, progress=False, cache=SinkCache.from_model(model, S, W),
+                                 attn_implementation="sink_eager")
+    sdpa = streaming_perplexity(model, ids, "sink", S, W, chunk_size=1, progress=False)
+    torch.testing.assert_close(eager.nll, sdpa.nll, atol=1e-4, rtol=1e-4)
+    assert model.config._attn_implementation == before
