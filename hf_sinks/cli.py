@@ -566,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_passkey)
 
     # subcommands that live with their feature
-    from .analysis import add_analyze_parser
+    from .cli_analyze import add_analyze_parser
     from .training.cli import add_train_parser
 
     add_analyze_parser(sub)

@@ -13,10 +13,9 @@ from hf_sinks.analysis import (
     _Accumulator,
     _key_statistics,
     _secondary_sinks,
-    add_analyze_parser,
     analyze,
-    cmd_analyze,
 )
+from hf_sinks.cli_analyze import add_analyze_parser, cmd_analyze
 
 
 def eager_attentions(model, ids):

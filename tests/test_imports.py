@@ -1,0 +1,100 @@
+"""The package's import structure: every module imports, the library never imports the CLI, no import cycle.
+
+The graph is read from the source with ``ast`` (every ``import``, at module level or inside a function: a lazy import
+still ties two modules together), so it does not depend on what happens to be imported already.
+"""
+
+import ast
+import importlib
+import importlib.util
+import pkgutil
+
+import pytest
+
+import hf_sinks
+
+
+def _modules() -> dict[str, bool]:
+    """``{module name: is a package}`` for every module of ``hf_sinks`` (``patches`` and ``kernels`` included)."""
+    found = {"hf_sinks": True}
+    for info in pkgutil.walk_packages(hf_sinks.__path__, "hf_sinks."):
+        found[info.name] = info.ispkg
+    for mapped in ("hf_sinks.patches", "hf_sinks.kernels"):  # package-dir: outside hf_sinks/ in an editable install
+        found[mapped] = True
+        for info in pkgutil.walk_packages(importlib.import_module(mapped).__path__, mapped + "."):
+            found[info.name] = info.ispkg
+    return found
+
+
+MODULES = _modules()
+
+
+def is_cli(name: str) -> bool:
+    """Command-line modules: ``hf_sinks.cli*``, a subpackage's ``cli`` (``hf-sinks train``) and ``__main__``."""
+    last = name.rsplit(".", 1)[-1]
+    return name.startswith("hf_sinks.cli") or last in ("cli", "__main__")
+
+
+def imported_modules(name: str) -> set[str]:
+    """The ``hf_sinks`` modules that module ``name`` imports anywhere in its source."""
+    tree = ast.parse(open(importlib.util.find_spec(name).origin, encoding="utf-8").read())
+    package = name if MODULES[name] else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                base = node.module
+            for alias in node.names:  # `from . import x` names a module, `from .x import y` a name in x
+                full = f"{base}.{alias.name}"
+                out.add(full if full in MODULES else base)
+    return {m for m in out if m in MODULES and m != name}
+
+
+GRAPH = {name: imported_modules(name) for name in MODULES}
+LIBRARY = sorted(name for name in MODULES if not is_cli(name))
+
+
+def test_the_walk_sees_the_package():
+    assert {"hf_sinks.cache", "hf_sinks.cli", "hf_sinks.h2o.cache", "hf_sinks.duo.cache",
+            "hf_sinks.eval.perplexity", "hf_sinks.attention.functions", "hf_sinks.patches.falcon"} <= set(MODULES)
+    assert {"hf_sinks.cli", "hf_sinks.cli_analyze", "hf_sinks.training.cli", "hf_sinks.duo.__main__"} <= {
+        name for name in MODULES if is_cli(name)}
+
+
+@pytest.mark.parametrize("name", sorted(name for name in MODULES if not name.endswith("__main__")))
+def test_every_module_imports(name):
+    importlib.import_module(name)
+
+
+@pytest.mark.parametrize("name", LIBRARY)
+def test_library_never_imports_the_cli(name):
+    assert not {m for m in GRAPH[name] if is_cli(m)}, f"{name} imports command-line code"
+
+
+def test_no_import_cycle_between_library_modules():
+    graph = {name: sorted(m for m in GRAPH[name] if not is_cli(m)) for name in LIBRARY}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+    cycles = []
+
+    def visit(name):
+        state[name] = 1
+        path.append(name)
+        for dep in graph[name]:
+            if state.get(dep) == 1:
+                cycles.append(" -> ".join(path[path.index(dep):] + [dep]))
+            elif dep not in state:
+                visit(dep)
+        path.pop()
+        state[name] = 2
+
+    for name in LIBRARY:
+        if name not in state:
+            visit(name)
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
