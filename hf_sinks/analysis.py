@@ -398,7 +398,7 @@ def analyze(
     if sink_tokens >= length:
         raise ValueError(f"sink_tokens={sink_tokens} must be smaller than the number of tokens ({length}).")
     from .eval.perplexity import _progress
-    from .oracle import _routed_through_interface, using_attention
+    from .attention.switch import use_attention
 
     _register_analysis_attention()
     device = next(model.parameters()).device
@@ -408,7 +408,7 @@ def analyze(
     acc = _Accumulator(length, sink_tokens, min_distance, max(1, int(query_block)), bar)
     _ACCUMULATORS.append(acc)
     try:
-        with _routed_through_interface(model), using_attention(model, ANALYSIS_ATTENTION):
+        with use_attention(model, ANALYSIS_ATTENTION, route=True):
             model(input_ids=ids[None].to(device), use_cache=False)
     finally:
         _ACCUMULATORS.pop()

@@ -7,11 +7,10 @@ window with re-computation" baseline of the StreamingLLM paper.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from .attention.reference import visible_indices
+from .attention.switch import use_attention
 
 
 @torch.no_grad()
@@ -37,25 +36,13 @@ def recompute_logits(
     """
     ids = input_ids.reshape(-1)
     rows = []
-    with using_attention(model, attn_implementation):
+    with use_attention(model, attn_implementation):
         for i in range(start, ids.numel()):
             visible = ids[visible_indices(i, num_sink_tokens, window_length)][None]
             positions = torch.arange(visible.shape[1], device=ids.device)[None]
             out = model(input_ids=visible, position_ids=positions, use_cache=False)
             rows.append(out.logits[0, -1])
     return torch.stack(rows)
-
-
-@contextmanager
-def using_attention(model: torch.nn.Module, name: str):
-    """Temporarily run ``model`` with attention implementation ``name`` (read at every forward)."""
-    config = model.config
-    previous = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
 
 
 # ------------------------------------------------------------------------------------ spec-attention model run
@@ -107,28 +94,8 @@ def reference_logits(model: torch.nn.Module, input_ids: torch.Tensor, num_sink_t
     rotary = RotaryParams.from_model(model)
     _REFERENCE_ARGS.append((num_sink_tokens, window_length, rotary))
     try:
-        with _routed_through_interface(model), using_attention(model, _REFERENCE_NAME):
+        with use_attention(model, _REFERENCE_NAME, route=True):
             out = model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=ids.device)[None], use_cache=False)
     finally:
         _REFERENCE_ARGS.pop()
     return out.logits[0]
-
-
-@contextmanager
-def _routed_through_interface(model: torch.nn.Module):
-    """Temporarily patch a model that bypasses AttentionInterface (Falcon) unless it already is."""
-    import importlib
-
-    from .models import get_spec
-
-    spec = get_spec(getattr(model.config, "model_type", None))
-    undo = None
-    if spec.route == "patch":
-        patch = importlib.import_module(f"hf_sinks.patches.{spec.model_type}")
-        if not patch.is_patched(model):
-            undo = patch.patch_model(model)
-    try:
-        yield
-    finally:
-        if undo is not None:
-            undo()

@@ -20,9 +20,9 @@ from hf_sinks.cli_analyze import add_analyze_parser, cmd_analyze
 
 def eager_attentions(model, ids):
     """Full ``[L][H, T, T]`` attention matrices from stock eager attention with ``output_attentions=True``."""
-    from hf_sinks.oracle import using_attention
+    from hf_sinks.attention import use_attention
 
-    with using_attention(model, "eager"), torch.no_grad():
+    with use_attention(model, "eager"), torch.no_grad():
         out = model(input_ids=ids[None], use_cache=False, output_attentions=True)
     return [a[0].double() for a in out.attentions], out.logits
 

@@ -19,7 +19,7 @@ from hf_sinks.duo import eval as duo_eval
 from hf_sinks.duo import DuoCache, HeadPattern
 from hf_sinks.eval import streaming_perplexity
 from hf_sinks.eval.memory import cache_bytes
-from hf_sinks.oracle import using_attention
+from hf_sinks.attention import use_attention
 from hf_sinks.rope import RotaryParams
 from hf_sinks.compat import cache_kwargs
 
@@ -55,7 +55,7 @@ AttentionMaskInterface.register(REF_NAME, sdpa_mask)
 def reference_logits(model, ids, pattern, sinks=S, window=W):
     _REF.append((pattern.retrieval, sinks, window))
     try:
-        with using_attention(model, REF_NAME):
+        with use_attention(model, REF_NAME):
             return model(input_ids=ids, use_cache=False).logits
     finally:
         _REF.pop()
@@ -92,7 +92,7 @@ def test_all_retrieval_generate_equals_dynamic_cache(arch, kw):
     prompt = random_ids(2, 9)
     common = dict(max_new_tokens=16, do_sample=False, output_logits=True, return_dict_in_generate=True)
     duo_out = model.generate(prompt, **cache_kwargs(DuoCache(HeadPattern.full(model.config), S, W)), **common)
-    with using_attention(model, "sdpa"):
+    with use_attention(model, "sdpa"):
         dense = model.generate(prompt, **cache_kwargs(DynamicCache()), **common)
     assert torch.equal(duo_out.sequences, dense.sequences)
     torch.testing.assert_close(torch.stack(duo_out.logits), torch.stack(dense.logits), atol=1e-5, rtol=0)
@@ -109,7 +109,7 @@ def test_all_streaming_equals_rule_reference(arch, kw, chunks, monkeypatch):
     ref = reference_logits(model, ids, pattern)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
     # the reference must not be trivially dense: past capacity it differs from full attention
-    with using_attention(model, "sdpa"):
+    with use_attention(model, "sdpa"):
         dense = model(input_ids=ids).logits
     assert (dense[:, S + W :] - ref[:, S + W :]).abs().max() > 1e-3
 
@@ -124,7 +124,7 @@ def test_all_streaming_equals_sink_cache_at_original_rotation():
     head_dim = model.config.hidden_size // model.config.num_attention_heads
     no_rotation = RotaryParams(inv_freq=torch.zeros(head_dim // 2), rotary_dim=head_dim)
     sink = streamed_logits(model, ids, hf_sinks.SinkCache(S, W, rotary=no_rotation), [])
-    with using_attention(model, "duo_sdpa"):
+    with use_attention(model, "duo_sdpa"):
         got = streamed_logits(model, ids, DuoCache(HeadPattern.streaming(model.config), S, W), [])
     torch.testing.assert_close(got, sink, atol=1e-5, rtol=0)
 
@@ -163,7 +163,7 @@ def test_stored_bytes_exact(chunks):
     ids = random_ids(batch, n)
     cache = DuoCache(pattern, S, W)
     streamed_logits(model, ids, cache, chunks)
-    with using_attention(model, "sdpa"):
+    with use_attention(model, "sdpa"):
         dense = DynamicCache()
         model(input_ids=ids, **cache_kwargs(dense), use_cache=True)
     per_token_head = batch * 16 * 2 * 4  # keys + values, fp32
@@ -251,7 +251,7 @@ def test_duo_sdpa_without_duo_cache_is_stock_sdpa():
     model = tiny_model("llama", attn_implementation="duo_sdpa")
     ids = random_ids(1, 12)
     got = model(input_ids=ids).logits
-    with using_attention(model, "sdpa"):
+    with use_attention(model, "sdpa"):
         torch.testing.assert_close(got, model(input_ids=ids).logits, atol=1e-6, rtol=0)
 
 
@@ -439,6 +439,6 @@ def test_beam_search_all_retrieval_equals_dynamic_cache():
     prompt = random_ids(1, 6)
     common = dict(max_new_tokens=10, do_sample=False, num_beams=3, num_return_sequences=2)
     got = model.generate(prompt, **cache_kwargs(DuoCache(HeadPattern.full(model.config), S, W)), **common)
-    with using_attention(model, "sdpa"):
+    with use_attention(model, "sdpa"):
         dense = model.generate(prompt, **cache_kwargs(DynamicCache()), **common)
     assert torch.equal(got, dense)

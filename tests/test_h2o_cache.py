@@ -11,7 +11,8 @@ from transformers.masking_utils import sdpa_mask
 from hf_sinks.attention.reference import visible_indices
 from hf_sinks.eval import streaming_perplexity
 from hf_sinks.h2o import H2O_ATTENTION, H2OCache, register
-from hf_sinks.oracle import reference_logits, using_attention
+from hf_sinks.attention import use_attention
+from hf_sinks.oracle import reference_logits
 from hf_sinks.rope import RotaryParams, apply_rotary, shift_rotary
 from hf_sinks.compat import cache_kwargs
 
@@ -73,7 +74,7 @@ AttentionMaskInterface.register("h2o_test_reference", sdpa_mask)
 def reference(model, ids, s, w, heavy, positions="original"):
     """Logits ``[T, V]`` plus, per layer, the kept sets after each step and the rotated keys (original positions)."""
     _REF.update(args=(s, w, heavy), kept=[], visible=[], keys=[], positions=(positions, RotaryParams.from_model(model)))
-    with using_attention(model, "h2o_test_reference"), torch.no_grad():
+    with use_attention(model, "h2o_test_reference"), torch.no_grad():
         logits = model(input_ids=ids[None], use_cache=False).logits[0]
     return logits, _REF["kept"], _REF["visible"], _REF["keys"]
 
@@ -81,7 +82,7 @@ def reference(model, ids, s, w, heavy, positions="original"):
 def stream(model, ids, cache, chunk, record=False):
     """Feed ``ids`` through ``model`` with ``cache``; logits ``[T, V]`` and (``record``) kept sets after each step."""
     logits, kept = [], []
-    with using_attention(model, H2O_ATTENTION), torch.no_grad():
+    with use_attention(model, H2O_ATTENTION), torch.no_grad():
         for b in range(0, ids.numel(), chunk):
             out = model(input_ids=ids[None, b : b + chunk], **cache_kwargs(cache), use_cache=True)
             logits.append(out.logits[0])
@@ -139,7 +140,7 @@ def test_mixed_chunks_and_decode_steps():
     ref_logits, ref_kept, _, _ = reference(model, ids, 1, 4, 6)
     cache = H2OCache(1, 4, 6)
     logits, bounds = [], [0, 17, 18, 19, 20, 21, 22, 31, 32, 33, 34, 45, 46, 60]
-    with using_attention(model, H2O_ATTENTION), torch.no_grad():
+    with use_attention(model, H2O_ATTENTION), torch.no_grad():
         for b0, b1 in zip(bounds, bounds[1:]):
             logits.append(model(input_ids=ids[None, b0:b1], **cache_kwargs(cache)).logits[0])
             for layer in range(2):
@@ -192,7 +193,7 @@ def test_heavy_budget_zero_is_the_sink_window_rule(s, w, chunk):
         for layer in range(2):
             assert kept[step][layer] == [expected, expected], (t, layer)
     _REF["args"] = (s, w, 0)
-    with using_attention(model, "h2o_test_visibility"), torch.no_grad():
+    with use_attention(model, "h2o_test_visibility"), torch.no_grad():
         want = model(input_ids=ids[None], use_cache=False).logits[0]
     torch.testing.assert_close(logits, want, atol=2e-5, rtol=1e-4)
 
@@ -210,7 +211,7 @@ def test_batch_rows_are_independent():
     model = tiny_model("llama", attn_implementation="sdpa", layers=2)
     ids = random_ids(2, 30, seed=5)
     cache = H2OCache(1, 4, 4)
-    with using_attention(model, H2O_ATTENTION), torch.no_grad():
+    with use_attention(model, H2O_ATTENTION), torch.no_grad():
         both = torch.cat([model(input_ids=ids[:, b : b + 5], **cache_kwargs(cache)).logits for b in range(0, 30, 5)], 1)
     for row in range(2):
         alone, _ = stream(model, ids[row], H2OCache(1, 4, 4), chunk=5)
@@ -244,7 +245,7 @@ def test_without_cache_is_stock_sdpa():
     ids = random_ids(1, 16)
     with torch.no_grad():
         want = model(input_ids=ids).logits
-        with using_attention(model, H2O_ATTENTION):
+        with use_attention(model, H2O_ATTENTION):
             got = model(input_ids=ids).logits
     torch.testing.assert_close(got, want)
 
@@ -336,7 +337,7 @@ def test_cache_positions_mixed_steps():
     ref_logits, ref_kept, _, _ = reference(model, ids, 2, 3, 5, positions="cache")
     cache = H2OCache(2, 3, 5, positions="cache")
     bounds, logits = [0, 12, 13, 14, 15, 16, 17, 18, 29, 30, 31, 40, 41, 50], []
-    with using_attention(model, H2O_ATTENTION), torch.no_grad():
+    with use_attention(model, H2O_ATTENTION), torch.no_grad():
         for b0, b1 in zip(bounds, bounds[1:]):
             logits.append(model(input_ids=ids[None, b0:b1], **cache_kwargs(cache)).logits[0])
             assert cache.kept_token_indices(1)[0].tolist() == ref_kept[1][b1 - 1], b1

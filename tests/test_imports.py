@@ -98,3 +98,4 @@ def test_no_import_cycle_between_library_modules():
             visit(name)
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
+

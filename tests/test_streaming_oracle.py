@@ -9,7 +9,8 @@ import torch
 from conftest import random_ids, tiny_model
 
 import hf_sinks
-from hf_sinks.oracle import recompute_logits, reference_logits, using_attention
+from hf_sinks.attention import use_attention
+from hf_sinks.oracle import recompute_logits, reference_logits
 from hf_sinks.compat import cache_kwargs
 
 TOL = 1e-4
@@ -91,7 +92,7 @@ def test_below_capacity_identical_to_dynamic_cache(impl):
     prompt = random_ids(2, 7)
     _, sink_logits = stream(model, prompt, hf_sinks.SinkCache(4, 60), 20)
     # torch's compiled CPU flex is wrong at head_dim <= 16 (Inductor bug), so flex is held against sdpa
-    with using_attention(model, "sdpa" if impl == "sink_flex" else impl):
+    with use_attention(model, "sdpa" if impl == "sink_flex" else impl):
         _, dense_logits = stream(model, prompt, None, 20)
     torch.testing.assert_close(sink_logits, dense_logits, atol=1e-5, rtol=0)
 

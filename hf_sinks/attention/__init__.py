@@ -8,11 +8,13 @@ from .functions import sink_eager_attention_forward, sink_flex_attention_forward
 from .reference import reference_shifted_sparse_attention, reference_sink_attention, visible_indices
 from .registry import ATTENTION_IMPLEMENTATIONS, register
 from .shifted_sparse import shifted_sparse_attention, sink_s2attn_attention_forward, sink_sfattn_attention_forward
+from .switch import routed_through_interface, use_attention
 from .triton import sink_triton_attention_forward
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
     "reference_shifted_sparse_attention",
+    "routed_through_interface",
     "reference_sink_attention",
     "register",
     "shifted_sparse_attention",
@@ -22,5 +24,6 @@ __all__ = [
     "sink_sdpa_attention_forward",
     "sink_sfattn_attention_forward",
     "sink_triton_attention_forward",
+    "use_attention",
     "visible_indices",
 ]

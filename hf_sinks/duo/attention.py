@@ -56,12 +56,12 @@ _GATES: list[tuple[torch.Tensor, int, int]] = []
 @contextmanager
 def gated_attention(model: torch.nn.Module, alpha: torch.Tensor, num_sink_tokens: int, window_length: int):
     """Run ``model`` with the ``duo_gate`` attention mixing ``alpha * full + (1 - alpha) * streaming`` per KV head."""
-    from ..oracle import using_attention
+    from ..attention.switch import use_attention
 
     register()
     _GATES.append((alpha, num_sink_tokens, window_length))
     try:
-        with using_attention(model, DUO_GATE_ATTENTION):
+        with use_attention(model, DUO_GATE_ATTENTION):
             yield
     finally:
         _GATES.pop()

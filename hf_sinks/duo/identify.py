@@ -136,7 +136,7 @@ def identify_heads(
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from ..oracle import _routed_through_interface, using_attention
+    from ..attention.switch import routed_through_interface, use_attention
 
     check_int("num_steps", num_steps, 1)
     check_int("num_sink_tokens", num_sink_tokens, 0)
@@ -170,12 +170,12 @@ def identify_heads(
     bar = tqdm(range(num_steps), desc="duo heads", disable=not (progress and accelerator.is_local_main_process), leave=False)
     start = time.perf_counter()
     with ExitStack() as stack:
-        stack.enter_context(_routed_through_interface(model))
+        stack.enter_context(routed_through_interface(model))
         for step in bar:
             example = draw()
             ids = example.input_ids.to(device)[None]
             mask = example.answer_mask.to(device)
-            with torch.no_grad(), using_attention(model, "sdpa"):
+            with torch.no_grad(), use_attention(model, "sdpa"):
                 teacher = _final_hidden(model, ids)[0, mask]
             with gated_attention(model, alpha, num_sink_tokens, window_length):
                 student = _final_hidden(model, ids)[0, mask]
@@ -228,7 +228,7 @@ def attention_mass_scores(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import sdpa_mask
 
-    from ..oracle import _routed_through_interface, using_attention
+    from ..attention.switch import use_attention
 
     ids = input_ids.reshape(1, -1).to(next(model.parameters()).device)
     t = ids.shape[1]
@@ -263,7 +263,7 @@ def attention_mass_scores(
 
     AttentionInterface.register(name, mass)
     AttentionMaskInterface.register(name, sdpa_mask)
-    with _routed_through_interface(model), using_attention(model, name):
+    with use_attention(model, name, route=True):
         model(input_ids=ids, use_cache=False)
     return scores
 

@@ -110,7 +110,7 @@ def _passkey_cache(model, stack: ExitStack, mode, num_sink_tokens, window_length
         if mode == "sink":
             stack.enter_context(sink_attention(model))
         return make_cache(model, mode, num_sink_tokens, window_length)
-    from ..oracle import _routed_through_interface, using_attention
+    from ..attention.switch import use_attention
 
     if mode == "h2o":
         from ..h2o import H2O_ATTENTION, H2OCache, register
@@ -124,8 +124,7 @@ def _passkey_cache(model, stack: ExitStack, mode, num_sink_tokens, window_length
     else:
         raise ValueError(f"Unknown mode {mode!r}; allowed modes: {', '.join(PASSKEY_MODES)}.")
     register()
-    stack.enter_context(_routed_through_interface(model))
-    stack.enter_context(using_attention(model, attention))
+    stack.enter_context(use_attention(model, attention, route=True))
     return cache
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..attention.switch import use_attention
 from ..compat import cache_kwargs
 from ..validation import check_choice, check_int, check_token_ids
 from .memory import MemoryMeter, cache_bytes
@@ -136,12 +137,10 @@ def sink_attention(model: torch.nn.Module, name: str = "sink_sdpa"):
     A stock attention would process a chunk that runs past the cache capacity with dense attention; the ``sink_*``
     functions apply the visibility rule to every query of a chunk.
     """
-    from ..oracle import _routed_through_interface, using_attention
-
     if str(model.config._attn_implementation).startswith("sink_"):
         yield
         return
-    with _routed_through_interface(model), using_attention(model, name):
+    with use_attention(model, name, route=True):
         yield
 
 
@@ -238,23 +237,14 @@ def _cache_route(model: torch.nn.Module, cache) -> tuple[str, Any, int | None, i
         return mode, sink_attention(model), cache.num_sink_tokens, cache.window_length, {}
     if isinstance(cache, H2OCache):
         register_h2o()
-        return ("h2o", _attention(model, H2O_ATTENTION), cache.num_sink_tokens, cache.window_length,
+        return ("h2o", use_attention(model, H2O_ATTENTION, route=True), cache.num_sink_tokens, cache.window_length,
                 {"heavy_budget": cache.heavy_budget, "positions": cache.positions})
     if isinstance(cache, DuoCache):
         cache.pattern.validate(model.config)
         register_duo()
-        return ("duo", _attention(model, DUO_ATTENTION), cache.num_sink_tokens, cache.window_length,
+        return ("duo", use_attention(model, DUO_ATTENTION, route=True), cache.num_sink_tokens, cache.window_length,
                 {"streaming_fraction": cache.pattern.streaming_fraction})
     return ("dense" if isinstance(cache, DynamicCache) else "custom"), nullcontext(), None, None, {}
-
-
-@contextmanager
-def _attention(model: torch.nn.Module, name: str):
-    """Run ``model`` with attention ``name`` for the duration (a model that bypasses the interface patched for it)."""
-    from ..oracle import _routed_through_interface, using_attention
-
-    with _routed_through_interface(model), using_attention(model, name):
-        yield
 
 
 def _cache_perplexity(model, input_ids, cache, attn_implementation, chunk_size, progress) -> StreamingResult:
@@ -269,7 +259,7 @@ def _cache_perplexity(model, input_ids, cache, attn_implementation, chunk_size, 
     check_token_ids(ids, model)
     mode, context, sinks, window, extra = _cache_route(model, cache)
     if attn_implementation is not None:
-        context = _attention(model, attn_implementation)
+        context = use_attention(model, attn_implementation, route=True)
     return _measure(model, ids, mode, lambda stream: _cached_steps(model, stream, cache, chunk_size), context,
                     sinks, window, chunk_size, progress, extra)
 

@@ -1,0 +1,29 @@
+"""hf_sinks.attention.use_attention / routed_through_interface: switch for a block, restore afterwards."""
+
+import pytest
+from conftest import tiny_model
+
+from hf_sinks.attention import routed_through_interface, use_attention
+
+
+def test_use_attention_switches_and_restores():
+    model = tiny_model("llama")
+    before = model.config._attn_implementation
+    with use_attention(model, "eager"):
+        assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == before
+    with pytest.raises(RuntimeError), use_attention(model, "eager", route=True):
+        raise RuntimeError("restored even on errors")
+    assert model.config._attn_implementation == before
+
+
+def test_route_patches_falcon_only_for_the_block():
+    import hf_sinks.patches.falcon as falcon
+
+    model = tiny_model("falcon", attn_implementation="sdpa")  # not patched: stock Falcon
+    assert not falcon.is_patched(model)
+    with use_attention(model, "sink_sdpa", route=True):
+        assert falcon.is_patched(model) and model.config._attn_implementation == "sink_sdpa"
+    assert not falcon.is_patched(model)
+    with routed_through_interface(tiny_model("llama")):  # routed through the interface already: nothing to do
+        pass
