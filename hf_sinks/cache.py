@@ -14,7 +14,7 @@ original (no drift), with the angle computed in fp64 (exact at any position).
 Two ways to attend over the cache:
 
 * a stock attention (``"sdpa"``, ``"eager"``) gets the slots as they are: exact for token-by-token decoding;
-* a registered ``"sink_*"`` attention (hf_sinks.attention) finds the layer through ``key._hf_sinks_layer`` and uses
+* a registered ``"sink_*"`` attention (hf_sinks.attention) finds the layer through ``key._hf_sinks_layer`` (:mod:`hf_sinks.cache_layers`) and uses
   its per-slot bookkeeping for the exact visibility rule inside multi-token chunks (long prompts, multi-turn),
   left padding and per-query sink positions; it then commits the chunk (:meth:`SinkCacheLayer.commit`).
 """
@@ -25,39 +25,14 @@ import logging
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
+from .cache_layers import RowStateLayer, tag_keys
 from .config import SinkConfig
 from .rope import RotaryParams, rotate_with, shift_rotary, shift_tables
 from .validation import SinkTypeError, check_batch_size, check_cache_update, check_layers_in_step
 
 logger = logging.getLogger(__name__)
-
-#: Attribute set on the key tensor returned by ``update`` so sink attention functions can find the layer.
-LAYER_ATTRIBUTE = "_hf_sinks_layer"
-
-
-class RowStateLayer(CacheLayerMixin):
-    """Cache layer whose per-row state is the tensors named in ``_ROW_STATE`` (batch first): beam search and batch
-    expansion/selection map those rows (``_map_rows``; a subclass extends it for more state)."""
-
-    _ROW_STATE: tuple[str, ...] = ()
-
-    def _map_rows(self, fn) -> None:
-        if not self.is_initialized:
-            return
-        for name in self._ROW_STATE:
-            setattr(self, name, fn(getattr(self, name)))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_rows(lambda t: t[indices.to(t.device)])
-
 
 class SinkCacheLayer(RowStateLayer):
     """One layer of a :class:`SinkCache` (see the module docstring for the slot layout)."""
@@ -162,7 +137,7 @@ class SinkCacheLayer(RowStateLayer):
             self.pending, self._pending_info = (key_states, value_states), incoming
             keys = torch.cat([self.keys[:, :, : self.filled], key_states], dim=-2)
             values = torch.cat([self.values[:, :, : self.filled], value_states], dim=-2)
-        setattr(keys, LAYER_ATTRIBUTE, self)
+        tag_keys(keys, self)
         return keys, values
 
     def acknowledge(self) -> None:

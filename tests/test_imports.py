@@ -99,3 +99,21 @@ def test_no_import_cycle_between_library_modules():
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
+
+
+def test_one_layer_lookup_for_every_cache():
+    """Every cache tags its keys through hf_sinks.cache_layers; an attention finds only a layer of its own type."""
+    import torch
+
+    from hf_sinks.cache import SinkCacheLayer
+    from hf_sinks.cache_layers import RowStateLayer, layer_of
+    from hf_sinks.duo import DuoCacheLayer
+    from hf_sinks.h2o import H2OCacheLayer
+
+    for layer_type in (SinkCacheLayer, H2OCacheLayer, DuoCacheLayer):
+        assert issubclass(layer_type, RowStateLayer)
+    for name in LIBRARY:
+        source = open(importlib.util.find_spec(name).origin, encoding="utf-8").read()
+        assert "setattr(keys" not in source or name == "hf_sinks.cache_layers", name
+    key = torch.zeros(1)
+    assert layer_of(key, SinkCacheLayer) is None

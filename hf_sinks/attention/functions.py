@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..cache import LAYER_ATTRIBUTE, SinkCacheLayer
+from ..cache import SinkCacheLayer
+from ..cache_layers import layer_of
 from ..models import get_spec
 from ..rope import RotaryParams, shift_rotary
 from .masks import new_token_validity, stock_mask
@@ -271,7 +272,7 @@ def make_sink_attention(
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         get_spec(getattr(module.config, "model_type", None))
-        layer = getattr(key, LAYER_ATTRIBUTE, None)
+        layer = layer_of(key, SinkCacheLayer)
         sink_logits = sink_logits_of(module, query.shape[1])
         if sink_logits is not None and name == "sink_flex":
             raise ValueError(

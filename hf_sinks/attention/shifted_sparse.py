@@ -53,7 +53,8 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..cache import LAYER_ATTRIBUTE
+from ..cache import SinkCacheLayer
+from ..cache_layers import layer_of
 from ..config import CONFIG_ATTRIBUTE
 from .masks import is_sink_mask, new_token_validity, stock_mask
 from .sink_logits import SINK_LOGITS_ATTRIBUTE, sink_logits_of
@@ -316,7 +317,7 @@ def _make(name: str, sinks: bool):
         config = module.config
         heads = query.shape[1]
         sink_logits = sink_logits_of(module, heads)
-        if getattr(key, LAYER_ATTRIBUTE, None) is not None:  # a SinkCache: the streaming path (learned logits too)
+        if layer_of(key, SinkCacheLayer) is not None:  # a SinkCache: the streaming path (learned logits too)
             from .functions import sink_sdpa_attention_forward
 
             return sink_sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

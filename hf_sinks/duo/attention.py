@@ -8,7 +8,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .cache import DUO_ATTENTION, LAYER_ATTRIBUTE, visibility_mask
+from ..cache_layers import layer_of
+from .cache import DUO_ATTENTION, DuoCacheLayer, visibility_mask
 
 #: ``attn_implementation`` name of the gated training attention (``alpha * full + (1 - alpha) * streaming``).
 DUO_GATE_ATTENTION = "duo_gate"
@@ -28,7 +29,7 @@ def duo_sdpa_attention_forward(
 
     from ..attention.masks import new_token_validity, stock_mask
 
-    layer = getattr(key, LAYER_ATTRIBUTE, None)
+    layer = layer_of(key, DuoCacheLayer)
     if layer is None:
         dense = stock_mask(attention_mask)
         return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)

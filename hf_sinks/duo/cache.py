@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
-from ..cache import RowStateLayer
+from ..cache_layers import RowStateLayer, tag_keys
 from ..validation import (
     SinkTypeError,
     check_cache_size,
@@ -19,8 +19,6 @@ from .pattern import HeadPattern
 
 #: ``attn_implementation`` name of the inference attention (retrieval heads dense, streaming heads sink + window).
 DUO_ATTENTION = "duo_sdpa"
-#: Attribute set on the key tensor returned by ``update`` so the attention function can find the layer.
-LAYER_ATTRIBUTE = "_hf_sinks_duo_layer"
 #: Queries per block for streaming heads in a multi-token chunk: scores bounded by ``block x (S + W + block)``.
 QUERY_BLOCK = 512
 
@@ -112,7 +110,7 @@ class DuoCacheLayer(RowStateLayer):
         self.seen += key_states.shape[-2]
         # only the new chunk goes to the attention function, which finds the stored heads through the tag
         keys = key_states.view_as(key_states)
-        setattr(keys, LAYER_ATTRIBUTE, self)
+        tag_keys(keys, self)
         return keys, value_states
 
     # ------------------------------------------------------------------------------- attention

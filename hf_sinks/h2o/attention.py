@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from .cache import H2O_ATTENTION, LAYER_ATTRIBUTE
+from ..cache_layers import layer_of
+from .cache import H2O_ATTENTION, H2OCacheLayer
 
 
 def h2o_sdpa_attention_forward(
@@ -24,7 +25,7 @@ def h2o_sdpa_attention_forward(
 
     from ..attention.masks import new_token_validity, stock_mask
 
-    layer = getattr(key, LAYER_ATTRIBUTE, None)
+    layer = layer_of(key, H2OCacheLayer)
     if layer is None:
         dense = stock_mask(attention_mask)
         return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)

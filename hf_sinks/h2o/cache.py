@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from ..cache import RowStateLayer
+from ..cache_layers import RowStateLayer, tag_keys
 from ..validation import (
     SinkTypeError,
     check_cache_size,
@@ -18,8 +18,6 @@ from ..validation import (
 
 #: ``attn_implementation`` name of the score-accumulating attention.
 H2O_ATTENTION = "h2o_sdpa"
-#: Attribute set on the key tensor returned by ``update`` so the attention function can find the layer.
-LAYER_ATTRIBUTE = "_hf_sinks_h2o_layer"
 #: Queries per block in a multi-token chunk.
 QUERY_BLOCK = 256
 #: ``H2OCache(positions=...)``: keep original positions, or re-position inside the visible set.
@@ -114,7 +112,7 @@ class H2OCacheLayer(RowStateLayer):
             keys = torch.cat([self.keys[:, :, :used], key_states], dim=-2)
             values = torch.cat([self.values[:, :, :used], value_states], dim=-2)
         self.seen += q
-        setattr(keys, LAYER_ATTRIBUTE, self)
+        tag_keys(keys, self)
         return keys, values
 
     def _used(self) -> int:
@@ -344,4 +342,4 @@ class H2OCache(Cache):
         raise NotImplementedError("H2OCache evicts tokens; it cannot be cropped (assisted decoding is unsupported).")
 
 
-__all__ = ["H2OCache", "H2OCacheLayer", "H2O_ATTENTION", "LAYER_ATTRIBUTE", "POSITION_MODES", "QUERY_BLOCK"]
+__all__ = ["H2OCache", "H2OCacheLayer", "H2O_ATTENTION", "POSITION_MODES", "QUERY_BLOCK"]
