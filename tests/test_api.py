@@ -2,34 +2,15 @@
 
 import pytest
 import torch
-from conftest import random_ids, tiny_config, tiny_model
+from helpers import assert_rows_match_spec, padded_batch, random_ids, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
 import hf_sinks
-from hf_sinks.oracle import reference_logits
 from hf_sinks.compat import output_cache
 
 ARCHS = ["llama", "mistral", "gpt_neox", "falcon", "falcon_new"]
 LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"],
                 "falcon": ["query_key_value"], "falcon_new": ["query_key_value"]}
-
-
-def padded_batch(lengths, seed=20):
-    rows = [random_ids(1, n, seed=seed + i)[0] for i, n in enumerate(lengths)]
-    width = max(lengths)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
-    return rows, ids, mask
-
-
-def assert_rows_match_spec(model, rows, out, width, sinks, window):
-    logits = torch.stack(out.logits, dim=1)
-    for i, row in enumerate(rows):
-        seq = torch.cat([row, out.sequences[i, width:]])
-        spec = reference_logits(model, seq[:-1], sinks, window)[len(row) - 1:]
-        torch.testing.assert_close(logits[i], spec, atol=1e-4, rtol=0, msg=f"row {i}")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, random_ids, tiny_config, tiny_model
+from helpers import VOCAB, random_ids, tiny_config, tiny_model
 
 import hf_sinks
 from hf_sinks import DuoCache, H2OCache, HeadPattern, RotaryParams, SinkCache, SinkConfig

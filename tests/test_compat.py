@@ -6,8 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import random_ids, tiny_config, tiny_model
-from test_api import assert_rows_match_spec, padded_batch
+from helpers import assert_rows_match_spec, padded_batch, random_ids, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
 import hf_sinks

@@ -117,3 +117,19 @@ def test_one_layer_lookup_for_every_cache():
         assert "setattr(keys" not in source or name == "hf_sinks.cache_layers", name
     key = torch.zeros(1)
     assert layer_of(key, SinkCacheLayer) is None
+
+
+def test_tests_import_shared_helpers_not_conftest_or_other_tests():
+    """Shared test helpers come from tests/helpers.py; no test imports conftest or another test module."""
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    offenders = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            for name in names:
+                if name.split(".")[0] == "conftest" or name.split(".")[-1].startswith("test_"):
+                    offenders.append(f"{path.relative_to(tests)}: {name}")
+    assert not offenders, offenders

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import random_ids, tiny_config, tiny_model
+from helpers import random_ids, tiny_config, tiny_model
 from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM, DynamicCache
 
 import hf_sinks

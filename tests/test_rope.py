@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from hf_sinks.rope import RotaryParams, apply_rotary, shift_rotary

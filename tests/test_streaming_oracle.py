@@ -6,7 +6,7 @@
 
 import pytest
 import torch
-from conftest import random_ids, tiny_model
+from helpers import random_ids, tiny_model
 
 import hf_sinks
 from hf_sinks.attention import use_attention

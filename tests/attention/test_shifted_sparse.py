@@ -4,11 +4,10 @@ import types
 
 import pytest
 import torch
-from conftest import random_ids, tiny_model
+from helpers import random_ids, sink_mask, tiny_model
 from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
 
 import hf_sinks
-from mask_helpers import sink_mask
 from hf_sinks.attention.reference import reference_shifted_sparse_attention, shifted_sparse_group, shifted_sparse_visible
 from hf_sinks.training.learned_sinks import AttentionSinkLogits
 from hf_sinks.attention.shifted_sparse import (

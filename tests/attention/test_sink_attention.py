@@ -11,7 +11,7 @@ import torch
 
 from hf_sinks import SinkCache
 from hf_sinks.attention import functions
-from mask_helpers import sink_mask
+from helpers import sink_mask
 from hf_sinks.attention.reference import reference_sink_attention
 from hf_sinks.rope import RotaryParams, apply_rotary
 

@@ -1,7 +1,7 @@
 """hf_sinks.attention.use_attention / routed_through_interface: switch for a block, restore afterwards."""
 
 import pytest
-from conftest import tiny_model
+from helpers import tiny_model
 
 from hf_sinks.attention import routed_through_interface, use_attention
 

@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from hf_sinks.compat import cache_from_kwargs
 from hf_sinks.eval.passkey import (

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_ids, tiny_model
+from helpers import random_ids, tiny_model
 
 from hf_sinks.eval import StreamingResult, cache_bytes, streaming_perplexity
 from hf_sinks.eval.data import load_token_ids, read_text, strip_gutenberg

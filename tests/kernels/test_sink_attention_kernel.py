@@ -31,13 +31,12 @@ DEVICE = "cuda" if GPU else "cpu"
 if not GPU and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"  # normally done by conftest already
 
-from conftest import random_ids, tiny_model  # noqa: E402
+from helpers import random_ids, sink_mask, tiny_model  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 import hf_sinks  # noqa: E402
 from hf_sinks.attention import kernel_fallback  # noqa: E402
 from hf_sinks.attention import triton as sink_triton  # noqa: E402
-from mask_helpers import sink_mask  # noqa: E402
 from hf_sinks.attention.reference import reference_sink_attention  # noqa: E402
 from hf_sinks.kernels import sink_attention as K  # noqa: E402
 from hf_sinks.oracle import reference_logits  # noqa: E402

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from training_helpers import LEARNABLE_TEXT, char_tokenizer, logits_of
 
 import hf_sinks

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from safetensors.torch import load_file
 
 from hf_sinks.training import add_learned_sinks, get_sink_logits, lora_recipe, remove_learned_sinks, trainable_parameter_names

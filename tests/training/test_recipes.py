@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from hf_sinks.training import lora_recipe, rope_scaling_for_length, set_rope_scaling, trainable_parameter_names
 from hf_sinks.training.recipes import attention_is_registered

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from training_helpers import LEARNABLE_TEXT, char_tokenizer
 
 from hf_sinks.training import (

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import random_ids, tiny_model
+from helpers import random_ids, tiny_model
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 

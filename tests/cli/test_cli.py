@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
+from helpers import VOCAB, tiny_model
 
 from hf_sinks.cli import build_parser, main
 
@@ -140,7 +140,7 @@ def test_generate_and_the_demo_warn_nothing(model_dir, capsys, caplog):
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(
-        "streaming_generate_demo", Path(__file__).parents[1] / "examples" / "streaming_generate.py"
+        "streaming_generate_demo", Path(__file__).parents[2] / "examples" / "streaming_generate.py"
     )
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)

@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from conftest import random_ids, tiny_model
+from helpers import random_ids, tiny_model
 from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
 from transformers.masking_utils import sdpa_mask
 

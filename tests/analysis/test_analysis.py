@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB, random_ids, tiny_model
+from helpers import VOCAB, random_ids, tiny_model
 
 from hf_sinks.analysis import (
     ANALYSIS_ATTENTION,
