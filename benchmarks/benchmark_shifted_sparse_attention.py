@@ -24,16 +24,13 @@ mode x dtype x length, with GPU name, versions and timestamp) and a PNG beside i
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import os
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT_DIR = ROOT / "docs" / "benchmarks"
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+import common
+
+OUT_DIR = common.DOCS_RESULTS
+DTYPES = common.DTYPES
 PROVIDERS = ("triton", "torch", "sdpa_mask", "flex")
 
 
@@ -60,26 +57,20 @@ def parse_args(argv):
         if args.providers is None:  # flex on CPU: compile is slow and there is no backward
             args.providers = ["triton", "torch", "sdpa_mask"]
         if args.out == OUT_DIR / "shifted_sparse_attention.csv":
-            args.out = Path("/tmp/hf_sinks_benchmark_smoke/shifted_sparse_attention.csv")
+            args.out = common.SMOKE_DIR / "shifted_sparse_attention.csv"
     return args
 
 
 ARGS = parse_args(sys.argv[1:])
-if ARGS.smoke:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+common.smoke_environment(ARGS.smoke)  # before anything imports triton
 
 import torch  # noqa: E402
 
-if not ARGS.smoke and not torch.cuda.is_available():
-    print("benchmark_shifted_sparse_attention.py needs a CUDA GPU (the Triton kernels are timed there, never on CPU); "
-          "no CUDA device found, nothing to do. Use --smoke to check the script on CPU.")
-    sys.exit(0)
+common.exit_without_cuda("benchmark_shifted_sparse_attention.py", ARGS.smoke)
 
 import torch.nn.functional as F  # noqa: E402
-import transformers  # noqa: E402
-import triton  # noqa: E402
 
-import hf_sinks  # noqa: E402
+import hf_sinks  # noqa: E402,F401  (registers the attention names)
 from hf_sinks.attention.shifted_sparse_kernel import shifted_sparse_attention_torch  # noqa: E402
 from hf_sinks.kernels import shifted_sparse_attention as K  # noqa: E402
 
@@ -88,15 +79,7 @@ DEVICE = "cpu" if ARGS.smoke else "cuda"
 
 def timer(fn, grads):
     """(median, p20, p80) ms: do_bench on CUDA; a few plain runs in smoke mode."""
-    if ARGS.smoke:
-        times = []
-        for _ in range(2):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        times.sort()
-        return times[len(times) // 2], times[0], times[-1]
-    return tuple(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8], grad_to_none=grads))
+    return common.timer(fn, ARGS.smoke, grads)
 
 
 def visible_pairs(t, g, s, shifted):
@@ -200,19 +183,8 @@ def _row(mode, provider, dtype, t, g, ms, tflops, peak, err):
         "metric_value": round(tflops, 4), "peak_mem_mib": round(peak, 1), "max_abs_diff_triton_vs_ref": f"{err:.2e}",
         "batch": ARGS.batch, "heads": ARGS.heads, "kv_heads": ARGS.kv_heads, "head_dim": ARGS.head_dim,
         "num_sink_tokens": ARGS.sinks,
-        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke, TRITON_INTERPRET=1)",
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hf_sinks": hf_sinks.__version__, "torch": torch.__version__, "triton": triton.__version__,
-        "transformers": transformers.__version__,
+        **common.provenance(DEVICE),
     }
-
-
-def write_csv(rows, path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def plot(rows, path):
@@ -262,7 +234,7 @@ def main():
                           f"{r['peak_mem_mib']:>9.1f} MiB  (triton vs ref max|diff| "
                           f"{r['max_abs_diff_triton_vs_ref']})", flush=True)
                 rows += new
-    write_csv(rows, ARGS.out)
+    common.write_csv(rows, ARGS.out)
     plot(rows, ARGS.out.with_suffix(".png"))
     print(f"wrote {ARGS.out} and {ARGS.out.with_suffix('.png')}")
 

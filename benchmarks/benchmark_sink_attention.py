@@ -37,17 +37,14 @@ Timing: ``triton.testing.do_bench`` (median, 20th and 80th percentiles, ms). Res
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import os
 import sys
-import time
 import types
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT_DIR = ROOT / "docs" / "benchmarks"
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+import common
+
+OUT_DIR = common.DOCS_RESULTS
+DTYPES = common.DTYPES
 DECODE_PROVIDERS = ("triton", "sdpa_mask", "sdpa_nomask", "flex", "layer:sink_sdpa", "layer:sink_triton")
 PREFILL_PROVIDERS = ("triton", "sdpa_mask", "flex", "layer:sink_sdpa", "layer:sink_triton")
 
@@ -72,26 +69,20 @@ def parse_args(argv):
         args.dtypes, args.decode_sizes, args.prefill_sizes = ["fp32"], [40], [48]
         args.heads, args.kv_heads, args.head_dim, args.sinks, args.window = 4, 2, 32, 2, 9
         if args.out == OUT_DIR / "sink_attention.csv":
-            args.out = Path("/tmp/hf_sinks_benchmark_smoke/sink_attention.csv")
+            args.out = common.SMOKE_DIR / "sink_attention.csv"
     return args
 
 
 ARGS = parse_args(sys.argv[1:])
-if ARGS.smoke:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+common.smoke_environment(ARGS.smoke)  # before anything imports triton
 
 import torch  # noqa: E402
 
-if not ARGS.smoke and not torch.cuda.is_available():
-    print("benchmark_sink_attention.py needs a CUDA GPU (the Triton kernels are timed there, never on CPU); no CUDA "
-          "device found, nothing to do. Use --smoke to check the script on CPU.")
-    sys.exit(0)
+common.exit_without_cuda("benchmark_sink_attention.py", ARGS.smoke)
 
 import torch.nn.functional as F  # noqa: E402
-import transformers  # noqa: E402
-import triton  # noqa: E402
 
-import hf_sinks  # noqa: E402
+import hf_sinks  # noqa: E402,F401  (registers the attention names)
 from hf_sinks.attention import sink_sdpa_attention_forward, sink_triton_attention_forward  # noqa: E402
 from hf_sinks.kernels import sink_attention as K  # noqa: E402
 from hf_sinks.rope import RotaryParams  # noqa: E402
@@ -103,15 +94,7 @@ LAYER_FUNCTIONS = {"layer:sink_sdpa": sink_sdpa_attention_forward, "layer:sink_t
 
 def timer(fn):
     """(median, p20, p80) ms: do_bench on CUDA; a few plain runs in smoke mode."""
-    if ARGS.smoke:
-        times = []
-        for _ in range(2):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        times.sort()
-        return times[len(times) // 2], times[0], times[-1]
-    return tuple(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
+    return common.timer(fn, ARGS.smoke)
 
 
 def rotary(head_dim):
@@ -264,19 +247,8 @@ def _row(mode, provider, dtype, x_name, x_value, ms, metric, value, err, s, w):
         "ms_80": round(ms[2], 5), "metric_name": metric, "metric_value": round(value, 3),
         "max_abs_diff_triton_vs_sdpa": f"{err:.2e}", "batch": ARGS.batch, "heads": ARGS.heads,
         "kv_heads": ARGS.kv_heads, "head_dim": ARGS.head_dim, "num_sink_tokens": s, "window_length": w,
-        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke, TRITON_INTERPRET=1)",
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hf_sinks": hf_sinks.__version__, "torch": torch.__version__, "triton": triton.__version__,
-        "transformers": transformers.__version__,
+        **common.provenance(DEVICE),
     }
-
-
-def write_csv(rows, path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def plot(rows, path):
@@ -330,7 +302,7 @@ def main():
                       f"{r['metric_value']:>10.2f} {r['metric_name']}  (triton vs sdpa max|diff| "
                       f"{r['max_abs_diff_triton_vs_sdpa']})", flush=True)
             rows += new
-    write_csv(rows, ARGS.out)
+    common.write_csv(rows, ARGS.out)
     plot(rows, ARGS.out.with_suffix(".png"))
     print(f"wrote {ARGS.out} and {ARGS.out.with_suffix('.png')}")
 

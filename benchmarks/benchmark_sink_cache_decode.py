@@ -26,10 +26,8 @@ Writes ``docs/benchmarks/sink_cache_decode.csv`` and ``.png``::
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,11 +39,11 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+import common  # noqa: E402
 import hf_sinks  # noqa: E402
 from hf_sinks.compat import cache_kwargs  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT_DIR = ROOT / "docs" / "benchmarks"
+OUT_DIR = common.DOCS_RESULTS
 NUM_SINK_TOKENS = 4
 BASELINE = "dynamic_cache+sdpa"
 IMPLS = ("sink_cache+sink_sdpa", "sink_cache+sdpa", BASELINE)
@@ -75,18 +73,6 @@ def build_models() -> dict[str, LlamaForCausalLM]:
     stock.eval()
     assert stock.model.layers[0].mlp.up_proj.weight.data_ptr() == sink.model.layers[0].mlp.up_proj.weight.data_ptr()
     return {"sink_sdpa": sink, "sdpa": stock}
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}; {os.cpu_count()} cores; {platform.system()}"
 
 
 class Runner:
@@ -179,20 +165,12 @@ def benchmark(sizes: list[int], steps: int, repeats: int, warmup: int, chunk: in
                     dtype="float32",
                     torch=torch.__version__,
                     transformers=transformers.__version__,
-                    machine=machine(),
+                    machine=common.machine(),
                 )
             )
         del runners
         gc.collect()
     return rows
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -257,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     rows = benchmark(args.sizes, args.steps, args.repeats, args.warmup, args.chunk)
-    write_csv(rows, args.out)
+    common.write_csv(rows, args.out)
     plot(rows, args.out.with_suffix(".png"))
     print_table(rows)
     print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {time.perf_counter() - start:.0f} s", file=sys.stderr)

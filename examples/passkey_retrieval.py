@@ -1,7 +1,8 @@
 """Passkey retrieval: dense attention vs attention sinks (StreamingLLM) on the embedded SmolLM2-135M (CPU).
 
-    python examples/passkey_retrieval.py --lengths 512,1024,2048,4096 --depths 0,0.5,1 --trials 2 \
-        --output-dir docs/benchmarks/passkey_smollm2
+    python examples/passkey_retrieval.py --lengths 512,1024,2048 --depths 0,0.5,1 --trials 2 --output-dir passkey_out
+
+(The figure in the docs, docs/benchmarks/passkey_smollm2, comes from ``hf-sinks passkey``; see its README.)
 
 Writes ``passkey.csv`` (one row per mode, length and depth) and ``passkey.png`` (accuracy vs context length).
 With ``--modes dense,sink`` both run on the same prompts; ``sink`` streams the prompt through a ``SinkCache`` of

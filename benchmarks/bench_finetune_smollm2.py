@@ -16,7 +16,7 @@ Every row scores the same targets (held-out tokens 1..N-1; with a sink token pre
 first text token is dropped). Writes ``loss.csv``, ``loss.png``, ``perplexity.csv``, ``summary.json`` to
 ``--output-dir``::
 
-    nice -n 10 python scripts/bench_finetune_smollm2.py --max-steps 200 --seq-len 256 \\
+    nice -n 10 python benchmarks/bench_finetune_smollm2.py --max-steps 200 --seq-len 256 \\
         --output-dir docs/benchmarks/finetune_smollm2 --adapter-dir /tmp/hf_sinks_ft_smollm2
 """
 

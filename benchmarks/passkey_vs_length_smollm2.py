@@ -1,6 +1,6 @@
 """Passkey retrieval vs context length on SmolLM2-135M (CPU): dense, SinkCache, H2OCache and DuoCache.
 
-    nice -n 10 python scripts/passkey_vs_length_smollm2.py --lengths 1024,2048,4096 --depths 0.25,0.5,0.75 \
+    nice -n 10 python benchmarks/passkey_vs_length_smollm2.py --lengths 1024,2048,4096 --depths 0.25,0.5,0.75 \
         --trials 2 --output-dir docs/benchmarks/passkey_vs_length_smollm2
 
 Every method reads the same prompts (:func:`hf_sinks.eval.passkey.passkey_accuracy`; the keys depend only on the

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Passkey retrieval on SmolLM2-135M (CPU): the base model vs the ``sink_token`` fine-tune, at one cache budget.
 
-Loads the base model and the fine-tuned one (the adapter saved by ``scripts/bench_finetune_smollm2.py``, reloaded
+Loads the base model and the fine-tuned one (the adapter saved by ``benchmarks/bench_finetune_smollm2.py``, reloaded
 onto a copy of the base and merged) and runs :func:`hf_sinks.eval.passkey.passkey_accuracy` on the same prompts
 (same keys) for four runs:
 
@@ -16,7 +16,7 @@ in increasing order, each for all four runs; a length is skipped if the time so 
 predicts a total above ``--max-minutes``. Writes ``passkey.csv`` and ``passkey.png`` to ``--output-dir`` and prints a
 markdown table (correct / trials, summed over depths)::
 
-    nice -n 10 python scripts/passkey_finetuned_smollm2.py --lengths 256,512,1024,2048 \\
+    nice -n 10 python benchmarks/passkey_finetuned_smollm2.py --lengths 256,512,1024,2048 \\
         --output-dir docs/benchmarks/finetune_smollm2/passkey --adapter-dir /tmp/hf_sinks_ft_smollm2
 """
 

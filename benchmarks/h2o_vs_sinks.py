@@ -2,7 +2,7 @@
 
 ::
 
-    python examples/h2o_vs_sinks.py --num-tokens 4096 --output-dir docs/benchmarks/h2o_smollm2
+    python benchmarks/h2o_vs_sinks.py --num-tokens 4096 --output-dir docs/benchmarks/h2o_smollm2
 
 Runs, on the first ``--num-tokens`` tokens of the default text (or ``--text-file``), chunked (both caches are exact
 for chunks: each query sees what token-by-token decoding would show it):
