@@ -31,6 +31,7 @@ class ModelSpec:
     model_type: str
     route: str  # "interface", "patch" (hf_sinks.patches.<model_type>) or "refused"
     notes: str = ""
+    no_rope_layer_types: tuple[str, ...] = ()  # layer types whose attention skips RoPE (only its code shows it)
 
 
 #: The exceptions to the generic route (everything else is decided from features, see the module docstring).
@@ -38,6 +39,9 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     spec.model_type: spec
     for spec in (
         ModelSpec("falcon", "patch", "hard-codes its attention classes: patches/falcon.py routes the core through the interface; ALiBi refused"),
+        # Cohere 2 rotates only in its sliding layers (`if self.sliding_window is not None: apply_rotary_pos_emb`)
+        ModelSpec("cohere2", "interface", "global layers have no RoPE", ("full_attention",)),
+        ModelSpec("cohere2_moe", "interface", "global layers have no RoPE", ("full_attention",)),
     )
 }
 
@@ -115,6 +119,12 @@ def get_spec(config: Any) -> ModelSpec:
     check_config(config)
     model_type = _attr(config, "model_type", None)
     return MODEL_SPECS.get(model_type) or ModelSpec(model_type, "interface")
+
+
+def no_rope_layer_types(config: Any) -> tuple[str, ...]:
+    """Layer types that skip RoPE in ``config``'s model (an exception recorded in :data:`MODEL_SPECS`)."""
+    spec = MODEL_SPECS.get(_attr(config, "model_type", None))
+    return spec.no_rope_layer_types if spec is not None else ()
 
 
 def check_model(model: Any) -> ModelSpec:

@@ -113,11 +113,14 @@ def _describe_config(config) -> str:
 
 
 def uses_rope(config, layer_idx: int) -> bool:
-    """Whether layer ``layer_idx`` rotates its queries and keys (``no_rope_layers[i] == 0``: SmolLM3's NoPE layers)."""
+    """Whether layer ``layer_idx`` rotates its queries and keys (``no_rope_layers[i] == 0``: SmolLM3's NoPE layers;
+    Cohere 2's global layers, recorded in ``MODEL_SPECS``)."""
+    from .models import no_rope_layer_types
+
     no_rope = getattr(config, "no_rope_layers", None)
     if no_rope is not None and layer_idx < len(no_rope) and not no_rope[layer_idx]:
         return False
-    return True
+    return _layer_type(config, layer_idx) not in no_rope_layer_types(config)
 
 
 def rotate_half_convention(rotate_half_fn) -> bool:
