@@ -232,6 +232,19 @@ def test_all_sliding_model_streams_like_its_native_generation(arch):
     assert all(layer.keys.shape[2] == 6 for layer in cache.layers)
 
 
+def test_cache_bytes_follow_the_layers():
+    from hf_sinks.eval.memory import cache_bytes, cache_layer_bytes
+
+    model = build("gemma3_text", "sink_sdpa")  # sliding (window 6), sliding, global under a cache of 2 + 8
+    cache = hf_sinks.SinkCache(S, W)
+    model.generate(random_ids(1, 5), **cache_kwargs(cache), max_new_tokens=15, min_new_tokens=15, do_sample=False)
+    per_layer = cache_layer_bytes(cache)
+    kv = [2 * layer.keys.numel() * layer.keys.element_size() for layer in cache.layers]
+    assert [layer.keys.shape[2] for layer in cache.layers] == [6, 6, S + W]
+    assert per_layer[0] == per_layer[1] < per_layer[2] and all(b >= k for b, k in zip(per_layer, kv))
+    assert cache_bytes(cache) == sum(per_layer)
+
+
 # ------------------------------------------------------------------------------------ refusals
 @pytest.mark.parametrize("model_type", sorted(REFUSED))
 def test_refused_with_its_reason(model_type):
@@ -274,3 +287,13 @@ def test_every_causal_lm_is_classified():
     for model_type, words in REFUSED.items():
         assert outcome[model_type] is not None and words in outcome[model_type], model_type
     assert all(reason is None or len(reason) > 20 for reason in outcome.values())
+
+
+if __name__ == "__main__":  # the coverage table of docs/models.md: `python tests/test_model_coverage.py`
+    for model_type in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        try:
+            reason = classify(model_type)
+        except Exception as error:  # noqa: BLE001
+            reason = f"config does not build: {type(error).__name__}"
+        proven = "proven" if model_type in STREAMING else "generic route"
+        print(f"{model_type:32s} {proven if reason is None else 'refused: ' + reason}")
