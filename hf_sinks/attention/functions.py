@@ -150,16 +150,16 @@ def _stock_flex(module, query, key, value, attention_mask, **kwargs):
 # ----------------------------------------------------------------------------------- sink attention
 def bind_layer_rule(layer: SinkCacheLayer, module: torch.nn.Module, kwargs: dict) -> LayerRule:
     """The layer's rule (docs/design.md §2.3); bound on its first call from the module the model hands us."""
-    if layer.rule_bound:
-        return layer.rule
     cache = layer.cache
-    if not cache.rules_known:  # once per cache: rules from the model's config, checked against the cache's rotary
+    if layer.rule_bound and cache._rotary_bound:
+        return layer.rule
+    if not cache._rotary_bound:  # once per cache: rules from the model's config, checked against the cache's own
         try:
             modeling = sys.modules.get(type(module).__module__)
             rotaries = layer_rotaries(module.config, modeling=modeling)
             rules = layer_rules(module.config, cache.num_sink_tokens, cache.window_length, rotaries)
         except (AttributeError, KeyError, TypeError):
-            if cache.rotary is None:
+            if cache.rotary is None and not cache.rules_known:
                 raise
             rules = None  # a bare module with no model config: only the cache's parameters are known
         if rules is not None:
