@@ -706,4 +706,10 @@ class SinkCache(Cache):
 def model_rules(model: Any, num_sink_tokens: int, window_length: int) -> list[LayerRule]:
     """Every layer's rule for ``model``, with the rotary parameters of its own buffers (exact)."""
     config = model.config.get_text_config(decoder=True)
-    return layer_rules(config, num_sink_tokens, window_length, layer_rotaries(config, model=model))
+    rotaries = layer_rotaries(config, model=model)
+    if all(r is None for r in rotaries):
+        raise ValueError(
+            f"{type(model).__name__} (model_type={getattr(config, 'model_type', None)!r}) has no rotary embedding in "
+            "any layer: a SinkCache re-positions sinks by RoPE, so this model cannot stream with one."
+        )
+    return layer_rules(config, num_sink_tokens, window_length, rotaries)
