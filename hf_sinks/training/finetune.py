@@ -259,11 +259,18 @@ def check_world_size(got: int, expected: int) -> None:
     if got == expected:
         return
     env = {k: os.environ[k] for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_CPU") if k in os.environ}
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched == expected:
+        why = (f"the launcher started {launched} processes but they do not train as one group: without a GPU they "
+               "join a gloo group only with TrainingArguments(use_cpu=True), which finetune() sets when no "
+               "accelerator is visible; check training_args and the accelerate config.")
+    else:
+        why = ("`accelerate launch --cpu --num_processes N` and a config with `distributed_type: MULTI_CPU` start ONE "
+               "process unless an MPI hostfile is given; on CPU launch with `torchrun --nproc_per_node N` or "
+               "`accelerate launch --config_file examples/accelerate_configs/multi_cpu.yaml`.")
     raise DistributedSetupError(
-        f"hf_sinks: expected a world of {expected} training process(es), got {got} (launcher environment: {env or 'none'}). "
-        "`accelerate launch --cpu --num_processes N` and a config with `distributed_type: MULTI_CPU` start ONE "
-        "process unless an MPI hostfile is given; on CPU launch with `torchrun --nproc_per_node N` or "
-        "`accelerate launch --config_file examples/accelerate_configs/multi_cpu.yaml`."
+        f"hf_sinks: expected a world of {expected} training process(es), got {got} "
+        f"(launcher environment: {env or 'none'}). {why}"
     )
 
 
