@@ -119,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         losses = result.losses
         if losses:
             print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} logged steps; saved to {result.output_dir}/")
+        summary = next((row for row in reversed(result.log_history) if "train_runtime" in row), None)
+        if summary is not None:  # Trainer's own timing of the training loop (all processes, one global step each)
+            print(f"train_runtime {summary['train_runtime']:.3f} s; {summary['train_steps_per_second']:.4f} steps/s; "
+                  f"{summary['train_samples_per_second']:.4f} samples/s", flush=True)
         if args.demo_tokens > 0:
             stream_demo(args, tokenizer, recipe.sink_token_id)
     # every rank leaves together and closes its process group (no rank tears gloo down under another one)
