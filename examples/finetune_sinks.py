@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import set_seed
 
     from hf_sinks.default_model import load_model_and_tokenizer
-    from hf_sinks.training import finetune, lora_recipe, tokenize_text
-    from hf_sinks.training.finetune import DistributedSetupError
+    from hf_sinks.training import DistributedSetupError, finetune, lora_recipe, tokenize_text
     from hf_sinks.training.cli import rope_scaling_from_args
     from hf_sinks.training.data import split_token_ids
 
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate.state import AcceleratorState
 
     state = PartialState()
-    engine = AcceleratorState().distributed_type.value if AcceleratorState._shared_state else state.distributed_type.value
+    engine = AcceleratorState().distributed_type.value  # set up by Trainer: FSDP / DEEPSPEED show here, not in `state`
     sharded = sum(type(p).__name__ == "DTensor" for p in result.model.parameters())
     print(f"rank {state.process_index} of {state.num_processes} ({engine}, backend {state.backend}): "
           f"{len(result.losses)} logged steps; {sharded} sharded (DTensor) parameter tensors", flush=True)
@@ -149,6 +148,7 @@ def stream_demo(args: argparse.Namespace, tokenizer, sink_token_id: int | None) 
     sinks = handle.sink_config
     print(f"--- streaming with {sinks.num_sink_tokens} sink(s) + window {sinks.window_length} ---")
     print(tokenizer.decode(out[0], skip_special_tokens=True))
+
 
 if __name__ == "__main__":
     sys.exit(main())
