@@ -219,7 +219,19 @@ def no_rope_layer_types(config: Any) -> tuple[str, ...]:
 
 
 def check_model(model: Any) -> ModelSpec:
-    """:func:`get_spec` plus the checks that need the model: it routes through ``AttentionInterface`` (or has a patch)."""
+    """:func:`get_spec` plus the checks that need the model: it routes through ``AttentionInterface`` (or has a patch)
+    and its decoder layers hold no convolution."""
+    model_type = _attr(model.config, "model_type", None)
+    exception = MODEL_SPECS.get(model_type)
+    bypasses = (exception is None or exception.route == "interface") and not getattr(
+        type(model), "_supports_attention_backend", False
+    )
+    if bypasses and feature_reason(model.config) is None:  # a feature refusal is the more specific reason
+        raise ValueError(
+            f"hf_sinks cannot stream {type(model).__name__} (model_type={model_type!r}): it does not route its "
+            "attention through transformers' AttentionInterface (_supports_attention_backend is not set), so the "
+            "sink_* attentions would never be called."
+        )
     spec = get_spec(model.config)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     layers = getattr(decoder, "layers", None)  # the decoder layers (not an audio or vision embedder beside them)
@@ -230,12 +242,6 @@ def check_model(model: Any) -> ModelSpec:
             f"hf_sinks cannot stream {type(model).__name__} (model_type={spec.model_type!r}): its decoder has "
             f"convolution layers ({convs[0]}, ...) whose state is not a set of cached tokens (hybrid conv / "
             "state-space layers), even where its config marks no such layer type."
-        )
-    if spec.route == "interface" and not getattr(type(model), "_supports_attention_backend", False):
-        raise ValueError(
-            f"hf_sinks cannot stream {type(model).__name__} (model_type={spec.model_type!r}): it does not route its "
-            "attention through transformers' AttentionInterface (_supports_attention_backend is not set), so the "
-            "sink_* attentions would never be called."
         )
     return spec
 

@@ -27,7 +27,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 import hf_sinks
 from hf_sinks.cache import model_rules
 from hf_sinks.compat import cache_kwargs
-from hf_sinks.models import VERIFIED_MODEL_TYPES, check_model, unsupported_reason
+from hf_sinks.models import VERIFIED_MODEL_TYPES, check_model, feature_reason, unsupported_reason
 from hf_sinks.oracle import reference_logits, using_attention
 from hf_sinks.rope import shift_rotary
 
@@ -361,16 +361,13 @@ def classify(model_type: str) -> str | None:
     except Exception as error:  # noqa: BLE001 (a config that cannot even be built with its defaults)
         assert model_type not in VERIFIED_MODEL_TYPES, model_type
         return f"not verified (its default config does not build here: {type(error).__name__})"
-    reason = unsupported_reason(config)
-    if reason is not None:
-        return reason
-    cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
     import transformers
 
-    cls = getattr(transformers, cls_name)
-    if hf_sinks.MODEL_SPECS.get(model_type) is None and not getattr(cls, "_supports_attention_backend", False):
-        return "does not route its attention through AttentionInterface"
-    return None
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    reason = feature_reason(config)
+    if reason is None and hf_sinks.MODEL_SPECS.get(model_type) is None and not getattr(cls, "_supports_attention_backend", False):
+        return "does not route its attention through AttentionInterface"  # check_model, before the verified check
+    return unsupported_reason(config)
 
 
 def proven_types() -> dict[str, set[str]]:
