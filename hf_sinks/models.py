@@ -10,17 +10,31 @@ functions and ``SinkCache``; per-layer sliding windows and rotary parameters com
 * multi-head latent attention (``kv_lora_rank``): keys are rebuilt from a compressed latent, not cached as rotated;
 * layer types other than full/sliding attention (recurrent, state-space, linear attention, convolutions, chunked or
   indexed/compressed attention): their state is not a set of tokens a cache can evict;
-* RoPE types whose frequencies depend on the sequence length (``dynamic``, ``longrope``).
+* RoPE types whose frequencies depend on the sequence length (``dynamic``, ``longrope``);
+* KV sharing across layers (``num_kv_shared_layers``, ``kv_sharing``): a layer reads another layer's cache;
+* per-layer attention shapes (a heterogeneous config, ``per_layer_config``): heads of different sizes per layer;
+* cross-attention layers (``cross_attention_layers``): keys from another modality, not from the stream;
+* convolution layers in the decoder (``nn.Conv1d``, found in the module tree by :func:`check_model` when the
+  config does not mark them): their state is the last tokens before the window, not a cache that can be evicted.
 
 ``MODEL_SPECS`` keeps only the exceptions: models that bypass the interface but are patched (Falcon), and
-refusals a feature check cannot see.
+behaviours or refusals a feature check cannot see.
+
+What passes the feature checks must also be **proven**: :data:`VERIFIED_MODEL_TYPES` holds the model types that
+``tests/test_model_coverage.py`` streams exactly against the fp64 spec (the test keeps the two in step). Any other
+type is refused as "not verified by hf_sinks' coverage tests"; ``HF_SINKS_ALLOW_UNVERIFIED=1`` turns that refusal
+into a warning (once per model type), for a model type newer than this release.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 _DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
@@ -32,6 +46,7 @@ class ModelSpec:
     route: str  # "interface", "patch" (hf_sinks.patches.<model_type>) or "refused"
     notes: str = ""
     no_rope_layer_types: tuple[str, ...] = ()  # layer types whose attention skips RoPE (only its code shows it)
+    rope_everywhere_without_window: bool = False  # every layer rotates when config.sliding_window is unset
 
 
 #: The exceptions to the generic route (everything else is decided from features, see the module docstring).
@@ -42,8 +57,46 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         # Cohere 2 rotates only in its sliding layers (`if self.sliding_window is not None: apply_rotary_pos_emb`)
         ModelSpec("cohere2", "interface", "global layers have no RoPE", ("full_attention",)),
         ModelSpec("cohere2_moe", "interface", "global layers have no RoPE", ("full_attention",)),
+        # `if self.sliding_window is not None:` / `if self.is_local_attention:` around apply_rotary_pos_emb
+        ModelSpec("afmoe", "interface", "global layers have no RoPE", ("full_attention",)),
+        ModelSpec("flint", "interface", "global layers have no RoPE", ("full_attention",)),
+        # `if self.sliding_window is None or self.is_sliding:`: NoPE global layers only when the model has a window
+        ModelSpec("exaone4", "interface", "global layers have no RoPE when sliding_window is set", ("full_attention",), True),
+        ModelSpec("exaone_moe", "interface", "global layers have no RoPE when sliding_window is set", ("full_attention",), True),
+        ModelSpec("kolibri1", "interface", "global layers have no RoPE when sliding_window is set", ("full_attention",), True),
+        ModelSpec(
+            "beam", "refused", "its global layers scale queries by their absolute position (attention temperature "
+            "from `attention_scaling`), which a cache-relative stream cannot reproduce",
+        ),
+        ModelSpec(
+            "diffllama", "refused", "differential attention subtracts two softmax maps inside its own attention "
+            "code, which the sink_* functions do not implement",
+        ),
+        ModelSpec(
+            "dory", "refused", "recurrent loops run its middle layers several times per token (n_recurrent_loops), "
+            "so a layer's cache is not one set of stream tokens",
+        ),
+        ModelSpec(
+            "hrm_text", "refused", "hierarchical recurrent cycles run the same layers several times per token, so a "
+            "layer's cache is not one set of stream tokens",
+        ),
     )
 }
+
+#: Model types proven to stream exactly by tests/test_model_coverage.py (top-level and text-config types).
+VERIFIED_MODEL_TYPES: frozenset[str] = frozenset(
+    """
+    afmoe apertus apertus1p5_text arcee aria_text bitnet cohere cohere2 cohere2_moe cwm doge dots1 ernie4_5
+    ernie4_5_moe exaone exaone4 exaone_moe falcon flex_olmo flint gemma gemma2 gemma3 gemma3_text glm glm4 glm4_moe
+    got_ocr2 gpt_neox gpt_oss granite granite_swa granitemoe granitemoe_swa granitemoeshared helium hunyuan_v1_dense
+    hunyuan_v1_moe hy_v3 hyperclovax internlm3 iquestcoder jais2 kolibri1 laguna lfm2 lfm2_moe llama mellum
+    mimo_v2_flash minimax_m2 minimax_m3_vl_text ministral ministral3 mistral mixtral modernbert-decoder moshi
+    moss_transcribe_diarize nemotron olmo olmo2 olmo3 olmoe phi phi3 phi4_multimodal phimoe qwen2 qwen2_moe qwen3
+    qwen3_moe sarvam_moe seed_oss smollm3 solar_open starcoder2 vaultgemma
+    """.split()
+)
+UNVERIFIED_ENV = "HF_SINKS_ALLOW_UNVERIFIED"
+_WARNED: set[str] = set()
 
 
 def _attr(config: Any, name: str, default: Any = None) -> Any:
@@ -54,7 +107,32 @@ def _attr(config: Any, name: str, default: Any = None) -> Any:
 
 
 def unsupported_reason(config: Any) -> str | None:
-    """Why ``config``'s model cannot stream with hf_sinks (``None``: it can), from its features."""
+    """Why ``config``'s model cannot stream with hf_sinks (``None``: it can): its features, then whether its type
+    is proven by the coverage tests (:data:`VERIFIED_MODEL_TYPES`)."""
+    reason = feature_reason(config)
+    if reason is not None:
+        return reason
+    return _unverified_reason(config)
+
+
+def _unverified_reason(config: Any) -> str | None:
+    model_type = _attr(config, "model_type", None)
+    if model_type in VERIFIED_MODEL_TYPES:
+        return None
+    reason = (
+        f"model_type={model_type!r} passes hf_sinks' feature checks but is not verified by hf_sinks' coverage tests "
+        "(tests/test_model_coverage.py), so exact streaming is not guaranteed"
+    )
+    if os.environ.get(UNVERIFIED_ENV) == "1":
+        if model_type not in _WARNED:
+            _WARNED.add(model_type)
+            warnings.warn(f"hf_sinks: {reason}; streaming anyway because {UNVERIFIED_ENV}=1.", stacklevel=3)
+        return None
+    return f"{reason}; set {UNVERIFIED_ENV}=1 to stream it anyway (with a warning)"
+
+
+def feature_reason(config: Any) -> str | None:
+    """Why ``config``'s model cannot stream, from its features alone (``None``: it takes the generic route)."""
     model_type = _attr(config, "model_type", None)
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     spec = MODEL_SPECS.get(model_type)
@@ -74,6 +152,19 @@ def unsupported_reason(config: Any) -> str | None:
         return "ALiBi position biases are built from absolute token counts, so evicted tokens cannot be re-positioned"
     if _attr(text, "kv_lora_rank", None) is not None:
         return "multi-head latent attention (kv_lora_rank): keys are rebuilt from a compressed latent, not cached rotated"
+    shared = _attr(text, "num_kv_shared_layers", None)
+    if shared or _attr(text, "kv_sharing", None):
+        return (
+            f"KV sharing across layers (num_kv_shared_layers={shared!r}): a layer attends with another layer's "
+            "cached keys, which hf_sinks' per-layer caches and rules do not model"
+        )
+    if _attr(text, "is_heterogeneous", False) is True:
+        return (
+            "per-layer attention shapes (a heterogeneous config: per_layer_config sets head_dim or heads per layer), "
+            "which hf_sinks' rotary and cache checks do not model"
+        )
+    if _attr(text, "cross_attention_layers", None):
+        return "cross-attention layers (cross_attention_layers): their keys come from another input, not the stream"
     layer_types = _attr(text, "layer_types", None) or ()
     other = sorted({t for t in layer_types if t not in ATTENTION_LAYER_TYPES})
     if other:
@@ -128,15 +219,40 @@ def no_rope_layer_types(config: Any) -> tuple[str, ...]:
 
 
 def check_model(model: Any) -> ModelSpec:
-    """:func:`get_spec` plus the checks that need the model: it routes through ``AttentionInterface`` (or has a patch)."""
-    spec = get_spec(model.config)
-    if spec.route == "interface" and not getattr(type(model), "_supports_attention_backend", False):
+    """:func:`get_spec` plus the checks that need the model: it routes through ``AttentionInterface`` (or has a patch)
+    and its decoder layers hold no convolution."""
+    model_type = _attr(model.config, "model_type", None)
+    exception = MODEL_SPECS.get(model_type)
+    bypasses = (exception is None or exception.route == "interface") and not getattr(
+        type(model), "_supports_attention_backend", False
+    )
+    if bypasses and feature_reason(model.config) is None:  # a feature refusal is the more specific reason
         raise ValueError(
-            f"hf_sinks cannot stream {type(model).__name__} (model_type={spec.model_type!r}): it does not route its "
+            f"hf_sinks cannot stream {type(model).__name__} (model_type={model_type!r}): it does not route its "
             "attention through transformers' AttentionInterface (_supports_attention_backend is not set), so the "
             "sink_* attentions would never be called."
+        )
+    spec = get_spec(model.config)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None)  # the decoder layers (not an audio or vision embedder beside them)
+    layers = layers if isinstance(layers, torch.nn.ModuleList) else decoder
+    convs = [name for name, module in layers.named_modules() if isinstance(module, torch.nn.Conv1d)]
+    if convs:
+        raise ValueError(
+            f"hf_sinks cannot stream {type(model).__name__} (model_type={spec.model_type!r}): its decoder has "
+            f"convolution layers ({convs[0]}, ...) whose state is not a set of cached tokens (hybrid conv / "
+            "state-space layers), even where its config marks no such layer type."
         )
     return spec
 
 
-__all__ = ["MODEL_SPECS", "ModelSpec", "check_config", "check_model", "get_spec", "unsupported_reason"]
+__all__ = [
+    "MODEL_SPECS",
+    "VERIFIED_MODEL_TYPES",
+    "ModelSpec",
+    "check_config",
+    "check_model",
+    "feature_reason",
+    "get_spec",
+    "unsupported_reason",
+]

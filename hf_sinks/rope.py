@@ -158,13 +158,22 @@ def _describe_config(config) -> str:
 
 def uses_rope(config, layer_idx: int) -> bool:
     """Whether layer ``layer_idx`` rotates its queries and keys (``no_rope_layers[i] == 0``: SmolLM3's NoPE layers;
-    Cohere 2's global layers, recorded in ``MODEL_SPECS``)."""
+    ``rope_parameters[layer_type] is None``; Cohere 2's global layers, recorded in ``MODEL_SPECS``)."""
     from .models import no_rope_layer_types
+
+    from .models import MODEL_SPECS
 
     no_rope = getattr(config, "no_rope_layers", None)
     if no_rope is not None and layer_idx < len(no_rope) and not no_rope[layer_idx]:
         return False
-    return _layer_type(config, layer_idx) not in no_rope_layer_types(config)
+    layer_type = _layer_type(config, layer_idx)
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and layer_type in rope and rope[layer_type] is None:  # {"full_attention": None}
+        return False
+    spec = MODEL_SPECS.get(getattr(config, "model_type", None))
+    if spec is not None and spec.rope_everywhere_without_window and not getattr(config, "sliding_window", None):
+        return True
+    return layer_type not in no_rope_layer_types(config)
 
 
 def rotate_half_convention(rotate_half_fn) -> bool:

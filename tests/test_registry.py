@@ -65,12 +65,21 @@ def test_every_registry_exception_is_tested_and_documented():
         assert spec.route in ("interface", "patch", "refused")
         assert f'"{model_type}"' in coverage or model_type == "cohere2_moe", f"{model_type} not in the coverage test"
         assert f"`{model_type}`" in models_page, f"no docs/models.md row for {model_type}"
-    from test_model_coverage import STREAMING
+    import re
 
-    for model_type in STREAMING:
-        if model_type != "mistral_wide":
-            assert f"`{model_type}`" in readme, f"no README row for {model_type}"
-    assert "causal-LM architectures stream exactly" in readme
+    import transformers
+    from test_model_coverage import ALIASES, STREAMING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    proven = {model_type for model_type in STREAMING if model_type not in ALIASES}
+    for model_type in proven:
+        assert f"`{model_type}`" in models_page, f"no docs/models.md entry for proven {model_type}"
+    found = re.search(r"\*\*(\d+) of (\d+) causal-LM architectures stream exactly\*\* \(transformers ([\d.]+)", readme)
+    assert found, "README's Supported models sentence is missing"
+    assert int(found[1]) == len(proven), f"README says {found[1]} proven, the coverage test proves {len(proven)}"
+    assert f"**{len(proven)} of {found[2]}" in models_page
+    if transformers.__version__ == found[3]:  # the totals are those of the documented transformers
+        assert int(found[2]) == len(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
 def test_apply_and_remove_restore_the_model_exactly():
