@@ -12,9 +12,10 @@ import torch
 from .cache import SinkCache
 from .compat import CACHE_KWARGS, cache_from_kwargs, cache_kwargs
 from .config import CONFIG_ATTRIBUTE, SinkConfig
-from .models import ModelSpec, get_spec
+from .layers import layer_rules
+from .models import ModelSpec, check_model
 from .positions import install_position_hook
-from .rope import RotaryParams
+from .rope import RotaryParams, layer_rotaries
 
 _APPLIED = "_hf_sinks_handle"
 logger = logging.getLogger(__name__)
@@ -29,12 +30,13 @@ class SinkHandle:
         sink_config: SinkConfig,
         attn_implementation: str,
         spec: ModelSpec,
-        rotary: RotaryParams,
+        rotaries: list[RotaryParams | None],
         previous_flag: Any = None,
     ):
         self.model = model
         self.sink_config = sink_config
-        self.rotary = rotary
+        self.rotaries = rotaries  # per layer (None: a layer without RoPE)
+        self.rotary = next((r for r in rotaries if r is not None), None)
         self._previous_impl = model.config._attn_implementation
         self._previous_flag = previous_flag
         self._unpatch = None
@@ -44,7 +46,7 @@ class SinkHandle:
         else:
             model.set_attn_implementation(attn_implementation)
         setattr(model.config, CONFIG_ATTRIBUTE, sink_config.to_dict())
-        self._hook = install_position_hook(model, rotary, self.new_cache)
+        self._hook = install_position_hook(model, rotaries, self.new_cache)
         self.num_attention_modules = self._count_attention_modules(spec.route)
         self._wrap_generate()
         logger.info(
@@ -62,8 +64,11 @@ class SinkHandle:
         return count
 
     def new_cache(self) -> SinkCache:
-        """A fresh :class:`SinkCache` for this model (its sizes and rotary parameters)."""
-        return SinkCache.from_config(self.sink_config, rotary=self.rotary)
+        """A fresh :class:`SinkCache` for this model (its sizes and per-layer rules)."""
+        cache = SinkCache.from_config(self.sink_config)
+        config = self.model.config.get_text_config(decoder=True)
+        cache.bind_rules(layer_rules(config, cache.num_sink_tokens, cache.window_length, self.rotaries))
+        return cache
 
     def _wrap_generate(self) -> None:
         """``model.generate`` without a cache streams with a SinkCache of its own (instance attribute)."""
@@ -111,11 +116,13 @@ def apply(
     model: torch.nn.Module,
     num_sink_tokens: int | None = None,
     window_length: int | None = None,
-    attn_implementation: str = "sink_sdpa",
+    attn_implementation: str | None = None,
 ) -> SinkHandle:
     """Make ``model`` stream with attention sinks.
 
-    Per instance and reversibly: sets ``attn_implementation`` (a ``sink_*`` name; Falcon, which bypasses
+    Per instance and reversibly: sets ``attn_implementation`` (a ``sink_*`` name; default ``"sink_sdpa"``, or
+    ``"sink_eager"`` for a model whose class refuses SDPA (``_supports_sdpa = False``: Gemma 2, gpt-oss), since
+    transformers checks SDPA support for every name containing "sdpa"; Falcon, which bypasses
     transformers' AttentionInterface, gets its attention instances patched), records the setup in
     ``model.config.attention_sinks`` (saved by ``save_pretrained``), installs the position hook (bounded positions,
     padding known to the cache) and makes ``model.generate`` create a :class:`SinkCache` when given none.
@@ -130,9 +137,11 @@ def apply(
             ``attn_implementation``, or a model in which no attention module was found.
     """
     # Everything is validated before the previous setup (if any) is touched: a bad call leaves the model streaming.
-    spec = get_spec(getattr(model.config, "model_type", None))
+    spec = check_model(model)
     from .attention.registry import ATTENTION_IMPLEMENTATIONS
 
+    if attn_implementation is None:
+        attn_implementation = default_attention(model)
     if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
             f"attn_implementation={attn_implementation!r} is not a sink attention; use one of {sorted(ATTENTION_IMPLEMENTATIONS)}."
@@ -144,10 +153,19 @@ def apply(
     # what remove() must restore: the flag as it was before the first apply
     original_flag = previous._previous_flag if previous is not None else getattr(model.config, CONFIG_ATTRIBUTE, None)
     sink_config = SinkConfig.from_model_config(model.config, **overrides) or SinkConfig()
-    rotary = RotaryParams.from_model(model)
+    rotaries = layer_rotaries(model.config, model=model)
     if previous is not None:
         previous.remove()
-    handle = SinkHandle(model, sink_config, attn_implementation, spec, rotary, previous_flag=original_flag)
+    handle = SinkHandle(model, sink_config, attn_implementation, spec, rotaries, previous_flag=original_flag)
     setattr(model, _APPLIED, handle)
     return handle
 
+
+
+def default_attention(model: Any) -> str:
+    """``"sink_sdpa"``, or ``"sink_eager"`` for a model class that refuses SDPA (``_supports_sdpa = False``).
+
+    transformers runs its SDPA support check on every attention name containing "sdpa", so such models (Gemma 2,
+    gpt-oss) refuse ``sink_sdpa`` before hf_sinks sees a tensor; ``sink_eager`` is exact for them.
+    """
+    return "sink_sdpa" if getattr(type(model), "_supports_sdpa", True) else "sink_eager"

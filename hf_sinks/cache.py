@@ -1,6 +1,8 @@
 """`SinkCache`: a bounded transformers ``Cache`` keeping attention sinks plus a recent window (StreamingLLM).
 
-Layout of one layer (per batch row), fixed at ``S + W`` slots and allocated once:
+Each layer follows its own rule (docs/design.md §2.3, :mod:`hf_sinks.layers`): a global layer keeps ``S`` sinks
+and a ``W`` window; a layer with its own sliding window ``sw <= S + W`` keeps only that window (``S = 0``,
+``W = sw``). Layout of one layer (per batch row), fixed at its ``S + W`` slots and allocated once:
 
 * slots ``0..S-1`` hold the row's first ``S`` *real* tokens (the sinks; left padding is skipped);
 * slots ``S..S+W-1`` are a ring holding the row's last ``W`` real tokens.
@@ -29,7 +31,8 @@ from transformers.cache_utils import Cache
 
 from .cache_layers import RowStateLayer, tag_keys
 from .config import SinkConfig
-from .rope import RotaryParams, rotate_with, shift_rotary, shift_tables
+from .layers import LayerRule, layer_rules
+from .rope import RotaryParams, check_rope_config, layer_rotaries, rotate_with, shift_rotary, shift_tables
 from .validation import SinkTypeError, check_batch_size, check_cache_update, check_layers_in_step
 
 logger = logging.getLogger(__name__)
@@ -41,17 +44,57 @@ class SinkCacheLayer(RowStateLayer):
     is_croppable = False
     is_sliding = False
 
-    def __init__(self, cache: "SinkCache"):
+    def __init__(self, cache: "SinkCache", rule: LayerRule | None = None, rule_bound: bool = False):
         super().__init__()
         self.cache = cache
-        self.num_sink_tokens = cache.num_sink_tokens
-        self.window_length = cache.window_length
-        self.capacity = cache.num_sink_tokens + cache.window_length
+        self._set_rule(rule if rule is not None else LayerRule(cache.num_sink_tokens, cache.window_length, cache.rotary))
+        self.rule_bound = rule_bound  # the rule comes from the model (config, hook or the attention's module)
+        self.updates = 0  # forwards seen: the rule may still change during the first one
         self.seen = 0  # tokens processed, padding included (what generate slices prompts by)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # a multi-token chunk not yet committed
         self.acknowledged: bool | None = None  # did a sink attention function consume the previous update?
         self._acknowledged_now = False
         self._pending_info = None
+
+    def _set_rule(self, rule: LayerRule) -> None:
+        self.rule = rule
+        self.rotary = rule.rotary
+        self.num_sink_tokens = rule.num_sink_tokens
+        self.window_length = rule.window_length
+        self.capacity = rule.capacity
+
+    def configure(self, rule: LayerRule) -> None:
+        """Adopt the model's rule for this layer (docs/design.md §2.3), at the latest during its first forward.
+
+        A cache built without the model's config learns each layer's rule from the first sink attention call;
+        until then at most one token (a one-token first forward) was written, at slot 0 under any rule.
+        """
+        if self.rule.same_as(rule) and self.rule.sliding_window == rule.sliding_window:
+            self.rule, self.rule_bound = rule, True
+            return
+        if self.updates > 1:
+            raise RuntimeError(
+                f"SinkCache layer already holds tokens under {self.rule}; it cannot switch to {rule}. Build the cache "
+                "with SinkCache(..., config=model.config) or SinkCache.from_model(model)."
+            )
+        self._set_rule(rule)
+        self.rule_bound = True
+        if not self.is_initialized:
+            return
+        keys, values, real_idx, positions, filled = self.keys, self.values, self.real_idx, self.positions, self.filled
+        batch, heads, _, head_dim = keys.shape
+        self.keys = keys.new_zeros(batch, heads, self.capacity, head_dim)
+        self.values = values.new_zeros(batch, heads, self.capacity, values.shape[-1])
+        self.sink_keys = keys.new_zeros(batch, heads, self.num_sink_tokens, head_dim)
+        self.real_idx = real_idx.new_full((batch, self.capacity), -1)
+        self.positions = positions.new_zeros(batch, self.capacity)
+        self.sink_shift = torch.zeros_like(self.sink_shift)
+        self.keys[:, :, :filled] = keys[:, :, :filled]  # real r < both capacities sits in slot r under any rule
+        self.values[:, :, :filled] = values[:, :, :filled]
+        self.real_idx[:, :filled] = real_idx[:, :filled]
+        self.positions[:, :filled] = positions[:, :filled]
+        n = min(filled, self.num_sink_tokens)
+        self.sink_keys[:, :, :n] = keys[:, :, :n]
 
     # ------------------------------------------------------------------ state
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -111,6 +154,7 @@ class SinkCacheLayer(RowStateLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self.updates += 1
         if self.seen > 0:
             self.acknowledged = self._acknowledged_now
         if self.pending is not None:  # no sink attention committed the last chunk: a stock attention is in use
@@ -272,9 +316,9 @@ class SinkCacheLayer(RowStateLayer):
     def _sinks_at(self, shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         n = min(self.num_sink_tokens, self.filled)
         sinks = self.sink_keys[:, :, :n]
-        if bool((shift == 0).all()):
+        if bool((shift == 0).all()) or (self.rotary is None and self.cache.rules_known):  # a layer without RoPE
             return sinks.to(dtype)
-        rotary = self.cache.rotary
+        rotary = self.rotary
         if rotary is None:
             raise ValueError(
                 "SinkCache has no rotary parameters to re-position the sinks under a stock attention "
@@ -283,8 +327,8 @@ class SinkCacheLayer(RowStateLayer):
                 "SinkCache.from_model(model) or load the model with attn_implementation='sink_sdpa'; a model "
                 "without rotary embeddings (e.g. GPT-2's learned absolute positions) cannot stream with a SinkCache."
             )
-        cos, sin = self.cache.sink_tables(shift, self.device, torch.promote_types(dtype, torch.float32))
-        return rotate_with(sinks, cos, sin, rotary.rotary_dim).to(dtype)
+        cos, sin = self.cache.sink_tables(shift, self.device, torch.promote_types(dtype, torch.float32), rotary)
+        return rotate_with(sinks, cos, sin, rotary.rotary_dim, rotary.interleaved).to(dtype)
 
     def place_sinks(self, shift: torch.Tensor) -> None:
         """Write the sinks, shifted by ``shift`` positions per row, into their slots (O(S) per call)."""
@@ -300,7 +344,7 @@ class SinkCacheLayer(RowStateLayer):
         last = self.real_seen - 1
         query_pos = last + self._position_offset() if positions is None else positions[:, -1].to(self.device)
         shift = self.sink_shift_for(last, query_pos)
-        if self.cache.rotary is None and not bool((shift == self.sink_shift).all()):
+        if self.rotary is None and not self.cache.rules_known and not bool((shift == self.sink_shift).all()):
             if self.acknowledged is False:
                 self._sinks_at(shift, self.keys.dtype)  # raises the explanatory error
             return  # a sink attention function will place them (it knows the model config)
@@ -312,7 +356,7 @@ class SinkCacheLayer(RowStateLayer):
             return
         window = self.real_idx[:, : self.filled] >= self.num_sink_tokens  # [B, n]
         shift = torch.where(window, -delta[:, None], torch.zeros_like(self.real_idx[:, : self.filled]))
-        self.keys[:, :, : self.filled] = shift_rotary(self.keys[:, :, : self.filled], shift[:, None, :], self.cache.rotary)
+        self.keys[:, :, : self.filled] = shift_rotary(self.keys[:, :, : self.filled], shift[:, None, :], self.rotary)
         self.positions[:, : self.filled] += shift
         if self.pending is not None and self._pending_info is not None:
             valid, positions = self._pending_info
@@ -336,6 +380,7 @@ class SinkCacheLayer(RowStateLayer):
         self.is_initialized = False
         self.uniform = 0
         self.seen = 0
+        self.updates = 0
         self.pending = self._pending_info = None
         self.acknowledged = None
         self._acknowledged_now = False
@@ -371,9 +416,11 @@ class SinkCache(Cache):
     Args:
         num_sink_tokens: sinks ``S`` (>= 0).
         window_length: recent window ``W`` (>= 1), the query included.
-        config: the model's transformers config. Only needed when a *stock* attention (``"sdpa"``/``"eager"``)
-            streams past capacity, so the cache can shift the sinks itself; ``sink_*`` attentions bring it.
-        rotary: explicit :class:`~hf_sinks.rope.RotaryParams` (takes precedence over ``config``).
+        config: the model's transformers config: each layer's rule (its own sliding window, its rotary parameters,
+            docs/design.md §2.3) is known before the first forward. Needed when a *stock* attention
+            (``"sdpa"``/``"eager"``) streams past capacity; ``sink_*`` attentions bring it on their first call.
+        rotary: explicit :class:`~hf_sinks.rope.RotaryParams` for every layer (takes precedence over ``config``'s;
+            layers then follow the global rule unless a sink attention finds the model's own rules).
     """
 
     def __init__(
@@ -387,19 +434,21 @@ class SinkCache(Cache):
         self.sink_config = SinkConfig(num_sink_tokens=num_sink_tokens, window_length=window_length)
         super().__init__(layers=[])
         self._config_head_dim: tuple[int, str] | None = None  # (head_dim, what it came from) to check at first update
+        self.rules: list[LayerRule] | None = None  # per-layer rules, once known (config, hook, or a sink attention)
         if config is not None:
-            config = _text_config(config)
-            if rotary is None:
-                rotary = RotaryParams.from_config(config)
+            config = check_rope_config(_text_config(config))
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
             self._config_head_dim = (int(head_dim), f"config ({type(config).__name__}, head_dim {head_dim})")
+            if rotary is None:
+                self.rules = layer_rules(config, num_sink_tokens, window_length)
+                rotary = next((r.rotary for r in self.rules if r.rotary is not None), None)
         if rotary is not None and not isinstance(rotary, RotaryParams):
             raise SinkTypeError(
                 f"rotary={rotary!r} is invalid: must be a hf_sinks.RotaryParams (e.g. RotaryParams.from_model(model)) "
                 f"or None, not {type(rotary).__name__}."
             )
-        self.rotary = rotary
-        self._rotary_bound = False  # set once the model's own parameters were checked against ``rotary``
+        self.rotary = rotary  # the first RoPE layer's parameters (all layers' unless rules say otherwise)
+        self._rotary_bound = False  # set once the model's own parameters were checked against the cache's
         self._announced: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # see begin_forward
         self._incoming: tuple[int, torch.Tensor | None, torch.Tensor | None] | None = None
         self._base: torch.Tensor | None = None  # per-row offset subtracted from positions (set by the hook)
@@ -423,7 +472,9 @@ class SinkCache(Cache):
         """Build for ``model``: sizes from ``model.config.attention_sinks`` (or defaults) and the model's rotary."""
         overrides = {k: v for k, v in (("num_sink_tokens", num_sink_tokens), ("window_length", window_length)) if v is not None}
         sink_config = SinkConfig.from_model_config(model.config, **overrides) or SinkConfig()
-        return cls.from_config(sink_config, rotary=RotaryParams.from_model(model))
+        cache = cls.from_config(sink_config)
+        cache.bind_rules(model_rules(model, sink_config.num_sink_tokens, sink_config.window_length))
+        return cache
 
     # -------------------------------------------------------------- properties
     @property
@@ -438,13 +489,41 @@ class SinkCache(Cache):
     def capacity(self) -> int:
         return self.sink_config.capacity
 
-    def bind_rotary(self, rotary: RotaryParams) -> None:
-        """Take the model's rotary parameters (called once per cache, before the first forward uses them).
+    @property
+    def rules_known(self) -> bool:
+        """Whether each layer's rule (window, rotary) comes from the model rather than the defaults."""
+        return self.rules is not None
+
+    def bind_rules(self, rules: list[LayerRule]) -> None:
+        """Take the model's per-layer rules (docs/design.md §2.3); once per cache, before a forward uses them.
 
         Raises:
             ValueError: the cache was built with other rotary parameters (e.g. ``config=`` of another model): its
                 sinks would be shifted with the wrong frequencies.
         """
+        if self._rotary_bound:
+            return
+        mine = self.rules if self.rules is not None else ([LayerRule(0, 1, self.rotary)] * len(rules) if self.rotary is not None else None)
+        if mine is not None:
+            for idx, (have, want) in enumerate(zip(mine, rules)):
+                if want.rotary is None or have.rotary is None:
+                    continue
+                if not have.rotary.matches(want.rotary):
+                    raise ValueError(
+                        f"This SinkCache was built with the rotary parameters of {have.rotary.describe()}, but the "
+                        f"model rotates layer {idx} with {want.rotary.describe()}; its sinks would be re-positioned with "
+                        "the wrong frequencies. Build the cache with SinkCache(..., config=model.config) or "
+                        "SinkCache.from_model(model)."
+                    )
+        self.rules = list(rules)
+        self.rotary = next((r.rotary for r in rules if r.rotary is not None), self.rotary)
+        self._rotary_bound = True
+        for idx, layer in enumerate(self.layers):
+            if idx < len(rules):
+                layer.configure(rules[idx])
+
+    def bind_rotary(self, rotary: RotaryParams) -> None:
+        """Bind one rotary for every layer (a model with a single rotary configuration and no sliding layers)."""
         if self._rotary_bound:
             return
         if self.rotary is not None and not self.rotary.matches(rotary):
@@ -455,6 +534,9 @@ class SinkCache(Cache):
             )
         self.rotary = rotary
         self._rotary_bound = True
+
+    def rule_of(self, layer_idx: int) -> LayerRule | None:
+        return self.rules[layer_idx] if self.rules is not None and layer_idx < len(self.rules) else None
 
     def get_stored_length(self, layer_idx: int = 0) -> int:
         """Tokens actually held by ``layer_idx`` (``get_seq_length`` counts every token seen, as generate expects)."""
@@ -469,7 +551,8 @@ class SinkCache(Cache):
     # ------------------------------------------------------------------ update
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
-            self.layers.append(SinkCacheLayer(self))
+            rule = self.rule_of(len(self.layers))
+            self.layers.append(SinkCacheLayer(self, rule, rule_bound=rule is not None))
         layer = self.layers[layer_idx]
         held = (layer.keys.shape[0], layer.keys.shape[1], layer.keys.shape[-1]) if layer.is_initialized else None
         check_cache_update("SinkCache", self.layers, layer_idx, key_states, held)
@@ -571,13 +654,20 @@ class SinkCache(Cache):
         self._real_seen = self._base = None
         self._incoming = self._announced = None
 
-    def sink_tables(self, shift: torch.Tensor, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin moving the sinks by ``shift`` per row; every layer of a step shares one computation."""
+    def sink_tables(self, shift: torch.Tensor, device, dtype, rotary: RotaryParams | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin moving the sinks by ``shift`` per row; layers sharing rotary parameters share one computation."""
+        rotary = rotary if rotary is not None else self.rotary
         cached = self._sink_tables
-        if cached is not None and cached[0].device == shift.device and cached[1].dtype == dtype and torch.equal(cached[0], shift):
+        if (
+            cached is not None
+            and cached[3] is rotary
+            and cached[0].device == shift.device
+            and cached[1].dtype == dtype
+            and torch.equal(cached[0], shift)
+        ):
             return cached[1], cached[2]
-        cos, sin = shift_tables(shift[:, None, None], self.rotary, device, dtype)
-        self._sink_tables = (shift.clone(), cos, sin)
+        cos, sin = shift_tables(shift[:, None, None], rotary, device, dtype)
+        self._sink_tables = (shift.clone(), cos, sin, rotary)
         return cos, sin
 
     def _incoming_for(self, seen: int, q: int):
@@ -586,3 +676,15 @@ class SinkCache(Cache):
             return None
         _, valid, positions = self._incoming
         return valid, positions[:, -q:] if positions is not None else None
+
+
+def model_rules(model: Any, num_sink_tokens: int, window_length: int) -> list[LayerRule]:
+    """Every layer's rule for ``model``, with the rotary parameters of its own buffers (exact)."""
+    config = model.config.get_text_config(decoder=True)
+    rotaries = layer_rotaries(config, model=model)
+    if all(r is None for r in rotaries):
+        raise ValueError(
+            f"{type(model).__name__} (model_type={getattr(config, 'model_type', None)!r}) has no rotary embedding in "
+            "any layer: a SinkCache re-positions sinks by RoPE, so this model cannot stream with one."
+        )
+    return layer_rules(config, num_sink_tokens, window_length, rotaries)

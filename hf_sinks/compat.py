@@ -10,12 +10,16 @@ Known differences:
   ``cache`` (``past_key_values`` still works there, with a ``FutureWarning`` and a logged deprecation, and model
   outputs expose ``.cache``). Use :data:`CACHE_KWARG`, :func:`cache_kwargs`, :func:`cache_from_kwargs` and
   :func:`output_cache`.
+* **activation checkpointing.** 5.24 renamed ``gradient_checkpointing`` (a ``TrainingArguments`` field and
+  ``model.gradient_checkpointing_enable``) to ``activation_checkpointing``; the old names warn. Use
+  :func:`checkpointing_training_args` and :func:`enable_activation_checkpointing`.
 * **mask objects.** 5.24 probes whatever a mask function returned (``.ndim``, ``.shape``): the ``sink_*`` mask
   functions therefore return plain tensors (see :mod:`hf_sinks.attention.masks`), never objects imitating one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any
 
@@ -72,3 +76,46 @@ def output_cache(outputs: Any) -> Any:
     """The cache returned in a model or ``generate`` output (``.cache`` or ``.past_key_values``), without a warning."""
     return getattr(outputs, CACHE_KWARG, None)
 
+
+
+def _training_arguments_has(name: str) -> bool:
+    from transformers import TrainingArguments
+
+    return name in {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
+def checkpointing_training_args(args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` for ``TrainingArguments`` with activation checkpointing under the name this release uses.
+
+    Accepts either spelling (``gradient_checkpointing[_kwargs]`` or ``activation_checkpointing[_kwargs]``); a
+    ``False`` flag is dropped (it is the default), so nothing deprecated is passed on any release.
+    """
+    out = dict(args)
+    new = _training_arguments_has("activation_checkpointing")
+    flag, kwargs = ("activation_checkpointing", "activation_checkpointing_kwargs")
+    old_flag, old_kwargs = ("gradient_checkpointing", "gradient_checkpointing_kwargs")
+    if not new:
+        flag, kwargs, old_flag, old_kwargs = old_flag, old_kwargs, flag, kwargs
+    if old_flag in out:
+        out.setdefault(flag, out.pop(old_flag))
+    if old_kwargs in out:
+        out.setdefault(kwargs, out.pop(old_kwargs))
+    if not out.get(flag):
+        out.pop(flag, None)
+        out.pop(kwargs, None)
+    return out
+
+
+def checkpointing_kwargs_name() -> str:
+    """The ``TrainingArguments`` field holding the checkpointing keyword arguments on this release."""
+    return "activation_checkpointing_kwargs" if _training_arguments_has("activation_checkpointing") else (
+        "gradient_checkpointing_kwargs"
+    )
+
+
+def enable_activation_checkpointing(model: Any, **checkpoint_kwargs: Any) -> None:
+    """``model.activation_checkpointing_enable`` (5.24+) or ``gradient_checkpointing_enable`` (5.23)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs or None)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs or None)

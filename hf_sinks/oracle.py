@@ -47,20 +47,32 @@ def recompute_logits(
 
 # ------------------------------------------------------------------------------------ spec-attention model run
 _REFERENCE_NAME = "hf_sinks_reference"
-_REFERENCE_ARGS: list = []  # (S, W, rotary) of the running reference_logits call (not every model forwards kwargs)
+_REFERENCE_ARGS: list = []  # per-layer rules of the running reference_logits call (not every model forwards kwargs)
 
 
 def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     from .attention.reference import reference_sink_attention
+    from .attention.sink_logits import sink_logits_of
+    from .layers import rule_for
     from .rope import shift_rotary
 
-    sinks, window, rotary = _REFERENCE_ARGS[-1]
+    sinks, window, rules = _REFERENCE_ARGS[-1]
+    rule = rules[module.layer_idx]
+    if "sliding_window" in kwargs and (kwargs["sliding_window"] or None) != rule.sliding_window:
+        rule = rule_for(sinks, window, rule.rotary, kwargs["sliding_window"] or None)  # as the sink_* functions do
     length = query.shape[2]
     positions = torch.arange(length, device=query.device)
-    # the model rotated q/k at positions 0..T-1; undo it exactly, then let the spec assign positions
-    raw_q = shift_rotary(query.double(), -positions, rotary)
-    raw_k = shift_rotary(key.double(), -positions, rotary)
-    out = reference_sink_attention(raw_q, raw_k, value.double(), sinks, window, rotary, scaling)
+    # the model rotated q/k at positions 0..T-1 with this layer's RoPE; undo it exactly, then let the spec assign
+    # positions (a layer without RoPE: nothing to undo)
+    raw_q = shift_rotary(query.double(), -positions, rule.rotary)
+    raw_k = shift_rotary(key.double(), -positions, rule.rotary)
+    logits = sink_logits_of(module, query.shape[1])
+    if logits is None and kwargs.get("s_aux") is not None:
+        logits = kwargs["s_aux"]
+    out = reference_sink_attention(
+        raw_q, raw_k, value.double(), rule.num_sink_tokens, rule.window_length, rule.rotary, scaling,
+        sink_logits=None if logits is None else logits.double(), softcap=kwargs.get("softcap"),
+    )
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
@@ -74,7 +86,10 @@ def _register_reference() -> None:
 
 @torch.no_grad()
 def reference_logits(model: torch.nn.Module, input_ids: torch.Tensor, num_sink_tokens: int, window_length: int):
-    """Logits of one full-sequence forward (no cache) where every attention layer is the fp64 spec.
+    """Logits of one full-sequence forward (no cache) where every attention layer is the fp64 spec of its own rule.
+
+    Each layer follows its rule of docs/design.md §2.3 (:mod:`hf_sinks.layers`, the same function the cache and
+    the ``sink_*`` attentions use): its own sliding window when it fits the cache, its own rotary parameters.
 
     This is what streaming computes for a model of any depth: each token's states at every layer come from
     attending over *its own* visible set, with cache-relative positions. (For a one-layer model it coincides with
@@ -87,12 +102,11 @@ def reference_logits(model: torch.nn.Module, input_ids: torch.Tensor, num_sink_t
     Returns:
         ``[T, vocab]`` logits.
     """
-    from .rope import RotaryParams
+    from .cache import model_rules
 
     _register_reference()
     ids = input_ids.reshape(1, -1)
-    rotary = RotaryParams.from_model(model)
-    _REFERENCE_ARGS.append((num_sink_tokens, window_length, rotary))
+    _REFERENCE_ARGS.append((num_sink_tokens, window_length, model_rules(model, num_sink_tokens, window_length)))
     try:
         with use_attention(model, _REFERENCE_NAME, route=True):
             out = model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=ids.device)[None], use_cache=False)

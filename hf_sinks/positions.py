@@ -18,29 +18,33 @@ from torch.utils.hooks import RemovableHandle
 
 from .cache import SinkCache
 from .compat import cache_from_kwargs, cache_kwarg_in
-from .models import get_spec
+from .layers import layer_rules
 from .rope import RotaryParams
 
 
 def base_model_of(model: torch.nn.Module) -> torch.nn.Module:
-    spec = get_spec(getattr(model.config, "model_type", None))
-    base = getattr(model, spec.base_model_attr, None)
-    if base is None:
-        raise ValueError(f"{type(model).__name__} has no `.{spec.base_model_attr}` base model to hook.")
+    """The base model (the module that takes ``position_ids`` and the cache), from transformers' own
+    ``base_model_prefix`` (``model.base_model``)."""
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        prefix = getattr(model, "base_model_prefix", "")
+        raise ValueError(f"{type(model).__name__} has no base model to hook (base_model_prefix={prefix!r}).")
     return base
 
 
 def install_position_hook(
-    model: torch.nn.Module, rotary: RotaryParams, new_cache: Callable[[], SinkCache]
+    model: torch.nn.Module, rotaries: list[RotaryParams | None], new_cache: Callable[[], SinkCache]
 ) -> RemovableHandle:
     """Install the position hook on ``model``'s base model; returns the handle (``.remove()`` undoes it).
 
     Args:
         model: the causal LM.
-        rotary: the model's own rotary parameters (a cache built with other ones is refused).
+        rotaries: each layer's own rotary parameters (:func:`hf_sinks.rope.layer_rotaries`); a cache built with
+            other ones is refused.
         new_cache: builds the SinkCache of a forward that asks for a cache but brings none.
     """
     base = base_model_of(model)
+    config = model.config.get_text_config(decoder=True)
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
         cache = cache_from_kwargs(kwargs)
@@ -52,7 +56,8 @@ def install_position_hook(
         tokens = kwargs.get("input_ids")
         if tokens is None:
             tokens = args[0] if args and args[0] is not None else kwargs["inputs_embeds"]
-        cache.bind_rotary(rotary)
+        if not cache._rotary_bound:  # once per cache: each layer's rule for the cache's own sizes
+            cache.bind_rules(layer_rules(config, cache.num_sink_tokens, cache.window_length, rotaries))
         kwargs["position_ids"] = cache.begin_forward(
             tokens.shape[0], tokens.shape[1], kwargs.get("attention_mask"), tokens.device
         )

@@ -337,7 +337,7 @@ API_CASES = [
     case("pattern-duo-attention-missing", lambda c: HeadPattern.from_duo_attention(c.missing("full_attention_heads.tsv")),
          FileNotFoundError, "full_attention_heads.tsv"),
     # apply / AutoModelForCausalLM
-    case("apply-gpt2", lambda c: hf_sinks.apply(c.gpt2), ValueError, "model_type='gpt2'", "llama"),
+    case("apply-gpt2", lambda c: hf_sinks.apply(c.gpt2), ValueError, "model_type='gpt2'", "no RoPE"),
     case("apply-stock-attention", lambda c: hf_sinks.apply(tiny_model("llama"), attn_implementation="sdpa"), ValueError,
          "'sdpa'", "sink_sdpa"),
     case("apply-negative-sinks", lambda c: hf_sinks.apply(tiny_model("llama"), num_sink_tokens=-1), ValueError,
@@ -353,7 +353,7 @@ API_CASES = [
     case("auto-stock-attention", lambda c: hf_sinks.AutoModelForCausalLM.from_config(
         tiny_config(), sink_attn_implementation="sdpa"), ValueError, "sink_attn_implementation='sdpa'"),
     # training
-    case("learned-sinks-gpt2", lambda c: add_learned_sinks(c.gpt2), ValueError, "model_type='gpt2'", "llama"),
+    case("learned-sinks-gpt2", lambda c: add_learned_sinks(c.gpt2), ValueError, "model_type='gpt2'", "no RoPE"),
     case("learned-sinks-nan-init", lambda c: add_learned_sinks(tiny_model("llama"), init_value=math.nan), ValueError,
          "init_value=nan"),
     case("learned-sinks-zero-heads", lambda c: AttentionSinkLogits(0), ValueError, "num_heads=0"),

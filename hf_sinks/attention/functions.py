@@ -12,8 +12,16 @@ docs/design.md §2.1, §2.2 from the cache layer's per-slot bookkeeping:
 
 Without a ``SinkCache`` they defer to the stock transformers implementation of the same kernel.
 
-Learned per-head sink logits (gpt-oss style, ``module.sink_logits``, see :mod:`hf_sinks.attention.sink_logits`) join
-every softmax as one extra term per head, with and without a cache (:func:`with_sink_logits`; not ``sink_flex``).
+Each cache layer follows its own rule (docs/design.md §2.3, :mod:`hf_sinks.layers`): the first call of a layer binds
+it from the module (its config, ``layer_idx`` and the ``sliding_window`` the model hands its attention), so a
+sliding layer whose window fits the cache attends natively and a layer without RoPE is never shifted.
+
+Learned per-head sink logits join every softmax as one extra term per head (:func:`with_sink_logits`; not
+``sink_flex``): hf_sinks' own ``module.sink_logits`` (:mod:`hf_sinks.attention.sink_logits`), with and without a
+cache, and a model's native ones passed as the ``s_aux`` keyword (gpt-oss ``sinks``) with a cache (without one,
+the model's stock function applies them itself). Logit soft-capping (the ``softcap`` keyword, Gemma 2) is applied
+to every score before masking, as the model's eager attention does; the SDPA and flex kernels cannot, so a layer
+with ``softcap`` runs the eager kernel.
 """
 
 from __future__ import annotations
@@ -28,8 +36,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..cache import SinkCacheLayer
 from ..cache_layers import layer_of
-from ..models import get_spec
-from ..rope import RotaryParams, shift_rotary
+from ..layers import LayerRule, layer_rules, rule_for
+from ..models import check_config
+from ..rope import RotaryParams, layer_rotaries, shift_rotary
 from .masks import new_token_validity, stock_mask
 from .sink_logits import sink_logits_of
 
@@ -44,10 +53,12 @@ def _sdpa_kernel(q, k, v, mask, scaling, dropout, want_weights):
     return out, None
 
 
-def _eager_kernel(q, k, v, mask, scaling, dropout, want_weights):
+def _eager_kernel(q, k, v, mask, scaling, dropout, want_weights, softcap=None):
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(-1, -2)) * scaling
+    if softcap is not None:  # Gemma 2's attn_logit_softcapping, as its eager attention applies it
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
@@ -113,6 +124,13 @@ def _boolean_mask(mask: torch.Tensor | None, q_len: int, k_len: int, device: tor
     return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
+def with_softcap(kernel: Callable, softcap: float | None) -> Callable:
+    """``kernel``, or the eager kernel with logit soft-capping when ``softcap`` is set (SDPA/flex cannot cap)."""
+    if softcap is None:
+        return kernel
+    return functools.partial(_eager_kernel, softcap=float(softcap))
+
+
 # ------------------------------------------------------------------------------------- stock fallbacks
 def _stock_sdpa(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -131,17 +149,31 @@ def _stock_flex(module, query, key, value, attention_mask, **kwargs):
 
 
 # ----------------------------------------------------------------------------------- sink attention
-def _rotary_for(layer: SinkCacheLayer, module: torch.nn.Module) -> RotaryParams:
+def bind_layer_rule(layer: SinkCacheLayer, module: torch.nn.Module, kwargs: dict) -> LayerRule:
+    """The layer's rule (docs/design.md §2.3); bound on its first call from the module the model hands us."""
     cache = layer.cache
-    if not cache._rotary_bound:  # once per cache: the model's parameters win, a mismatch is refused
+    if layer.rule_bound and cache._rotary_bound:
+        return layer.rule
+    if not cache._rotary_bound:  # once per cache: rules from the model's config, checked against the cache's own
         try:
-            model_rotary = RotaryParams.from_config(module.config)
+            modeling = sys.modules.get(type(module).__module__)
+            rotaries = layer_rotaries(module.config, modeling=modeling)
+            rules = layer_rules(module.config, cache.num_sink_tokens, cache.window_length, rotaries)
         except (AttributeError, KeyError, TypeError):  # TypeError: hf_sinks' "not a config" (SinkTypeError)
-            if cache.rotary is None:
+            if cache.rotary is None and not cache.rules_known:
                 raise
-            model_rotary = cache.rotary  # a bare module with no RoPE config: only the cache's parameters are known
-        cache.bind_rotary(model_rotary)
-    return cache.rotary
+            rules = None  # a bare module with no model config: only the cache's parameters are known
+        if rules is not None:
+            cache.bind_rules(rules)
+    idx = getattr(module, "layer_idx", None)
+    rule = cache.rule_of(idx) if idx is not None else None
+    if rule is None:
+        rule = LayerRule(cache.num_sink_tokens, cache.window_length, cache.rotary)
+    elif "sliding_window" in kwargs and (kwargs["sliding_window"] or None) != rule.sliding_window:
+        # the window the model itself applies in this layer wins over what its config suggests
+        rule = rule_for(cache.num_sink_tokens, cache.window_length, rule.rotary, kwargs["sliding_window"] or None)
+    layer.configure(rule)
+    return layer.rule
 
 
 def prepare_decode(layer: SinkCacheLayer, positions: torch.Tensor | None) -> torch.Tensor:
@@ -271,7 +303,7 @@ def make_sink_attention(
         scaling: float | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        get_spec(getattr(module.config, "model_type", None))
+        check_config(module.config)
         layer = layer_of(key, SinkCacheLayer)
         sink_logits = sink_logits_of(module, query.shape[1])
         if sink_logits is not None and name == "sink_flex":
@@ -291,18 +323,29 @@ def make_sink_attention(
             return out.transpose(1, 2).contiguous(), weights
 
         layer.acknowledge()
-        rotary = _rotary_for(layer, module)
+        rotary = bind_layer_rule(layer, module, kwargs).rotary
+        if sink_logits is None and kwargs.get("s_aux") is not None:  # the model's own learned sinks (gpt-oss)
+            sink_logits = kwargs["s_aux"]
+            if name == "sink_flex":
+                raise ValueError("sink_flex does not support learned sink logits (s_aux); use sink_sdpa or sink_eager.")
+        softcap = kwargs.get("softcap")
+        if softcap is not None:
+            if sink_logits is not None:
+                raise ValueError("hf_sinks cannot combine logit soft-capping (softcap) with learned sink logits.")
+            if kernel is None:
+                raise ValueError(f"{name} does not support logit soft-capping (softcap={softcap}); use sink_eager.")
+        run_kernel = with_softcap(kernel, softcap)
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
         positions = kwargs.get("position_ids")
         want_weights = bool(kwargs.get("output_attentions", False))
         if layer.pending is None:
             out, weights = decode(
-                layer, query, key, value, positions, kernel, scaling, dropout, want_weights, sink_logits=sink_logits
+                layer, query, key, value, positions, run_kernel, scaling, dropout, want_weights, sink_logits=sink_logits
             )
         else:
             valid = new_token_validity(attention_mask, query.shape[2])
             out, weights = chunk(
-                layer, query, key, value, positions, valid, rotary, kernel, scaling, dropout, want_weights,
+                layer, query, key, value, positions, valid, rotary, run_kernel, scaling, dropout, want_weights,
                 sink_logits=sink_logits,
             )
         return out.transpose(1, 2).contiguous(), weights

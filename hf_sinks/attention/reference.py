@@ -27,8 +27,12 @@ def reference_sink_attention(
     rotary: RotaryParams | None = None,
     scaling: float | None = None,
     sink_logits: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Sink+window attention over a whole stream with cache-relative positions.
+
+    One layer's rule (docs/design.md §2.3) is ``num_sink_tokens``/``window_length``/``rotary`` as
+    :mod:`hf_sinks.layers` gives them: a sliding layer whose window fits the cache is ``(0, sw)``.
 
     Args:
         query: ``[B, H, T, D]`` un-rotated queries of tokens ``0..T-1``.
@@ -38,6 +42,7 @@ def reference_sink_attention(
         scaling: softmax scale, default ``D ** -0.5``.
         sink_logits: optional ``[H]`` learned per-head sink logits (gpt-oss style, unrelated to sink *tokens*): one
             extra logit column in every softmax, dropped afterwards (mass without a value).
+        softcap: logit soft-capping ``tanh(s / softcap) * softcap`` of every score (Gemma 2).
 
     Returns:
         ``[B, H, T, D]`` attention outputs.
@@ -56,6 +61,8 @@ def reference_sink_attention(
             k = apply_rotary(k, positions, rotary)
             qi = apply_rotary(qi, positions[-1:], rotary)
         scores = (qi @ k.transpose(-1, -2)) * scaling
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         if sink_logits is not None:
             column = sink_logits.to(scores.dtype)[None, :, None, None].expand(batch, heads, 1, 1)
             weights = torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1]

@@ -22,7 +22,7 @@ def routed_through_interface(model: torch.nn.Module):
     """
     from ..models import get_spec
 
-    spec = get_spec(getattr(model.config, "model_type", None))
+    spec = get_spec(model.config)
     undo = None
     if spec.route == "patch":
         patch = importlib.import_module(f"hf_sinks.patches.{spec.model_type}")

@@ -127,10 +127,16 @@ def _decode(layer, query, key, value, positions, kernel, scaling, dropout, want_
 
 def _chunk(layer, query, key, value, positions, valid, rotary, kernel, scaling, dropout, want_weights, sink_logits=None):
     _check_dropout(dropout)
+    if rotary is not None and rotary.interleaved:
+        raise ValueError(
+            "sink_triton rotates halves (rotate_half); this layer's RoPE pairs neighbouring channels (interleaved, "
+            "e.g. Cohere): use sink_sdpa or sink_eager."
+        )
     info = prepare_chunk(layer, key, positions, valid)
+    inv_freq, rotary_dim = (None, 0) if rotary is None else (rotary.inv_freq, rotary.rotary_dim)
     out, _ = sink_attention(
         query, key, value, info.q_real, info.k_real, info.shift, layer.num_sink_tokens, layer.window_length,
-        rotary.inv_freq, rotary.rotary_dim, scaling, sink_logits,
+        inv_freq, rotary_dim, scaling, sink_logits,
     )
     layer.commit(valid, info.positions)
     return out, None

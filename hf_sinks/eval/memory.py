@@ -25,11 +25,18 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 def cache_bytes(cache: Any) -> int:
     """Bytes of all tensors held by ``cache``'s layers (0 for ``None``); distinct storages counted once."""
+    return sum(cache_layer_bytes(cache))
+
+
+def cache_layer_bytes(cache: Any) -> list[int]:
+    """Bytes held by each layer of ``cache`` (docs/design.md §2.3: memory follows the layers, so a ``SinkCache``
+    sliding layer whose window fits the cache holds only that window, a global layer ``S + W`` slots)."""
     if cache is None:
-        return 0
+        return []
     seen: set[int] = set()
-    total = 0
+    out = []
     for layer in getattr(cache, "layers", ()):
+        total = 0
         for value in vars(layer).values():
             if isinstance(value, torch.Tensor):
                 key = value.untyped_storage().data_ptr()
@@ -37,7 +44,8 @@ def cache_bytes(cache: Any) -> int:
                     continue
                 seen.add(key)
                 total += value.untyped_storage().nbytes()
-    return total
+        out.append(total)
+    return out
 
 
 def rss_bytes() -> int:

@@ -5,7 +5,7 @@ Needs ``peft`` (``pip install peft``); imported explicitly (``import hf_sinks`` 
 """
 
 from .data import PackedDataset, split_token_ids, tokenize_text
-from .finetune import FinetuneResult, finetune, load_finetuned, load_recipe
+from .finetune import DistributedSetupError, FinetuneResult, finetune, load_finetuned, load_recipe
 from .learned_sinks import AttentionSinkLogits, add_learned_sinks, get_sink_logits, remove_learned_sinks
 from .recipes import ARCHITECTURES, RECIPES, SinkRecipe, lora_recipe, trainable_parameter_names
 from .rope_scaling import rope_scaling_for_length, set_rope_scaling, supported_rope_types
@@ -15,6 +15,7 @@ __all__ = [
     "ARCHITECTURES",
     "AttentionSinkLogits",
     "DEFAULT_SINK_TOKEN",
+    "DistributedSetupError",
     "FinetuneResult",
     "PackedDataset",
     "RECIPES",

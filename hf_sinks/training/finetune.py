@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..compat import checkpointing_kwargs_name, checkpointing_training_args
 from ..config import CONFIG_ATTRIBUTE
 from .data import PackedDataset, tokenize_text
 from .recipes import SinkRecipe, attention_is_registered, forget_dequantized_gguf, lora_recipe
@@ -130,6 +131,7 @@ def finetune(
     plot: bool = True,
     training_args: dict[str, Any] | None = None,
     max_train_seconds: float | None = None,
+    expected_world_size: int | None = None,
     **recipe_kwargs: Any,
 ) -> FinetuneResult:
     """Fine-tune ``model`` with a sink-aware LoRA recipe on ``text`` and save everything to ``output_dir``.
@@ -154,28 +156,28 @@ def finetune(
             True, "deepspeed": "ds.json", "fsdp": "full_shard"}``); they override the arguments above.
         max_train_seconds: stop (and save) after the step that crosses this wall-clock budget, even before
             ``max_steps`` (the steps actually done are in ``log_history`` / ``loss.csv``).
+        expected_world_size: the number of processes the launch was meant to start. Checked against the world
+            ``Trainer`` really trains on, before any training: a launch that silently starts one process per
+            command (``accelerate launch --cpu --num_processes 2``) or processes that each train alone (a
+            ``torchrun`` launch whose processes never joined a process group) raises instead of training.
         **recipe_kwargs: passed to :func:`lora_recipe` when ``recipe`` is a name.
 
     Returns:
         a :class:`FinetuneResult`.
+
+    Raises:
+        DistributedSetupError: (a ``RuntimeError``) ``expected_world_size`` is given and differs from the world size
+            ``Trainer`` got, or FSDP / DeepSpeed was asked for (accelerate config or ``training_args``) and
+            ``Trainer`` would not use it (accelerate ignores both for CPU processes). Raised before any training.
+
+    Without a GPU (or another accelerator) ``use_cpu=True`` is the default training argument, so that
+    ``torchrun --nproc_per_node N`` on CPU trains data-parallel over gloo; without it each process would
+    train on its own (accelerate picks no backend for CPU processes unless told to use the CPU).
     """
     from peft import PeftModel
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     output_dir = Path(output_dir)
-    if isinstance(model, PeftModel):
-        peft_model = model
-        recipe = getattr(model, "sink_recipe", recipe)
-        if not isinstance(recipe, SinkRecipe):
-            raise ValueError("A PeftModel passed to finetune must come from SinkRecipe.apply (it has no .sink_recipe).")
-    else:
-        if isinstance(recipe, str):
-            recipe = lora_recipe(model, recipe, tokenizer=tokenizer, **recipe_kwargs)
-        elif recipe_kwargs:
-            raise ValueError(f"recipe keyword arguments {sorted(recipe_kwargs)} only apply when recipe is a name.")
-        peft_model = recipe.apply(model)
-
-    dataset = PackedDataset(tokenize_text(tokenizer, text), seq_len, sink_token_id=recipe.sink_token_id, max_rows=max_rows)
     args = dict(
         output_dir=str(output_dir),
         max_steps=max_steps,
@@ -197,17 +199,38 @@ def finetune(
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
+    if not accelerator_available():
+        args["use_cpu"] = True  # CPU processes join a gloo process group under torchrun / accelerate launch
     args.update(training_args or {})
-    if args.get("gradient_checkpointing"):
+    args = checkpointing_training_args(args)  # gradient_/activation_checkpointing: this release's name, never False
+    if args.get("activation_checkpointing") or args.get("gradient_checkpointing"):
         # Non-reentrant checkpointing needs no input that requires grad (LoRA inputs from frozen embeddings do not).
-        args.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+        args.setdefault(checkpointing_kwargs_name(), {"use_reentrant": False})
+    training_arguments = TrainingArguments(**args)
+    if expected_world_size is not None:
+        check_world_size(training_arguments.world_size, expected_world_size)
+
+    if isinstance(model, PeftModel):
+        peft_model = model
+        recipe = getattr(model, "sink_recipe", recipe)
+        if not isinstance(recipe, SinkRecipe):
+            raise ValueError("A PeftModel passed to finetune must come from SinkRecipe.apply (it has no .sink_recipe).")
+    else:
+        if isinstance(recipe, str):
+            recipe = lora_recipe(model, recipe, tokenizer=tokenizer, **recipe_kwargs)
+        elif recipe_kwargs:
+            raise ValueError(f"recipe keyword arguments {sorted(recipe_kwargs)} only apply when recipe is a name.")
+        peft_model = recipe.apply(model)
+
+    dataset = PackedDataset(tokenize_text(tokenizer, text), seq_len, sink_token_id=recipe.sink_token_id, max_rows=max_rows)
     trainer = Trainer(
         model=peft_model,
-        args=TrainingArguments(**args),
+        args=training_arguments,
         train_dataset=dataset,
         data_collator=default_data_collator,
         callbacks=[_TimeBudget(max_train_seconds)] if max_train_seconds else None,
     )
+    check_engine(trainer, args)
     if not progress:  # no per-step log dicts on stdout either (Trainer prints them when tqdm is off)
         from transformers.trainer_callback import PrinterCallback
 
@@ -217,6 +240,68 @@ def finetune(
     history = list(trainer.state.log_history)
     save_finetuned(trainer, tokenizer, recipe, output_dir, history, plot=plot)
     return FinetuneResult(model=peft_model, recipe=recipe, output_dir=output_dir, log_history=history, train_rows=len(dataset))
+
+
+def accelerator_available() -> bool:
+    """Whether torch sees a GPU (or another accelerator ``Trainer`` would train on) in this process."""
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
+class DistributedSetupError(RuntimeError):
+    """The launch asked for a distributed setup that training did not get (world size, FSDP, DeepSpeed)."""
+
+
+def check_world_size(got: int, expected: int) -> None:
+    """Raise :class:`DistributedSetupError` when the processes that train together (``got``) are not the ``expected`` number."""
+    if isinstance(expected, bool) or not isinstance(expected, int) or expected < 1:
+        raise ValueError(f"expected_world_size={expected!r} must be an int >= 1.")
+    if got == expected:
+        return
+    env = {k: os.environ[k] for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_CPU") if k in os.environ}
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched == expected:
+        why = (f"the launcher started {launched} processes but they do not train as one group: without a GPU they "
+               "join a gloo group only with TrainingArguments(use_cpu=True), which finetune() sets when no "
+               "accelerator is visible; check training_args and the accelerate config.")
+    else:
+        why = ("`accelerate launch --cpu --num_processes N` and a config with `distributed_type: MULTI_CPU` start ONE "
+               "process unless an MPI hostfile is given; on CPU launch with `torchrun --nproc_per_node N` or "
+               "`accelerate launch --config_file examples/accelerate_configs/multi_cpu.yaml`.")
+    raise DistributedSetupError(
+        f"hf_sinks: expected a world of {expected} training process(es), got {got} "
+        f"(launcher environment: {env or 'none'}). {why}"
+    )
+
+
+def check_engine(trainer: Any, training_args: dict[str, Any]) -> None:
+    """Raise :class:`DistributedSetupError` when FSDP or DeepSpeed was asked for but ``trainer`` will not use it.
+
+    Asked for: by ``accelerate launch`` with an FSDP / DeepSpeed config (``ACCELERATE_USE_FSDP`` /
+    ``ACCELERATE_USE_DEEPSPEED`` in the environment) or by ``training_args`` (``fsdp`` / ``deepspeed``). accelerate
+    (1.x) enables FSDP only for accelerator process groups (``MULTI_GPU``, ``MULTI_XPU``, ...) and leaves CPU
+    processes (``MULTI_CPU``, gloo) in plain DDP, silently; this turns that into an error before training.
+    """
+    import accelerate
+
+    def flag(name: str) -> bool:
+        return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+    for engine, asked, enabled in (
+        ("FSDP", flag("ACCELERATE_USE_FSDP") or bool(training_args.get("fsdp")), getattr(trainer, "is_fsdp_enabled", False)),
+        ("DeepSpeed", flag("ACCELERATE_USE_DEEPSPEED") or bool(training_args.get("deepspeed")), getattr(trainer, "is_deepspeed_enabled", False)),
+    ):
+        if asked and not enabled:
+            distributed_type = trainer.accelerator.state.distributed_type
+            raise DistributedSetupError(
+                f"hf_sinks: {engine} was requested but accelerate {accelerate.__version__} did not enable it "
+                f"(distributed type {distributed_type.value}, device {trainer.args.device}). accelerate turns "
+                "FSDP/DeepSpeed on only for accelerator process groups (MULTI_GPU, MULTI_XPU, MULTI_NPU, ...), never "
+                "for CPU processes (MULTI_CPU over gloo), which would train plain DDP instead. Run it on GPUs, or use "
+                "data parallelism on CPU (examples/accelerate_configs/multi_cpu.yaml); see docs/scaling_out.md."
+            )
 
 
 def _TimeBudget(seconds: float):
@@ -314,4 +399,4 @@ def load_finetuned(
     return model.eval()
 
 
-__all__ = ["FinetuneResult", "LOSS_CSV", "LOSS_PNG", "RECIPE_FILE", "finetune", "load_finetuned", "load_recipe", "plot_loss", "save_finetuned", "write_loss_csv"]
+__all__ = ["FinetuneResult", "LOSS_CSV", "LOSS_PNG", "RECIPE_FILE", "DistributedSetupError", "accelerator_available", "check_engine", "check_world_size", "finetune", "load_finetuned", "load_recipe", "plot_loss", "save_finetuned", "write_loss_csv"]

@@ -82,19 +82,20 @@ def add_learned_sinks(model: nn.Module, init_value: float = DEFAULT_INIT) -> int
     (e.g. ``sink_sfattn`` for training); ``sdpa``/``eager`` ignore them.
 
     Raises:
-        ValueError: ``model`` is of a model type no sink attention supports (the message lists the supported ones),
-            or ``init_value`` is not a finite number.
+        ValueError: ``model`` is of a model type no sink attention supports (the message gives the reason), or
+            ``init_value`` is not a finite number.
     """
-    from ..models import MODEL_SPECS
+    from ..models import check_model
     from ..validation import check_number
 
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in MODEL_SPECS:
+    try:
+        check_model(model)
+    except ValueError as e:
         raise ValueError(
-            f"add_learned_sinks: model_type={model_type!r} ({type(model).__name__}) has no sink attention that reads "
-            f"learned sink logits, so they would be trained for nothing; supported model types: {sorted(MODEL_SPECS)}."
-        )
+            f"add_learned_sinks: {type(model).__name__} has no sink attention that reads learned sink logits, so they "
+            f"would be trained for nothing: {e}"
+        ) from None
+    config = model.config
     check_number("init_value", init_value)
     added = 0
     for _, module in attention_modules(model):

@@ -17,7 +17,7 @@ from hf_sinks.attention.shifted_sparse import (
     sink_s2attn_attention_forward,
     sink_sfattn_attention_forward,
 )
-from hf_sinks.compat import cache_kwargs
+from hf_sinks.compat import cache_kwargs, enable_activation_checkpointing
 
 NAMES = ("sink_s2attn", "sink_sfattn")
 FUNCTIONS = {"sink_s2attn": sink_s2attn_attention_forward, "sink_sfattn": sink_sfattn_attention_forward}
@@ -365,7 +365,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
         model = tiny_model("llama", "sink_sfattn")
         model.config.s2attn_group_size = 4
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            enable_activation_checkpointing(model, use_reentrant=use_reentrant)
             model.enable_input_require_grads()
         model.train()
         model(input_ids=ids, labels=ids).loss.backward()
