@@ -42,10 +42,10 @@ def assert_unchanged(model, before):
     assert torch.equal(after[4], before[4])
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager", "sink_sdpa"])
-def test_streams_past_capacity_matches_the_spec_and_restores_the_model(attn):
+@pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("llama", "eager"), ("llama", "sink_sdpa"), ("falcon", "sdpa")])
+def test_streams_past_capacity_matches_the_spec_and_restores_the_model(arch, attn):
     sinks, window, prompt = 2, 6, 10  # prompt alone exceeds the capacity of 8; 20 more tokens stream on
-    model = tiny_model("llama", attn)
+    model = tiny_model(arch, attn)
     before = snapshot(model)
     out = model.generate(random_ids(1, prompt), **ROUTE, window_length=window, num_sink_tokens=sinks,
                          max_new_tokens=20, min_new_tokens=20, **GREEDY)
