@@ -6,14 +6,14 @@ in the same layout (``hf_sinks/custom_generate_repo``, path from :func:`custom_g
 ``generate.py`` is :func:`generate` below, so the same call streams with hf_sinks' exact machinery, offline::
 
     out = model.generate(ids, custom_generate=hf_sinks.custom_generate_path(), trust_remote_code=True,
-                         window_length=252, num_sink_tokens=4, max_new_tokens=1000)
+                         window_length=256, num_sink_tokens=4, max_new_tokens=1000)
 
 transformers runs ``custom_generate/generate.py`` only with ``trust_remote_code=True``, a local folder included.
 
-One difference in meaning: here ``window_length`` is hf_sinks' (the recent window, sinks *not* included; capacity
-``num_sink_tokens + window_length``), whereas the Hub repo's SinkCache (copied from transformers 4.52) counts the
-sinks inside ``window_length``. The Hub's ``window_length=256, num_sink_tokens=4`` keeps 256 tokens per layer;
-the same memory here is ``window_length=252, num_sink_tokens=4``.
+The arguments mean what they mean for the Hub repo (whose SinkCache is transformers 4.52's): ``window_length`` is the
+whole cache, sinks included, so ``window_length=256, num_sink_tokens=4`` keeps 256 tokens per layer, i.e.
+``hf_sinks.SinkCache(num_sink_tokens=4, window_length=252)`` in hf_sinks' own terms (whose ``window_length`` is
+the recent window only). A call written for the Hub repo behaves the same here.
 """
 
 from __future__ import annotations
@@ -68,8 +68,14 @@ def generate(model: Any, *args: Any, window_length: int = DEFAULT_WINDOW_LENGTH,
     from .cache import SinkCache
 
     hint = "custom_generate (hf_sinks)"
-    window_length = check_int("window_length", window_length, 1, hint=f"{hint}: the recent window, sinks not included")
+    window_length = check_int("window_length", window_length, 1, hint=f"{hint}: the whole cache, sinks included")
     num_sink_tokens = check_int("num_sink_tokens", num_sink_tokens, 0, hint=f"{hint}: the initial tokens kept forever")
+    if window_length <= num_sink_tokens:
+        raise ValueError(
+            f"{hint}: window_length={window_length} must be larger than num_sink_tokens={num_sink_tokens} (as in the "
+            "Hub repo, window_length is the whole cache, sinks included)."
+        )
+    window_length -= num_sink_tokens  # hf_sinks' window: the recent tokens besides the sinks
     SinkCache(num_sink_tokens, window_length)  # the remaining size checks, before the model is touched
     for name in CACHE_KWARGS:
         if kwargs.get(name) is not None:

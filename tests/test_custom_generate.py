@@ -47,7 +47,7 @@ def test_streams_past_capacity_matches_the_spec_and_restores_the_model(arch, att
     sinks, window, prompt = 2, 6, 10  # prompt alone exceeds the capacity of 8; 20 more tokens stream on
     model = tiny_model(arch, attn)
     before = snapshot(model)
-    out = model.generate(random_ids(1, prompt), **ROUTE, window_length=window, num_sink_tokens=sinks,
+    out = model.generate(random_ids(1, prompt), **ROUTE, window_length=sinks + window, num_sink_tokens=sinks,
                          max_new_tokens=20, min_new_tokens=20, **GREEDY)
     cache = output_cache(out)
     assert isinstance(cache, hf_sinks.SinkCache)
@@ -67,7 +67,7 @@ def test_left_padded_batch_matches_the_spec():
     mask = torch.zeros_like(ids)
     for i, row in enumerate(rows):
         ids[i, 9 - len(row):], mask[i, 9 - len(row):] = row, 1
-    out = model.generate(ids, attention_mask=mask, **ROUTE, window_length=window, num_sink_tokens=sinks,
+    out = model.generate(ids, attention_mask=mask, **ROUTE, window_length=sinks + window, num_sink_tokens=sinks,
                          max_new_tokens=12, min_new_tokens=12, **GREEDY)
     logits = torch.stack(out.logits, 1)
     for i, row in enumerate(rows):
@@ -79,7 +79,7 @@ def test_left_padded_batch_matches_the_spec():
 def test_defaults_are_the_hub_repos():
     out = tiny_model("llama", "sdpa").generate(random_ids(1, 5), **ROUTE, max_new_tokens=2, **GREEDY)
     cache = output_cache(out)
-    assert (cache.num_sink_tokens, cache.window_length) == (4, 256)
+    assert (cache.num_sink_tokens, cache.capacity) == (4, 256)  # the Hub's window_length counts the sinks
 
 
 @pytest.mark.parametrize("bad,error,match", [
@@ -89,6 +89,7 @@ def test_defaults_are_the_hub_repos():
     ("64", TypeError, r"window_length='64' is invalid"),
     (True, TypeError, r"window_length=True is invalid"),
     (2**25, ValueError, r"too large"),
+    (2, ValueError, r"window_length=2 must be larger than num_sink_tokens=2"),
 ])
 def test_bad_window_length_is_refused_clearly_and_the_model_is_untouched(bad, error, match):
     model = tiny_model("llama", "sdpa")
@@ -108,14 +109,14 @@ def test_other_bad_arguments_are_refused_before_the_model_is_touched(kwargs, mat
     model = tiny_model("llama", "sdpa")
     before = snapshot(model)
     with pytest.raises(ValueError, match=match):
-        model.generate(random_ids(1, 5), **ROUTE, **{"window_length": 4, **kwargs}, max_new_tokens=2)
+        model.generate(random_ids(1, 5), **ROUTE, **{"window_length": 8, **kwargs}, max_new_tokens=2)
     assert_unchanged(model, before)
 
 
 def test_a_cache_passed_in_is_refused():
     model = tiny_model("llama", "sdpa")
     with pytest.raises(ValueError, match=r"brings its own SinkCache; do not pass"):
-        model.generate(random_ids(1, 5), **ROUTE, window_length=4, max_new_tokens=2,
+        model.generate(random_ids(1, 5), **ROUTE, window_length=8, max_new_tokens=2,
                        **cache_kwargs(hf_sinks.SinkCache(2, 4)))
 
 
@@ -131,7 +132,7 @@ def test_a_streaming_model_keeps_its_setup_and_streams_with_the_requested_sizes(
     model = tiny_model("llama", "sdpa")
     handle = hf_sinks.apply(model, num_sink_tokens=3, window_length=9)
     before = snapshot(model)
-    out = model.generate(random_ids(1, 8), **ROUTE, window_length=5, num_sink_tokens=1,
+    out = model.generate(random_ids(1, 8), **ROUTE, window_length=6, num_sink_tokens=1,
                          max_new_tokens=12, min_new_tokens=12, **GREEDY)
     assert output_cache(out).get_stored_length() == 6
     spec = reference_logits(model, out.sequences[0, :-1], 1, 5)[7:]
@@ -146,7 +147,7 @@ def test_a_local_folder_still_needs_trust_remote_code():
     model = tiny_model("llama", "sdpa")
     with pytest.raises(ValueError, match="trust_remote_code=True"):
         model.generate(random_ids(1, 5), custom_generate=hf_sinks.custom_generate_path(), trust_remote_code=False,
-                       window_length=4, max_new_tokens=2)
+                       window_length=8, max_new_tokens=2)
 
 
 def test_the_folder_has_the_hub_layout_and_ships_as_package_data():
