@@ -15,6 +15,7 @@ from .attention import register as _register_sink_attention
 from .auto import AutoModelForCausalLM
 from .cache import SinkCache
 from .config import SinkConfig
+from .custom_generate import custom_generate_path
 from .duo import DuoCache, HeadPattern
 from .duo import register as _register_duo
 from .h2o import H2OCache
@@ -57,6 +58,7 @@ __all__ = [
     "__version__",
     "analyze",
     "apply",
+    "custom_generate_path",
     "register",
     *_TRAINING_EXPORTS,
 ]

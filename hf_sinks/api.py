@@ -80,7 +80,9 @@ class SinkHandle:
             generation_config = kwargs.get("generation_config") or handle.model.generation_config
             wants_cache = kwargs.get("use_cache", generation_config.use_cache) is not False
             chosen = kwargs.get("cache_implementation", generation_config.cache_implementation)
-            if cache_from_kwargs(kwargs) is None and wants_cache and chosen is None:
+            # a custom_generate repo or folder brings its own cache (hf_sinks' own: hf_sinks.custom_generate)
+            delegated = isinstance(kwargs.get("custom_generate"), str)
+            if cache_from_kwargs(kwargs) is None and wants_cache and chosen is None and not delegated:
                 for name in CACHE_KWARGS:  # an explicit `cache=None` must not collide with the new cache
                     kwargs.pop(name, None)
                 kwargs.update(cache_kwargs(handle.new_cache()))
