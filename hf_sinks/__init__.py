@@ -21,6 +21,7 @@ from .h2o_cache import H2OCache
 from .h2o_cache import register as _register_h2o
 from .models import MODEL_SPECS
 from .rope import RotaryParams
+from .static_cache import StaticSinkCache
 
 __version__ = "0.1.0"
 
@@ -54,6 +55,7 @@ __all__ = [
     "SinkCache",
     "SinkConfig",
     "SinkHandle",
+    "StaticSinkCache",
     "__version__",
     "analyze",
     "apply",
