@@ -69,6 +69,10 @@ class StaticSinkLayer(SinkCacheLayer):
         """Tokens seen, as a device tensor (``generate`` and the model derive positions from it without a sync)."""
         return self.count if self.is_initialized else 0
 
+    def stored_length(self) -> int:
+        """Slots in use (at most ``S + W``); reads the device counter (a host sync: not for compiled code)."""
+        return min(int(self.count), self.capacity) if self.is_initialized else 0
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if query_length == 1:
             # all S + W slots; with the query offset ``count`` the causal rule hides exactly the empty slots
@@ -246,6 +250,70 @@ class StaticSinkCache(SinkCache):
             rotary=RotaryParams.from_model(model),
             num_layers=model.config.get_text_config(decoder=True).num_hidden_layers,
         )
+
+    @classmethod
+    def from_sink_cache(cls, cache: SinkCache) -> "StaticSinkCache":
+        """A ``StaticSinkCache`` holding a copy of ``cache``'s state: prefill with a ``SinkCache`` (e.g. a prompt
+        ``generate`` streamed), then continue it in compiled decode steps. See :meth:`copy_from`."""
+        if not isinstance(cache, SinkCache) or isinstance(cache, StaticSinkCache):
+            raise SinkTypeError(f"from_sink_cache needs a hf_sinks.SinkCache, not {type(cache).__name__}.")
+        static = cls(cache.num_sink_tokens, cache.window_length, rotary=cache.rotary, num_layers=len(cache.layers))
+        static.copy_from(cache)
+        return static
+
+    def copy_from(self, cache: SinkCache) -> None:
+        """Take over the state of an eager ``SinkCache`` of the same sizes, in place (the buffers keep their
+        addresses, so a compiled step keeps working). O(S + W) per layer.
+
+        Raises:
+            ValueError: other sizes or layer count, rows not in lockstep (left padding), or a chunk not yet stored.
+        """
+        if (cache.num_sink_tokens, cache.window_length, len(cache.layers)) != (
+            self.num_sink_tokens, self.window_length, len(self.layers)
+        ):
+            raise ValueError(
+                f"copy_from: the SinkCache has S={cache.num_sink_tokens}, W={cache.window_length}, "
+                f"{len(cache.layers)} layers; this StaticSinkCache has S={self.num_sink_tokens}, "
+                f"W={self.window_length}, {len(self.layers)} layers."
+            )
+        if self.rotary is None:
+            self.rotary = cache.rotary
+        self._rotary_bound = self._rotary_bound or cache._rotary_bound
+        for layer in cache.layers:
+            if layer.is_initialized and layer.pending is not None:
+                layer.commit()
+        for mine, theirs in zip(self.layers, cache.layers):
+            if not theirs.is_initialized:
+                if mine.is_initialized:
+                    mine.reset()
+                continue
+            if theirs.uniform is None or bool((theirs.real_idx[:, : theirs.filled] < 0).any()):
+                raise ValueError(_PADDED)
+            n = theirs.uniform
+            if mine.is_initialized and mine.keys.shape != theirs.keys.shape:
+                raise ValueError(
+                    f"copy_from: this StaticSinkCache holds buffers of shape {tuple(mine.keys.shape)}, the SinkCache "
+                    f"{tuple(theirs.keys.shape)}; call reset() or build a new one with from_sink_cache."
+                )
+            if not mine.is_initialized:
+                mine.lazy_initialization(theirs.keys[:, :, :0], theirs.values[:, :, :0])
+            offset = theirs.positions[:, 0] - theirs.real_idx[:, 0].clamp(min=0)
+            if theirs.filled and bool((offset != 0).any()):
+                raise ValueError("copy_from: the SinkCache's sinks were not rotated at positions 0..S-1.")
+            base = 0 if cache._base is None else int(cache._base[0])
+            mine.keys.copy_(theirs.keys)
+            mine.values.copy_(theirs.values)
+            mine.sink_keys.copy_(theirs.sink_keys)
+            mine.count.fill_(n)
+            mine.base.fill_(base)
+            mine._sync_from_count(n, base)
+            mine.pending = mine._pending_info = None
+            mine.acknowledged, mine._acknowledged_now = theirs.acknowledged, theirs._acknowledged_now
+        if cache._real_seen is not None:
+            self._real_seen, self._base = cache._real_seen.clone(), cache._base.clone()
+        else:
+            self._real_seen = self._base = None
+        self._incoming = self._announced = None
 
     def __repr__(self) -> str:
         return (
