@@ -10,6 +10,9 @@ Known differences:
   ``cache`` (``past_key_values`` still works there, with a ``FutureWarning`` and a logged deprecation, and model
   outputs expose ``.cache``). Use :data:`CACHE_KWARG`, :func:`cache_kwargs`, :func:`cache_from_kwargs` and
   :func:`output_cache`.
+* **compiling ``generate`` off CUDA.** ``generate`` compiles the decode step of a compileable cache on accelerators
+  only; ``CompileConfig._compile_all_devices`` (a private flag, present in 5.23 and 5.24) extends it to every device.
+  Use :func:`generate_compile_config`.
 * **mask objects.** 5.24 probes whatever a mask function returned (``.ndim``, ``.shape``): the ``sink_*`` mask
   functions therefore return plain tensors (see :mod:`hf_sinks.attention.masks`), never objects imitating one.
 """
@@ -72,3 +75,31 @@ def output_cache(outputs: Any) -> Any:
     """The cache returned in a model or ``generate`` output (``.cache`` or ``.past_key_values``), without a warning."""
     return getattr(outputs, CACHE_KWARG, None)
 
+
+
+def generate_compile_config(device: Any) -> Any:
+    """A ``CompileConfig`` with which ``generate`` compiles the one-token decode step (``fullgraph=True``) on ``device``.
+
+    On CUDA this is transformers' own path with its default mode (CUDA graphs). Elsewhere ``generate`` would skip
+    compilation, so the config sets the private ``_compile_all_devices`` flag (checked for, not assumed) and the
+    plain inductor mode (CUDA graphs do not exist there).
+
+    Raises:
+        RuntimeError: this transformers release has no way to make ``generate`` compile on ``device``.
+    """
+    from transformers import CompileConfig
+
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return CompileConfig(fullgraph=True)
+    if not hasattr(CompileConfig, "_compile_all_devices"):
+        raise RuntimeError(
+            f"transformers {transformers.__version__} compiles generate's decode step only on accelerators (its "
+            f"CompileConfig has no `_compile_all_devices` flag); compile on {device.type} by hand: "
+            "step = torch.compile(model.forward, fullgraph=True) with a hf_sinks.StaticSinkCache."
+        )
+    config = CompileConfig(fullgraph=True, mode="default")
+    config._compile_all_devices = True
+    return config

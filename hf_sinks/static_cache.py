@@ -63,6 +63,8 @@ class StaticSinkLayer(SinkCacheLayer):
         if self.cache._base is not None:  # the position hook already re-based (a first chunk past 2 (S + W))
             self.base.fill_(int(self.cache._base[0]))
         _mark_static(self.keys, self.values, self.sink_keys, self.count, self.base)
+        if self.inv_freq64 is not None:
+            _mark_static(self.inv_freq64)
 
     # --------------------------------------------------------------- sizes
     def get_seq_length(self) -> torch.Tensor | int:
