@@ -102,11 +102,12 @@ class StaticSinkLayer(SinkCacheLayer):
         """One token for every row: write it into its slot, re-position the sinks for it. Tensor ops only."""
         s, w, cap = self.num_sink_tokens, self.window_length, self.capacity
         r = self.count  # real index of the new token
-        ring = s + (r - s).remainder(w)
-        slot = (torch.where(r < s, r, ring) if s else ring).reshape(1)
-        self.keys.index_copy_(2, slot, key_states.to(self.keys.dtype))
-        self.values.index_copy_(2, slot, value_states.to(self.values.dtype))
-        if s:
+        ring = (s + (r - s).remainder(w)).reshape(1)  # its ring slot (for r < S: an empty, masked slot)
+        key_states = key_states.to(self.keys.dtype)
+        if not s:
+            self.keys.index_copy_(2, ring, key_states)
+            self.values.index_copy_(2, ring, value_states.to(self.values.dtype))
+        else:
             j = r.clamp(max=s - 1).reshape(1)
             original = torch.where(r < s, key_states.to(self.sink_keys.dtype), self.sink_keys.index_select(2, j))
             self.sink_keys.index_copy_(2, j, original)
@@ -116,7 +117,12 @@ class StaticSinkLayer(SinkCacheLayer):
             angles = torch.cat((angles, angles), dim=-1)
             compute = torch.promote_types(self.keys.dtype, torch.float32)
             sinks = rotate_with(self.sink_keys, angles.cos().to(compute), angles.sin().to(compute), angles.shape[-1])
-            self.keys[:, :, :s].copy_(sinks.to(self.keys.dtype))
+            # ONE in-place write per buffer (the shifted sinks and the new key together): inductor then updates the
+            # buffer in place instead of cloning all S + W slots. A sink (r < S) reaches its slot through `sinks`.
+            slots = torch.cat((torch.arange(s, device=ring.device), ring))
+            self.keys.index_copy_(2, slots, torch.cat((sinks.to(self.keys.dtype), key_states), dim=2))
+            value_slot = torch.where(r < s, r, ring[0]).reshape(1)
+            self.values.index_copy_(2, value_slot, value_states.to(self.values.dtype))
         self.count.add_(1)
         return self.keys, self.values
 
