@@ -183,6 +183,10 @@ def benchmark(sizes, lengths, steps, rounds, block, warmup, chunk, progress=prin
             finally:
                 gc.enable()
             ms = {mode: statistics.median(v) for mode, v in rounds_ms.items()}
+
+            def paired(mode: str, base: str) -> float:
+                return statistics.median(a / b for a, b in zip(rounds_ms[mode], rounds_ms[base]))
+
             for mode in MODES:
                 rows.append(dict(
                     resident_tokens=resident,
@@ -195,6 +199,9 @@ def benchmark(sizes, lengths, steps, rounds, block, warmup, chunk, progress=prin
                     ms_max=round(max(rounds_ms[mode]), 3),
                     vs_dynamic=round(ms[mode] / ms["dynamic"], 4),
                     vs_static=round(ms[mode] / ms["static"], 4),
+                    # the same ratios taken round by round (each round's modes ran interleaved), then the median
+                    vs_dynamic_paired=round(paired(mode, "dynamic"), 4),
+                    vs_static_paired=round(paired(mode, "static"), 4),
                     steps=steps,
                     rounds=rounds,
                     threads=torch.get_num_threads(),
@@ -205,9 +212,9 @@ def benchmark(sizes, lengths, steps, rounds, block, warmup, chunk, progress=prin
                     machine=machine(),
                 ))
             progress(" | ".join(f"{m} {ms[m]:.2f} ms" for m in MODES)
-                     + f" | static_sink/static {ms['static_sink'] / ms['static']:.3f}"
-                     + f" | dynamic/static_sink {ms['dynamic'] / ms['static_sink']:.3f}"
-                     + f" | sink/dynamic {ms['sink'] / ms['dynamic']:.3f}")
+                     + f" | static_sink/static {ms['static_sink'] / ms['static']:.3f} (paired {paired('static_sink', 'static'):.3f})"
+                     + f" | dynamic/static_sink {ms['dynamic'] / ms['static_sink']:.3f} (paired {1 / paired('static_sink', 'dynamic'):.3f})"
+                     + f" | sink/dynamic {ms['sink'] / ms['dynamic']:.3f} (paired {paired('sink', 'dynamic'):.3f})")
         del streams
         gc.collect()
     return rows
@@ -255,19 +262,21 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'R':>5} {'L':>6}  {'mode':<12} {'ms/token':>9} {'min':>8} {'max':>8} {'vs dyn':>7} {'vs static':>9}")
+    print(f"\n{'R':>5} {'L':>6}  {'mode':<12} {'ms/token':>9} {'min':>8} {'max':>8} {'vs dyn':>7} {'vs static':>9}"
+          f" {'paired dyn':>10} {'paired static':>13}")
     for r in rows:
         print(f"{r['resident_tokens']:>5} {r['target_length']:>6}  {r['mode']:<12} {r['ms_per_token']:>9.2f} "
-              f"{r['ms_min']:>8.2f} {r['ms_max']:>8.2f} {r['vs_dynamic']:>7.3f} {r['vs_static']:>9.3f}")
+              f"{r['ms_min']:>8.2f} {r['ms_max']:>8.2f} {r['vs_dynamic']:>7.3f} {r['vs_static']:>9.3f}"
+              f" {r['vs_dynamic_paired']:>10.3f} {r['vs_static_paired']:>13.3f}")
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096], help="resident tokens R")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384], help="stream lengths L")
-    p.add_argument("--steps", type=int, default=16, help="timed steps per mode per round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds; reported: the median of the round medians")
-    p.add_argument("--block", type=int, default=4, help="consecutive steps of one mode before switching")
+    p.add_argument("--steps", type=int, default=12, help="timed steps per mode per round")
+    p.add_argument("--rounds", type=int, default=9, help="rounds; reported: the median of the round medians")
+    p.add_argument("--block", type=int, default=2, help="consecutive steps of one mode before switching")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode (compiles on first use)")
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk (tokens per forward)")
     p.add_argument("--threads", type=int, default=1)
