@@ -93,13 +93,13 @@ def generate_compile_config(device: Any) -> Any:
 
     device = torch.device(device)
     if device.type == "cuda":
-        return CompileConfig(fullgraph=True)
+        return CompileConfig(fullgraph=True, dynamic=False)
     if not hasattr(CompileConfig, "_compile_all_devices"):
         raise RuntimeError(
             f"transformers {transformers.__version__} compiles generate's decode step only on accelerators (its "
             f"CompileConfig has no `_compile_all_devices` flag); compile on {device.type} by hand: "
             "step = torch.compile(model.forward, fullgraph=True) with a hf_sinks.StaticSinkCache."
         )
-    config = CompileConfig(fullgraph=True, mode="default")
+    config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
     config._compile_all_devices = True
     return config

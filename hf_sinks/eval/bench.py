@@ -107,7 +107,7 @@ def decode_benchmark(
         from ..static_cache import StaticSinkCache
 
         streams["sink"]["cache"] = StaticSinkCache.from_model(model, num_sink_tokens, window_length)
-        streams["sink"]["step"] = torch.compile(model.forward, fullgraph=True)
+        streams["sink"]["step"] = torch.compile(model.forward, fullgraph=True, dynamic=False)
     rows: list[dict] = []
     work = len(lengths) * len(streams) + sum(1 for n in lengths if n <= recompute_max_length) * ("recompute" in modes)
     bar = tqdm(total=work, desc="bench", disable=not progress, dynamic_ncols=True, leave=False)
