@@ -22,6 +22,7 @@ from .h2o import H2OCache
 from .h2o import register as _register_h2o
 from .models import MODEL_SPECS
 from .rope import RotaryParams
+from .static_cache import StaticSinkCache
 
 __version__ = "0.1.0"
 
@@ -55,6 +56,7 @@ __all__ = [
     "SinkCache",
     "SinkConfig",
     "SinkHandle",
+    "StaticSinkCache",
     "__version__",
     "analyze",
     "apply",

@@ -286,8 +286,19 @@ def cmd_generate(args) -> int:
     handle = hf_sinks.apply(model, num_sink_tokens=args.num_sink_tokens, window_length=args.window_length,
                             attn_implementation=model.config._attn_implementation
                             if str(model.config._attn_implementation).startswith("sink_") else "sink_sdpa")
-    cache = hf_sinks.SinkCache.from_model(model)
     device = next(model.parameters()).device
+    compile_kwargs = {}
+    if args.compile:  # a fixed-shape cache whose decode step generate compiles (fullgraph; CUDA graphs on CUDA)
+        from hf_sinks.compat import generate_compile_config
+
+        try:
+            compile_kwargs = {"compile_config": generate_compile_config(device)}
+        except RuntimeError as e:
+            raise CLIError(str(e)) from None
+        cache = hf_sinks.StaticSinkCache.from_model(model)
+        print("--compile: the first decode step compiles the model (tens of seconds to minutes)", file=sys.stderr)
+    else:
+        cache = hf_sinks.SinkCache.from_model(model)
     history = torch.zeros(1, 0, dtype=torch.long, device=device)  # every token the cache has seen (ids only)
     use_template = not args.no_chat_template and bool(getattr(tokenizer, "chat_template", None))
     messages: list[dict] = []
@@ -310,6 +321,7 @@ def cmd_generate(args) -> int:
             gen_kwargs.update(temperature=args.temperature, top_p=args.top_p)
         if args.ignore_eos:
             gen_kwargs.update(min_new_tokens=args.max_new_tokens)
+        gen_kwargs.update(compile_kwargs)
         t0 = time.perf_counter()
         out = model.generate(history, **gen_kwargs)
         elapsed = time.perf_counter() - t0
@@ -318,7 +330,7 @@ def cmd_generate(args) -> int:
         history = out
         messages.extend([{"role": "user", "content": user_text}, {"role": "assistant", "content": reply}])
         print(f"\n[{produced} new tokens in {elapsed:.1f} s, {produced / elapsed:.1f} tokens/s (prompt included in time); "
-              f"cache: seen {cache.get_seq_length()} tokens, resident {cache.get_stored_length()} "
+              f"cache: seen {int(cache.get_seq_length())} tokens, resident {cache.get_stored_length()} "
               f"(capacity {cache.capacity} = {cache.num_sink_tokens} sinks + {cache.window_length} window)]",
               file=sys.stderr, flush=True)
 
@@ -385,7 +397,8 @@ def cmd_bench(args) -> int:
     rows = decode_benchmark(model, ids, lengths=lengths, modes=modes, num_sink_tokens=args.num_sink_tokens,
                             window_length=args.window_length, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
                             prefill_chunk=args.prefill_chunk, recompute_max_length=args.recompute_max_length,
-                            recompute_steps=args.recompute_steps, progress=not args.no_progress)
+                            recompute_steps=args.recompute_steps, progress=not args.no_progress,
+                            compile=args.compile)
     summary = summarize(rows, args.num_sink_tokens, args.window_length)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -531,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-p", type=float, default=0.95)
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--no-chat-template", action="store_true", help="feed raw text even if the tokenizer has a template")
+        p.add_argument("--compile", action="store_true",
+                       help="compile the decode step (StaticSinkCache + torch.compile through generate; also on CPU)")
         p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="decode ms/token and KV memory vs stream length: sink vs dense vs recompute")
@@ -545,6 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=512, help="chunk size used to advance the streams (untimed)")
     p.add_argument("--recompute-max-length", type=int, default=2048, help="recompute only at lengths <= this")
     p.add_argument("--recompute-steps", type=int, default=3, help="timed recompute steps per length (default 3)")
+    p.add_argument("--compile", action="store_true",
+                   help="sink mode: StaticSinkCache with a torch.compile'd (fullgraph) decode step; compiles untimed")
     p.add_argument("--output-dir", default="hf_sinks_bench")
     p.add_argument("--no-plot", action="store_true")
     p.set_defaults(func=cmd_bench)

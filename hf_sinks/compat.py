@@ -13,6 +13,9 @@ Known differences:
 * **activation checkpointing.** 5.24 renamed ``gradient_checkpointing`` (a ``TrainingArguments`` field and
   ``model.gradient_checkpointing_enable``) to ``activation_checkpointing``; the old names warn. Use
   :func:`checkpointing_training_args` and :func:`enable_activation_checkpointing`.
+* **compiling ``generate`` off CUDA.** ``generate`` compiles the decode step of a compileable cache on accelerators
+  only; ``CompileConfig._compile_all_devices`` (a private flag, present in 5.23 and 5.24) extends it to every device.
+  Use :func:`generate_compile_config`.
 * **mask objects.** 5.24 probes whatever a mask function returned (``.ndim``, ``.shape``): the ``sink_*`` mask
   functions therefore return plain tensors (see :mod:`hf_sinks.attention.masks`), never objects imitating one.
 """
@@ -119,3 +122,31 @@ def enable_activation_checkpointing(model: Any, **checkpoint_kwargs: Any) -> Non
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs or None)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs or None)
+
+
+def generate_compile_config(device: Any) -> Any:
+    """A ``CompileConfig`` with which ``generate`` compiles the one-token decode step (``fullgraph=True``) on ``device``.
+
+    On CUDA this is transformers' own path with its default mode (CUDA graphs). Elsewhere ``generate`` would skip
+    compilation, so the config sets the private ``_compile_all_devices`` flag (checked for, not assumed) and the
+    plain inductor mode (CUDA graphs do not exist there).
+
+    Raises:
+        RuntimeError: this transformers release has no way to make ``generate`` compile on ``device``.
+    """
+    from transformers import CompileConfig
+
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return CompileConfig(fullgraph=True, dynamic=False)
+    if not hasattr(CompileConfig, "_compile_all_devices"):
+        raise RuntimeError(
+            f"transformers {transformers.__version__} compiles generate's decode step only on accelerators (its "
+            f"CompileConfig has no `_compile_all_devices` flag); compile on {device.type} by hand: "
+            "step = torch.compile(model.forward, fullgraph=True) with a hf_sinks.StaticSinkCache."
+        )
+    config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+    config._compile_all_devices = True
+    return config

@@ -8,6 +8,9 @@ Procedure (:func:`decode_benchmark`), for each stream length ``L`` in increasing
   single-token forwards follow (``model(token, **cache_kwargs(cache), logits_to_keep=1)``: one decoding step of
   ``generate`` without the sampling). The timed steps are split into ``rounds`` blocks that alternate between the
   modes (A B, B A, ...), so bursts of machine noise hit them alike.
+* with ``compile=True``, ``"sink"`` streams with a :class:`~hf_sinks.StaticSinkCache` instead and its decode steps run
+  through ``torch.compile(model.forward, fullgraph=True)`` (prefill stays eager); the compilation happens in the
+  untimed warm-up steps.
 * ``"recompute"`` (sliding window with re-computation) keeps no state: each of its ``recompute_steps`` timed steps is
   a fresh forward over the ``min(L, S + W)`` tokens the next query sees, at positions ``0..len-1``. It runs only at
   lengths ``<= recompute_max_length`` (its per-token cost stops growing once ``L >= S + W`` anyway, and each
@@ -34,11 +37,11 @@ from .perplexity import make_cache, sink_attention, visible_positions
 BENCH_MODES = ("sink", "dense", "recompute")
 
 
-def _label(mode: str, sinks: int, window: int) -> str:
+def _label(mode: str, sinks: int, window: int, compile: bool = False) -> str:
     if mode == "dense":
         return "dense (DynamicCache)"
     if mode == "sink":
-        return f"sink cache {sinks}+{window}"
+        return f"sink cache {sinks}+{window}" + (" (compiled)" if compile else "")
     return f"recompute {sinks}+{window}"
 
 
@@ -67,6 +70,7 @@ def decode_benchmark(
     recompute_max_length: int = 2048,
     recompute_steps: int = 3,
     progress: bool = True,
+    compile: bool = False,
 ) -> list[dict]:
     """Time single-token decoding at each stream length (see the module docstring).
 
@@ -97,8 +101,13 @@ def decode_benchmark(
     if ids.numel() < 2:
         raise ValueError(f"The token source has {ids.numel()} token(s); need at least 2.")
 
-    streams = {m: {"cache": make_cache(model, m, num_sink_tokens, window_length), "pos": 0}
+    streams = {m: {"cache": make_cache(model, m, num_sink_tokens, window_length), "pos": 0, "step": model}
                for m in modes if m in ("sink", "dense")}
+    if compile and "sink" in streams:
+        from ..static_cache import StaticSinkCache
+
+        streams["sink"]["cache"] = StaticSinkCache.from_model(model, num_sink_tokens, window_length)
+        streams["sink"]["step"] = torch.compile(model.forward, fullgraph=True, dynamic=False)
     rows: list[dict] = []
     work = len(lengths) * len(streams) + sum(1 for n in lengths if n <= recompute_max_length) * ("recompute" in modes)
     bar = tqdm(total=work, desc="bench", disable=not progress, dynamic_ncols=True, leave=False)
@@ -138,7 +147,7 @@ def decode_benchmark(
             median = statistics.median(mode_times)
             rows.append({
                 "mode": mode,
-                "label": _label(mode, num_sink_tokens, window_length),
+                "label": _label(mode, num_sink_tokens, window_length, compile),
                 "stream_length": pos,
                 "ms_per_token": median,
                 "ms_min": min(mode_times),
@@ -165,7 +174,7 @@ def _decode_steps(model, ids, state: dict, count: int, device) -> list[float]:
         token = _tokens(ids, state["pos"], 1)[None]
         _sync(device)
         t0 = time.perf_counter()
-        model(input_ids=token, **cache_kwargs(state["cache"]), use_cache=True, logits_to_keep=1)
+        state["step"](input_ids=token, **cache_kwargs(state["cache"]), use_cache=True, logits_to_keep=1)
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
         state["pos"] += 1

@@ -259,3 +259,16 @@ def test_passkey_duo_with_a_pattern_file(model_dir, tmp_path):
     dense, duo = read_csv(out / "passkey.csv")
     assert (dense["mode"], duo["mode"]) == ("dense", "duo")
     assert duo["answers"] == dense["answers"]
+
+
+def test_generate_compile_matches_eager(model_dir, capsys):
+    """`--compile`: StaticSinkCache + generate's compile path (forced on CPU); greedy text identical to eager."""
+    args = ["generate", "--model", str(model_dir), "--prompt", "the king is", "--max-new-tokens", "30",
+            "--ignore-eos", "--num-sink-tokens", "2", "--window-length", "6", "--no-progress", "--threads", "1"]
+    assert main(args) == 0
+    eager = capsys.readouterr()
+    assert main(args + ["--compile"]) == 0
+    compiled = capsys.readouterr()
+    assert compiled.out == eager.out
+    m = re.search(r"\[(\d+) new tokens .*seen (\d+) tokens, resident (\d+) \(capacity 8", compiled.err)
+    assert m and int(m.group(1)) == 30 and int(m.group(3)) == 8, compiled.err
