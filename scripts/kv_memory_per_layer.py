@@ -43,7 +43,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output-dir", default="docs/benchmarks/kv_memory_gemma3_270m")
+    p.add_argument("--replot", action="store_true", help="only redraw kv_memory.png from the CSV in --output-dir")
     args = p.parse_args(argv)
+    if args.replot:
+        from hf_sinks.default_model import model_display_name
+
+        with open(Path(args.output_dir) / "kv_memory.csv") as f:
+            rows = [{**r, "tokens": int(r["tokens"]), "layer": int(r["layer"]), "bytes": int(r["bytes"])}
+                    for r in csv.DictReader(f)]
+        plot(rows, Path(args.output_dir) / "kv_memory.png", f"{model_display_name(args.model)}: KV cache per layer")
+        return
 
     from hf_sinks.compat import cache_kwargs
     from hf_sinks.default_model import load_model_and_tokenizer, model_display_name
@@ -80,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def plot(rows, path: Path, title: str) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -104,6 +114,10 @@ def plot(rows, path: Path, title: str) -> None:
     ax2.set(xlabel="tokens streamed", ylabel="KV MiB (all layers)", title="total vs stream length", xscale="log",
             yscale="log")
     ax2.set_xticks(lengths, [str(n) for n in lengths])
+    ax2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax2.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax2.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax1.set_xticks(range(len(kinds)))
     for ax in (ax1, ax2):
         ax.legend()
         ax.grid(alpha=0.3)
