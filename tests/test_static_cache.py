@@ -8,7 +8,7 @@ check that no step recompiled. Everything else runs the same tensor-only decode 
 
 import pytest
 import torch
-from conftest import random_ids, tiny_model
+from helpers import random_ids, tiny_model
 
 import hf_sinks
 from hf_sinks import StaticSinkCache
