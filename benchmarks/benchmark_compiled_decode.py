@@ -30,7 +30,6 @@ import argparse
 import csv
 import gc
 import os
-import platform
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import DynamicCache, StaticCache  # noqa: E402
 
+import common  # noqa: E402
 import hf_sinks  # noqa: E402
 from hf_sinks.compat import cache_kwargs  # noqa: E402
 from hf_sinks.default_model import load_model_and_tokenizer  # noqa: E402
@@ -56,18 +56,6 @@ LABELS = {
     "static": "compiled StaticCache",
     "static_sink": "compiled StaticSinkCache",
 }
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}; {os.cpu_count()} cores; {platform.system()}"
 
 
 def load_average() -> str:
@@ -211,7 +199,7 @@ def benchmark(sizes, lengths, steps, rounds, block, warmup, chunk, progress=prin
                     dtype="float32",
                     torch=torch.__version__,
                     transformers=transformers.__version__,
-                    machine=machine(),
+                    machine=common.machine(),
                 ))
             progress(" | ".join(f"{m} {ms[m]:.2f} ms" for m in MODES)
                      + f" | static_sink/static {ms['static_sink'] / ms['static']:.3f} (paired {paired('static_sink', 'static'):.3f})"
@@ -287,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    print(f"machine: {machine()}; load average at start: {load_average()}", file=sys.stderr)
+    print(f"machine: {common.machine()}; load average at start: {load_average()}", file=sys.stderr)
     rows = benchmark(args.sizes, args.lengths, args.steps, args.rounds, args.block, args.warmup, args.chunk,
                      progress=lambda s: print(s, file=sys.stderr, flush=True))
     write_csv(rows, args.out)
