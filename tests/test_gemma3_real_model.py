@@ -108,7 +108,7 @@ def test_gemma3_sliding_layers_keep_their_own_window_in_a_large_cache(gemma3):
     token, so streaming must equal the model's own (transformers sdpa) forward, an implementation independent of
     hf_sinks. (The fp64 spec past 544 tokens costs minutes here; eviction under the sink rule is the test above.)"""
     from hf_sinks.eval.data import default_text_path, load_token_ids
-    from hf_sinks.oracle import using_attention
+    from hf_sinks.attention import use_attention
 
     model, tokenizer = gemma3
     sinks, window, new = 4, 540, 12
@@ -123,7 +123,7 @@ def test_gemma3_sliding_layers_keep_their_own_window_in_a_large_cache(gemma3):
     full = {b for b, kind in zip(per_layer, model.config.layer_types) if kind == "full_attention"}
     assert len(sliding) == 1 and len(full) == 1 and max(sliding) < min(full)
     logits = torch.stack(out.logits, dim=1)[0]
-    with using_attention(model, "sdpa"):
+    with use_attention(model, "sdpa"):
         native = model(input_ids=out.sequences[:, :-1], logits_to_keep=new).logits[0]
     torch.testing.assert_close(logits, native, atol=1e-3, rtol=0)
     assert (logits.argmax(-1) == native.argmax(-1)).all()

@@ -1,6 +1,6 @@
 """KV-cache bytes per layer while streaming: SinkCaches vs a DynamicCache, on a real model (default Gemma 3 270M).
 
-    nice -n 10 python scripts/kv_memory_per_layer.py --model gemma3-270m --lengths 256,512,1024,2048,4096 \
+    nice -n 10 python benchmarks/kv_memory_per_layer.py --model gemma3-270m --lengths 256,512,1024,2048,4096 \
         --caches 4+252,4+1020,dynamic --output-dir docs/benchmarks/kv_memory_gemma3_270m
 
 Streams the first ``max(lengths)`` tokens of the default text (Shakespeare) through the model's decoder in
