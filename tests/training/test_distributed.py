@@ -197,8 +197,10 @@ def test_fsdp_on_cpu_processes_is_an_error_not_silent_ddp(tiny, tmp_path):
            *_train_args(tiny, "sinklora", out, 1), "--expect-world-size", "2"]
     proc = _launch(cmd, expect_ok=False)
     assert proc.returncode != 0
-    assert proc.stderr.count("FSDP was requested but accelerate") == 2, proc.stderr[-4000:]
-    assert "distributed type MULTI_CPU" in proc.stderr
+    # newer accelerate silently falls back to DDP and the example refuses; older accelerate (the floor) refuses itself
+    ours = proc.stderr.count("FSDP was requested but accelerate") == 2 and "distributed type MULTI_CPU" in proc.stderr
+    theirs = proc.stderr.count("There are currently no available devices found") == 2
+    assert ours or theirs, proc.stderr[-4000:]
     assert not (out / "adapter_model.safetensors").exists()
 
 
