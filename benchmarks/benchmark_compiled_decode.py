@@ -27,7 +27,6 @@ Writes ``docs/benchmarks/compiled_decode_smollm2/compiled_decode.csv`` and ``.pn
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import os
 import statistics
@@ -210,14 +209,6 @@ def benchmark(sizes, lengths, steps, rounds, block, warmup, chunk, progress=prin
     return rows
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -278,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {common.machine()}; load average at start: {load_average()}", file=sys.stderr)
     rows = benchmark(args.sizes, args.lengths, args.steps, args.rounds, args.block, args.warmup, args.chunk,
                      progress=lambda s: print(s, file=sys.stderr, flush=True))
-    write_csv(rows, args.out)
+    common.write_csv(rows, args.out)
     plot(rows, args.out.with_suffix(".png"))
     print_table(rows)
     print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {time.perf_counter() - start:.0f} s; "
