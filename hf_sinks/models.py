@@ -73,6 +73,22 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             "code, which the sink_* functions do not implement",
         ),
         ModelSpec(
+            "persimmon", "refused", "its attention takes position_ids and does not pass position_ids on to the "
+            "attention function, which the sink_* functions need to place a chunk after the first",
+        ),
+        ModelSpec(
+            "fuyu", "refused", "its Persimmon attention takes position_ids and does not pass position_ids on to the "
+            "attention function, which the sink_* functions need to place a chunk after the first",
+        ),
+        ModelSpec(
+            "jetmoe", "refused", "its attention copies the cached keys (repeated per expert) before calling the "
+            "attention function, so the sink_* functions cannot find the cache layer behind them",
+        ),
+        ModelSpec(
+            "nanochat", "refused", "its rotate_half turns by the opposite sign of transformers' convention "
+            "((x2, -x1)), which hf_sinks' sink rotation does not model",
+        ),
+        ModelSpec(
             "dory", "refused", "recurrent loops run its middle layers several times per token (n_recurrent_loops), "
             "so a layer's cache is not one set of stream tokens",
         ),
@@ -86,7 +102,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
 #: Model types proven to stream exactly by tests/test_model_coverage.py (top-level and text-config types).
 VERIFIED_MODEL_TYPES: frozenset[str] = frozenset(
     """
-    afmoe apertus apertus1p5_text arcee aria_text bitnet cohere cohere2 cohere2_moe cwm doge dots1 ernie4_5
+    afmoe apertus apertus1p5_text arcee aria_text bitnet cohere cohere2 cohere2_moe cwm dbrx doge dots1 ernie4_5
     ernie4_5_moe exaone exaone4 exaone_moe falcon flex_olmo flint gemma gemma2 gemma3 gemma3_text glm glm4 glm4_moe
     got_ocr2 gpt_neox gpt_oss granite granite_swa granitemoe granitemoe_swa granitemoeshared helium hunyuan_v1_dense
     hunyuan_v1_moe hy_v3 hyperclovax internlm3 iquestcoder jais2 kolibri1 laguna lfm2 lfm2_moe llama mellum
