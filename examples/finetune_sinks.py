@@ -44,7 +44,7 @@ import torch
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hf_sinks.training.cli import add_train_arguments
+    from hf_sinks.cli.train import add_train_arguments
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(parser)
@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import set_seed
 
+    from hf_sinks.cli.train import rope_scaling_from_args
     from hf_sinks.default_model import load_model_and_tokenizer
     from hf_sinks.training import DistributedSetupError, finetune, lora_recipe, tokenize_text
-    from hf_sinks.training.cli import rope_scaling_from_args
     from hf_sinks.training.data import split_token_ids
 
     expected_world_size = args.expect_world_size or int(os.environ.get("WORLD_SIZE", "1"))
