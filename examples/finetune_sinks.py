@@ -44,7 +44,7 @@ import torch
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hf_sinks.training.cli import add_train_arguments
+    from hf_sinks.cli.train import add_train_arguments
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(parser)
@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import set_seed
 
+    from hf_sinks.cli.train import rope_scaling_from_args
     from hf_sinks.default_model import load_model_and_tokenizer
     from hf_sinks.training import DistributedSetupError, finetune, lora_recipe, tokenize_text
-    from hf_sinks.training.cli import rope_scaling_from_args
     from hf_sinks.training.data import split_token_ids
 
     expected_world_size = args.expect_world_size or int(os.environ.get("WORLD_SIZE", "1"))
@@ -150,17 +150,7 @@ def stream_demo(args: argparse.Namespace, tokenizer, sink_token_id: int | None) 
     print(tokenizer.decode(out[0], skip_special_tokens=True))
 
 
-def exit_process(status: int) -> None:
-    """Leave the process with ``status``. A rank of a multi-process run leaves through ``os._exit`` after flushing:
-    with torch 2.13 on CPU a gloo rank that finished, passed the final barrier and destroyed its process group
-    still aborts now and then while the interpreter shuts down ("terminate called without an active exception",
-    SIGABRT, ~1 run in 25 here), which fails the whole ``torchrun``. Nothing is left to do at that point."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
-
-
 if __name__ == "__main__":
+    from hf_sinks.launch import exit_process
+
     exit_process(main())

@@ -126,17 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def exit_process(status: int) -> None:
-    """Leave the process with ``status``. A rank of a multi-process run leaves through ``os._exit`` after flushing:
-    with torch 2.13 on CPU a gloo rank that finished, passed the final barrier and destroyed its process group
-    still aborts now and then while the interpreter shuts down ("terminate called without an active exception",
-    SIGABRT, ~1 run in 25 here), which fails the whole ``torchrun``. Nothing is left to do at that point."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
-
-
 if __name__ == "__main__":
+    from hf_sinks.launch import exit_process
+
     exit_process(main())

@@ -25,7 +25,7 @@ no layer's full ``T x T`` matrix is kept (``output_attentions=True`` would keep 
     print(analysis.summary())
     analysis.save("sink_analysis/")            # CSVs + heatmap + per-layer plot
 
-From the command line: ``hf-sinks analyze --num-tokens 1024 --output-dir sink_analysis/`` (:mod:`hf_sinks.cli_analyze`).
+From the command line: ``hf-sinks analyze --num-tokens 1024 --output-dir sink_analysis/`` (:mod:`hf_sinks.cli.analyze`).
 """
 
 from __future__ import annotations

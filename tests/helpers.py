@@ -99,3 +99,74 @@ def sink_mask(padding: torch.Tensor, q: int, mask_function=sink_sdpa_mask):
         batch_size=batch, q_length=q, kv_length=length, q_offset=length - q, kv_offset=0,
         attention_mask=padding.bool(), dtype=torch.float32, device=padding.device,
     )
+
+
+# ------------------------------------------------------------------------------------------------ CLI models
+CLI_WORDS = (
+    "the king is dead long live the king and the queen of the north is here to see the prince "
+    "who would be king if the old man in the tower had not lost the crown to a fool at sea "
+).split()
+
+
+def write_word_text(path, words: int = 600):
+    """``words`` random words of :data:`CLI_WORDS` (seeded), 12 per line, written to ``path``; returns ``path``."""
+    gen = torch.Generator().manual_seed(0)
+    picks = torch.randint(0, len(CLI_WORDS), (words,), generator=gen).tolist()
+    lines = [" ".join(CLI_WORDS[i] for i in picks[k : k + 12]) for k in range(0, len(picks), 12)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def save_word_model(path, text: str, arch: str = "llama", layers: int = 2):
+    """A tiny random model plus a word-level tokenizer trained on ``text`` (vocab < the model's), saved to ``path``
+    like any local HF model directory; returns ``path``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_model(arch, layers=layers).save_pretrained(path)
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([text], trainers.WordLevelTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<unk>", "<eos>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    fast.save_pretrained(path)
+    return path
+
+
+def add_chat_template(source, path):
+    """A copy of the model directory ``source`` at ``path`` whose tokenizer has a small chat template."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(source, path, dirs_exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos>\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant :{% endif %}"
+    )
+    tok.save_pretrained(path)
+    return path
+
+
+def passkey_bpe_tokenizer():
+    """A byte-level BPE tokenizer (vocab 320) trained offline on the passkey and head-identification texts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from hf_sinks.duo.identify import FILLER as IDENTIFY_FILLER
+    from hf_sinks.eval.passkey import FILLER, INSTRUCTION, NEEDLE, QUESTION
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([INSTRUCTION, FILLER * 3, NEEDLE.format(key="12345"), QUESTION, IDENTIFY_FILLER], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def read_csv(path):
+    """A CSV file's rows as dicts."""
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

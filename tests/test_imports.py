@@ -30,9 +30,10 @@ MODULES = _modules()
 
 
 def is_cli(name: str) -> bool:
-    """Command-line modules: ``hf_sinks.cli*``, a subpackage's ``cli`` (``hf-sinks train``) and ``__main__``."""
+    """Command-line modules: the ``hf_sinks.cli`` package (every ``hf-sinks`` command), and any ``cli`` or
+    ``__main__`` module elsewhere (there should be none: see test_one_cli_package)."""
     last = name.rsplit(".", 1)[-1]
-    return name.startswith("hf_sinks.cli") or last in ("cli", "__main__")
+    return name == "hf_sinks.cli" or name.startswith("hf_sinks.cli.") or last in ("cli", "__main__")
 
 
 def imported_modules(name: str) -> set[str]:
@@ -62,8 +63,34 @@ LIBRARY = sorted(name for name in MODULES if not is_cli(name))
 def test_the_walk_sees_the_package():
     assert {"hf_sinks.cache", "hf_sinks.cli", "hf_sinks.h2o.cache", "hf_sinks.duo.cache",
             "hf_sinks.eval.perplexity", "hf_sinks.attention.functions", "hf_sinks.patches.falcon"} <= set(MODULES)
-    assert {"hf_sinks.cli", "hf_sinks.cli_analyze", "hf_sinks.training.cli", "hf_sinks.duo.__main__"} <= {
-        name for name in MODULES if is_cli(name)}
+    assert {"hf_sinks.cli", "hf_sinks.cli.options", "hf_sinks.cli.duo", "hf_sinks.cli.train",
+            "hf_sinks.cli.__main__"} <= {name for name in MODULES if is_cli(name)}
+
+
+def test_one_cli_package():
+    """Every command lives in ``hf_sinks.cli``: no ``cli*`` module or ``__main__`` elsewhere in the package, one
+    module per command, and pyproject.toml installs the package (its ``packages`` list is explicit)."""
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+
+    elsewhere = [name for name in MODULES if is_cli(name) and not name.startswith("hf_sinks.cli")]
+    elsewhere += [name for name in MODULES if name.rsplit(".", 1)[-1].startswith("cli") and not is_cli(name)]
+    assert not elsewhere, elsewhere
+    commands = {"options", "perplexity", "generate", "bench", "passkey", "analyze", "train", "duo", "__main__"}
+    assert {name.rsplit(".", 1)[-1] for name in MODULES if name.startswith("hf_sinks.cli.")} == commands
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert "hf_sinks.cli" in pyproject["tool"]["setuptools"]["packages"]
+    assert pyproject["project"]["scripts"]["hf-sinks"] == "hf_sinks.cli:main"
+
+
+def test_the_cli_is_a_leaf():
+    """Only ``hf_sinks.cli`` modules import ``hf_sinks.cli`` modules: the library, ``patches`` and ``kernels`` never do."""
+    importers = {name for name in MODULES for m in GRAPH[name] if is_cli(m)}
+    assert importers <= {name for name in MODULES if is_cli(name)}, importers - {n for n in MODULES if is_cli(n)}
 
 
 @pytest.mark.parametrize("name", sorted(name for name in MODULES if not name.endswith("__main__")))

@@ -31,8 +31,8 @@ over keys of different lengths. Without a ``DuoCache`` ``duo_sdpa`` is stock SDP
 
 Modules: ``pattern`` (HeadPattern), ``cache`` (DuoCache), ``attention`` (``duo_sdpa``, ``duo_gate``, :func:`register`),
 ``identify`` (:func:`identify_heads`, :func:`attention_mass_scores`, :func:`passkey_retrieval_scores`), ``eval``
-(passkey retrieval, the command ``python -m hf_sinks.duo {identify,score,bench,passkey}``,
-also under ``accelerate launch -m hf_sinks.duo identify``).
+(passkey retrieval, the head-pattern plot). The command ``hf-sinks duo {identify,score,bench,passkey}`` (also under
+``accelerate launch -m hf_sinks.cli duo identify``) lives in the CLI package, which this package never imports.
 """
 
 from .attention import (

@@ -225,7 +225,7 @@ class HeadPattern:
         if not path.is_file():
             raise FileNotFoundError(
                 f"HeadPattern file {str(path)!r} does not exist" + (" (it is a directory)" if path.is_dir() else "")
-                + "; make one with `python -m hf_sinks.duo score` or HeadPattern.save."
+                + "; make one with `hf-sinks duo score` or HeadPattern.save."
             )
         try:
             pattern = cls._read(path)

@@ -17,7 +17,7 @@ Procedure (:func:`decode_benchmark`), for each stream length ``L`` in increasing
   step costs a full forward over the window).
 
 Each row reports the median/min/max milliseconds per step and the KV-cache bytes after the timed steps (exact; see
-:mod:`hf_sinks.eval.memory`). Token ids come from a real text (repeated cyclically if it is too short: the cost
+:mod:`hf_sinks.eval.memory`). Token ids are a real text's (repeated from its start if it is too short: the cost
 does not depend on the content).
 """
 

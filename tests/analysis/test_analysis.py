@@ -15,7 +15,7 @@ from hf_sinks.analysis import (
     _secondary_sinks,
     analyze,
 )
-from hf_sinks.cli_analyze import add_analyze_parser, cmd_analyze
+from hf_sinks.cli.analyze import add_analyze_parser, cmd_analyze
 
 
 def eager_attentions(model, ids):

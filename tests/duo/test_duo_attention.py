@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from helpers import random_ids, tiny_model
+from helpers import passkey_bpe_tokenizer, random_ids, tiny_model
 from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
 from transformers.masking_utils import sdpa_mask
 
@@ -352,17 +352,7 @@ def test_pattern_from_duo_attention_tsv(tmp_path):
 @pytest.fixture(scope="module")
 def bpe_tokenizer():
     """A byte-level BPE tokenizer trained offline on the passkey texts (as tests/eval/test_passkey.py does)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from hf_sinks.eval.passkey import FILLER, INSTRUCTION, NEEDLE, QUESTION
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([INSTRUCTION, FILLER * 3, NEEDLE.format(key="12345"), QUESTION, duo.identify.FILLER], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
+    return passkey_bpe_tokenizer()
 
 
 def test_duo_passkey_all_retrieval_equals_dense(bpe_tokenizer):
@@ -410,28 +400,6 @@ def test_passkey_retrieval_scores_token_level():
     assert scores.shape == (2, 2) and ((scores > 0) & (scores < 1)).all()
     pattern = HeadPattern.from_scores(scores, sparsity=0.5)
     assert pattern.streaming_fraction == 0.5
-
-
-# ------------------------------------------------------------------------------------------------- command
-def test_command_identify_score_bench(tmp_path, bpe_tokenizer):
-    model_dir = tmp_path / "model"
-    bpe_tokenizer.save_pretrained(model_dir)
-    tiny_model("llama", attn_implementation="sdpa", vocab_size=320).save_pretrained(model_dir)
-    text = tmp_path / "text.txt"
-    text.write_text(duo.identify.FILLER * 40)
-    run = duo_eval.main
-    run(["identify", "--model", str(model_dir), "--output", str(tmp_path / "alpha.safetensors"), "--steps", "2",
-         "--context-length", "40", "60", "--sink-size", "2", "--recent-size", "4"])
-    trained = HeadPattern.load(tmp_path / "alpha.safetensors")
-    assert trained.metadata["num_steps"] == 2 and trained.scores is not None
-    run(["score", "--model", str(model_dir), "--output", str(tmp_path / "p.json"), "--source", "passkey",
-         "--context-length", "60", "--sink-size", "2", "--recent-size", "4"])
-    assert (tmp_path / "p.png").exists() and HeadPattern.load(tmp_path / "p.json").streaming_fraction == 0.5
-    run(["bench", "--model", str(model_dir), "--text", str(text), "--out", str(tmp_path / "bench"), "--num-tokens", "80",
-         "--score-tokens", "40", "--sink-size", "2", "--recent-size", "6", "--chunk-size", "16"])
-    rows = (tmp_path / "bench" / "perplexity.csv").read_text().splitlines()
-    assert len(rows) == 6 and rows[1].startswith("dense")
-    assert {p.name for p in (tmp_path / "bench").iterdir()} >= {"perplexity.png", "pattern.json", "pattern.png"}
 
 
 def test_beam_search_all_retrieval_equals_dynamic_cache():

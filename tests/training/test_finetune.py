@@ -128,7 +128,7 @@ def test_example_runs_end_to_end(tmp_path, capsys):
 
 
 def test_cli_train_subcommand(tmp_path, capsys):
-    from hf_sinks.training.cli import add_train_parser, cmd_train
+    from hf_sinks.cli.train import add_train_parser, cmd_train
 
     parser = argparse.ArgumentParser(prog="hf-sinks")
     sub = parser.add_subparsers(dest="command", required=True)

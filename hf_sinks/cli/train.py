@@ -1,12 +1,13 @@
-"""``hf-sinks train``: sink-aware LoRA fine-tuning from the command line (wired into ``hf_sinks.cli``).
+"""``hf-sinks train``: sink-aware LoRA fine-tuning from the command line.
 
 ::
 
     hf-sinks train --recipe sink_token --seq-len 256 --max-steps 200 --output-dir smollm2-sink
-    accelerate launch -m hf_sinks.training.cli --recipe sinklora --seq-len 4096 --bf16 --output-dir out/
+    accelerate launch -m hf_sinks.cli train --recipe sinklora --seq-len 4096 --bf16 --output-dir out/
 
 ``--model default`` is the embedded SmolLM2-135M-Instruct; a local HF model directory or a ``.gguf`` file also
 works. The text defaults to hf_sinks' Shakespeare text (minus ``--held-out-tokens`` at its end).
+``examples/finetune_sinks.py`` reuses :func:`add_train_arguments` and :func:`rope_scaling_from_args`.
 """
 
 from __future__ import annotations
@@ -15,19 +16,31 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from .recipes import RECIPES
-from .rope_scaling import KNOWN_ROPE_TYPES
+from ..training.recipes import RECIPES
+from ..training.rope_scaling import KNOWN_ROPE_TYPES
+from .options import (
+    add_dtype,
+    add_model,
+    add_no_progress,
+    add_output_options,
+    add_sink_options,
+    add_text_file,
+    add_threads,
+    check_common,
+    torch_dtype,
+)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``train`` flags (HF-style names) to ``p``; shared by the CLI and ``examples/finetune_sinks.py``."""
-    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M GGUF), an HF model dir or a .gguf")
+    add_model(p, help="'default' (SmolLM2-135M GGUF), an HF model dir or a .gguf")
     p.add_argument("--recipe", default="sinklora", choices=RECIPES, help="PEFT recipe (default sinklora)")
-    p.add_argument("--text-file", default=None, help="training text, UTF-8 (default: the Shakespeare text)")
+    add_text_file(p, help="training text, UTF-8 (default: the Shakespeare text)")
     p.add_argument("--held-out-tokens", type=int, default=0,
                    help="leave the last N tokens of the text out of training (for a later evaluation)")
-    p.add_argument("--output-dir", default="hf_sinks_finetune", help="adapter, recipe, tokenizer, loss.csv/png")
+    add_output_options(p, "hf_sinks_finetune", help="adapter, recipe, tokenizer, loss.csv/png", plot=False)
     p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default 16)")
     p.add_argument("--lora-dropout", type=float, default=0.0)
@@ -38,8 +51,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--attn-implementation", default="auto",
                    help="attention to train with (default auto: sink_sfattn / sink_s2attn when registered; "
                         "none: keep the model's)")
-    p.add_argument("--num-sink-tokens", type=int, default=None, help="sinks to stream with afterwards (recipe default)")
-    p.add_argument("--window-length", type=int, default=1020, help="window to stream with afterwards (default 1020)")
+    add_sink_options(p, num_sink_tokens=None, window_length=1020, sink_help="sinks to stream with afterwards (recipe default)",
+                     window_help="window to stream with afterwards (default 1020)")
     p.add_argument("--rope-scaling-type", default=None, choices=KNOWN_ROPE_TYPES, help="RoPE interpolation type")
     p.add_argument("--rope-scaling-factor", type=float, default=None, help="RoPE interpolation factor")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per training sequence (default 512)")
@@ -54,14 +67,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--logging-steps", type=int, default=1)
     p.add_argument("--max-rows", type=int, default=None, help="use at most this many packed sequences")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_dtype(p, help="weights dtype")
+    add_threads(p, help="torch.set_num_threads (CPU)")
+    add_no_progress(p, help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="no loss.png")
     return p
 
 
-def add_train_parser(subparsers) -> argparse.ArgumentParser:
+def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``train`` subcommand on ``subparsers`` (from ``parser.add_subparsers``); sets ``func=cmd_train``."""
     p = subparsers.add_parser(
         "train", help="sink-aware LoRA fine-tuning (SinkLoRA / LongLoRA / a dedicated sink token)",
@@ -72,7 +85,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def rope_scaling_from_args(args) -> dict | None:
+def rope_scaling_from_args(args: argparse.Namespace) -> dict | None:
     """``--rope-scaling-type/--rope-scaling-factor`` as a rope_scaling dict (``ValueError`` if only one is given)."""
     kind, factor = args.rope_scaling_type, args.rope_scaling_factor
     if kind is None and factor is None:
@@ -82,11 +95,9 @@ def rope_scaling_from_args(args) -> dict | None:
     return {"rope_type": kind or "linear", "factor": factor}
 
 
-def check_train_args(args) -> None:
+def check_train_args(args: argparse.Namespace) -> None:
     """Every ``hf-sinks train`` flag checked before the model loads (``ValueError``/``OSError`` naming the value)."""
     import math
-
-    from ..cli import check_common
 
     minimums = (("--r", 1), ("--lora-alpha", 1), ("--seq-len", 3 if args.recipe == "sink_token" else 2),
                 ("--max-steps", 1), ("--warmup-steps", 0), ("--per-device-train-batch-size", 1),
@@ -102,19 +113,19 @@ def check_train_args(args) -> None:
         raise ValueError(f"--lora-dropout={args.lora_dropout} must be in [0, 1)")
     rope_scaling = rope_scaling_from_args(args)
     if rope_scaling is not None:
-        from .rope_scaling import normalize_rope_scaling
+        from ..training.rope_scaling import normalize_rope_scaling
 
         normalize_rope_scaling(rope_scaling)
     check_common(args)
 
 
-def cmd_train(args) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     """Run ``hf-sinks train``: load, build the recipe, :func:`~hf_sinks.training.finetune`, print where it went."""
     import torch
 
     from ..default_model import load_model_and_tokenizer
-    from .data import split_token_ids, tokenize_text
-    from .finetune import finetune
+    from ..training.data import split_token_ids, tokenize_text
+    from ..training.finetune import finetune
 
     if args.text_file is not None and str(args.text_file).lower() != "default" and not Path(args.text_file).expanduser().is_file():
         raise FileNotFoundError(f"text file {args.text_file!r} does not exist (omit --text-file for the default text)")
@@ -122,7 +133,7 @@ def cmd_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rope_scaling = rope_scaling_from_args(args)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     print(f"loading model {args.model!r} ...", file=sys.stderr, flush=True)
     model, tokenizer = load_model_and_tokenizer(args.model, attn_implementation="sdpa", dtype=dtype)
     ids = tokenize_text(tokenizer, Path(args.text_file) if args.text_file and args.text_file != "default" else None)
@@ -164,21 +175,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    """``python -m hf_sinks.training.cli`` (also what ``accelerate launch -m hf_sinks.training.cli`` runs)."""
-    import os
+add_parser = add_train_parser
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = add_train_arguments(argparse.ArgumentParser(prog="hf-sinks train", description=__doc__,
-                                                         formatter_class=argparse.RawDescriptionHelpFormatter))
-    args = parser.parse_args(argv)
-    from ..cli import run_command
-
-    return run_command("train", cmd_train, args)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-
-
-__all__ = ["add_train_arguments", "add_train_parser", "cmd_train", "main", "rope_scaling_from_args"]
+__all__ = ["add_parser", "add_train_arguments", "add_train_parser", "check_train_args", "cmd_train", "rope_scaling_from_args"]
