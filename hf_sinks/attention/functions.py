@@ -39,6 +39,7 @@ from ..cache_layers import layer_of
 from ..layers import LayerRule, layer_rules, rule_for
 from ..models import check_config
 from ..rope import RotaryParams, layer_rotaries, shift_rotary
+from ..visibility import sink_visible
 from .masks import new_token_validity, stock_mask
 from .sink_logits import sink_logits_of
 
@@ -257,8 +258,7 @@ def _chunk(layer, query, key, value, positions, valid, rotary, kernel, scaling, 
         c_real = col_real if cols is None else col_real.index_select(1, cols)
         c_idx = torch.arange(stored + q, device=layer.device) if cols is None else cols
         r_q = real_new[:, t0:t1, None]  # [B, b, 1]
-        visible = (c_real[:, None, :] >= 0) & (c_real[:, None, :] <= r_q)
-        visible &= (c_real[:, None, :] < s) | (r_q - c_real[:, None, :] < w)
+        visible = sink_visible(r_q, c_real[:, None, :], s, w)
         # padding queries attend to themselves only (their output is never used; avoids empty softmax rows)
         own = c_idx[None, None, :] == (stored + torch.arange(t0, t1, device=layer.device))[None, :, None]
         visible = torch.where(r_q < 0, own, visible)

@@ -2,8 +2,9 @@
 
 Every backend (the registered ``sink_*`` functions, the cache, the Triton kernels) is tested against this one
 function, itself checked against plain causal attention when nothing is evicted. Inputs are *un-rotated* per-token
-queries/keys of a whole stream; for each query it builds the visible set by the visibility rule, gives it positions
-``0..len-1``, applies RoPE at those positions and attends. Run it in fp64 for tests.
+queries/keys of a whole stream; for each query it builds the visible set by the visibility rule
+(:func:`hf_sinks.visibility.sink_visible`), gives it positions ``0..len-1``, applies RoPE at those positions and
+attends. Run it in fp64 for tests.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from __future__ import annotations
 import torch
 
 from ..rope import RotaryParams, apply_rotary
+from ..visibility import visible_keys
 
 
 def visible_indices(i: int, num_sink_tokens: int, window_length: int) -> list[int]:
-    """Keys visible to query ``i``: ``j <= i`` and (``j < S`` or ``i - j < W``), in stream order."""
-    return [j for j in range(i + 1) if j < num_sink_tokens or i - j < window_length]
+    """Keys visible to query ``i`` in stream order, as a list (:func:`hf_sinks.visibility.visible_keys`)."""
+    return visible_keys(i, num_sink_tokens, window_length).tolist()
 
 
 def reference_sink_attention(
@@ -54,7 +56,7 @@ def reference_sink_attention(
     scaling = head_dim**-0.5 if scaling is None else scaling
     out = torch.empty(batch, heads, length, value.shape[-1], dtype=query.dtype, device=query.device)
     for i in range(length):
-        idx = torch.tensor(visible_indices(i, num_sink_tokens, window_length), device=query.device)
+        idx = visible_keys(i, num_sink_tokens, window_length, device=query.device)
         k, v, qi = key[:, :, idx], value[:, :, idx], query[:, :, i : i + 1]
         if rotary is not None:
             positions = torch.arange(len(idx), device=query.device)

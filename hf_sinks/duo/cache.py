@@ -15,6 +15,7 @@ from ..validation import (
     check_cache_update,
     check_int,
 )
+from ..visibility import sink_visible
 from .pattern import HeadPattern
 
 #: ``attn_implementation`` name of the inference attention (retrieval heads dense, streaming heads sink + window).
@@ -33,9 +34,10 @@ def _streaming_indices(seen: int, s: int, w: int) -> torch.Tensor:
 def visibility_mask(
     query_index: torch.Tensor, key_index: torch.Tensor, num_sink_tokens: int, window_length: int
 ) -> torch.Tensor:
-    """``[q, k]`` bool: query ``i`` sees key ``j`` iff ``j <= i`` and (``j < S`` or ``i - j < W``)."""
-    i, j = query_index[:, None], key_index[None, :]
-    return (j <= i) & ((j < num_sink_tokens) | (i - j < window_length))
+    """``[q, k]`` bool: query ``i`` sees key ``j`` iff ``j <= i`` and (``j < S`` or ``i - j < W``).
+
+    The outer form of :func:`hf_sinks.visibility.sink_visible` over two index vectors."""
+    return sink_visible(query_index[:, None], key_index[None, :], num_sink_tokens, window_length)
 
 
 class DuoCacheLayer(RowStateLayer):

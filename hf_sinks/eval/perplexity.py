@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ..attention.switch import use_attention
 from ..compat import cache_kwargs
 from ..validation import check_choice, check_int, check_token_ids
+from ..visibility import visible_keys
 from .memory import MemoryMeter, cache_bytes
 
 MODES = ("dense", "window", "sink", "recompute")
@@ -337,19 +338,12 @@ def _cached_steps(model, stream, cache, chunk_size):
         yield begin, out.logits[0], cache
 
 
-def visible_positions(i: int, num_sink_tokens: int, window_length: int, device=None) -> torch.Tensor:
-    """Indices visible to query ``i`` (``j <= i`` and (``j < S`` or ``i - j < W``)), as a tensor, in O(S + W)."""
-    first_window = min(max(num_sink_tokens, i - window_length + 1), i + 1)
-    sinks = torch.arange(min(num_sink_tokens, i + 1), device=device)
-    return torch.cat([sinks, torch.arange(first_window, i + 1, device=device)])
-
-
 def _recompute_steps(model, stream, sinks, window):
     for i in range(stream.numel()):
-        visible = stream[visible_positions(i, sinks, window, stream.device)][None]
+        visible = stream[visible_keys(i, sinks, window, stream.device)][None]
         positions = torch.arange(visible.shape[1], device=stream.device)[None]
         out = model(input_ids=visible, position_ids=positions, use_cache=False, logits_to_keep=1)
         yield i, out.logits[0, -1:], None
 
 
-__all__ = ["MODES", "StreamingResult", "make_cache", "sink_attention", "streaming_perplexity", "validate", "visible_positions"]
+__all__ = ["MODES", "StreamingResult", "make_cache", "sink_attention", "streaming_perplexity", "validate"]
