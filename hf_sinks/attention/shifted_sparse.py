@@ -51,12 +51,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..cache import SinkCacheLayer
 from ..cache_layers import layer_of
 from ..config import CONFIG_ATTRIBUTE
-from .masks import is_sink_mask, new_token_validity, stock_mask
+from .masks import is_sink_mask, new_token_validity
+from .preamble import default_scaling, to_model_layout
 from .sink_logits import SINK_LOGITS_ATTRIBUTE, sink_logits_of
 
 #: ``module.config`` attributes read by the shifted-sparse attentions.
@@ -238,7 +238,7 @@ def shifted_sparse_attention(
     _int_at_least("group_size", group_size, 2)
     _int_at_least("num_sink_tokens", num_sink_tokens, 0)
     n_rep = heads // key.shape[1]
-    scaling = head_dim**-0.5 if scaling is None else scaling
+    scaling = default_scaling(query, scaling)
     valid = _padding_of(padding_mask, batch, length) if padding_mask is not None else None
 
     order = None
@@ -322,16 +322,11 @@ def _make(name: str, sinks: bool):
 
             return sink_sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
-        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        scaling = default_scaling(query, scaling)
         if not module.training or key.shape[2] != query.shape[2]:  # inference or a cache: plain causal attention
-            dense = stock_mask(attention_mask)
-            if sink_logits is None:
-                return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
-            from .functions import _boolean_mask, _sdpa_kernel, with_sink_logits
+            from .functions import without_sink_cache
 
-            mask = _boolean_mask(dense, query.shape[2], key.shape[2], query.device)
-            out, _ = with_sink_logits(_sdpa_kernel, sink_logits)(query, key, value, mask, scaling, dropout, False)
-            return out.transpose(1, 2).contiguous(), None
+            return without_sink_cache(module, query, key, value, attention_mask, dropout, scaling, sink_logits, **kwargs)
 
         length = query.shape[2]
         out = shifted_sparse_attention(
@@ -346,7 +341,7 @@ def _make(name: str, sinks: bool):
             sink_logits=sink_logits,
             sliding_window=kwargs.get("sliding_window"),
         )
-        return out.transpose(1, 2).contiguous(), None
+        return to_model_layout(out), None
 
     attention.__name__ = attention.__qualname__ = f"{name}_attention_forward"
     attention.__doc__ = (

@@ -30,6 +30,7 @@ import torch
 
 from .functions import _stock_sdpa, make_sink_attention, prepare_chunk, prepare_decode
 from .kernel_fallback import sink_attention_torch
+from .preamble import refuse_dropout
 
 BACKENDS = ("auto", "triton", "torch")
 KERNELS_MODULE = "hf_sinks.kernels.sink_attention"
@@ -108,13 +109,8 @@ def sink_attention(
 
 
 # ------------------------------------------------------------------------------- the registered function
-def _check_dropout(dropout: float) -> None:
-    if dropout > 0:
-        raise ValueError("sink_triton does not support attention dropout; use sink_sdpa or sink_eager for it.")
-
-
 def _decode(layer, query, key, value, positions, kernel, scaling, dropout, want_weights, sink_logits=None):
-    _check_dropout(dropout)
+    refuse_dropout(dropout, "sink_triton", "use sink_sdpa or sink_eager for it")
     real = prepare_decode(layer, positions)  # sinks now sit in their slots shifted for this query
     k_real = layer.real_idx[:, : layer.filled]
     q_real = real[:, None].expand(query.shape[0], query.shape[2])
@@ -126,7 +122,7 @@ def _decode(layer, query, key, value, positions, kernel, scaling, dropout, want_
 
 
 def _chunk(layer, query, key, value, positions, valid, rotary, kernel, scaling, dropout, want_weights, sink_logits=None):
-    _check_dropout(dropout)
+    refuse_dropout(dropout, "sink_triton", "use sink_sdpa or sink_eager for it")
     if rotary is not None and rotary.interleaved:
         raise ValueError(
             "sink_triton rotates halves (rotate_half); this layer's RoPE pairs neighbouring channels (interleaved, "
