@@ -310,7 +310,7 @@ def _block_columns(stored, q, t0, t1, s, w, pads, device):
     )
 
 
-def make_sink_attention(
+def make_sink_attention_forward(
     kernel: Callable | None, stock: Callable, name: str, decode: Callable = _decode, chunk: Callable = _chunk
 ) -> Callable:
     """The ``AttentionInterface`` function ``name``: ``stock`` without a SinkCache, else ``decode``/``chunk``.
@@ -374,6 +374,6 @@ def make_sink_attention(
     return attention
 
 
-sink_sdpa_attention_forward = make_sink_attention(_sdpa_kernel, _stock_sdpa, "sink_sdpa")
-sink_eager_attention_forward = make_sink_attention(_eager_kernel, _stock_eager, "sink_eager")
-sink_flex_attention_forward = make_sink_attention(_flex_kernel, _stock_flex, "sink_flex")
+sink_sdpa_attention_forward = make_sink_attention_forward(_sdpa_kernel, _stock_sdpa, "sink_sdpa")
+sink_eager_attention_forward = make_sink_attention_forward(_eager_kernel, _stock_eager, "sink_eager")
+sink_flex_attention_forward = make_sink_attention_forward(_flex_kernel, _stock_flex, "sink_flex")

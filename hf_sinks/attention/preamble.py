@@ -12,7 +12,7 @@ same opening and closing:
 
 :func:`cache_attention` puts these together for the inference caches that refuse padding and dropout
 (:class:`~hf_sinks.H2OCache`, :class:`~hf_sinks.DuoCache`); the ``sink_*`` closure
-(:func:`hf_sinks.attention.functions.make_sink_attention`) and the training attentions use the pieces.
+(:func:`hf_sinks.attention.functions.make_sink_attention_forward`) and the training attentions use the pieces.
 """
 
 from __future__ import annotations

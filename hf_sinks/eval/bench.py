@@ -33,7 +33,7 @@ import torch
 from ..compat import cache_kwargs
 from ..visibility import visible_keys
 from .memory import cache_bytes, rss_bytes
-from .perplexity import make_cache, sink_attention
+from .perplexity import make_cache, use_sink_attention
 
 BENCH_MODES = ("sink", "dense", "recompute")
 
@@ -165,7 +165,7 @@ def decode_benchmark(
 
 
 def _attention_for(model, mode: str):
-    return sink_attention(model) if mode == "sink" else nullcontext()
+    return use_sink_attention(model) if mode == "sink" else nullcontext()
 
 
 def _decode_steps(model, ids, state: dict, count: int, device) -> list[float]:

@@ -132,7 +132,7 @@ def _as_stream(input_ids) -> torch.Tensor:
 
 
 @contextmanager
-def sink_attention(model: torch.nn.Module, name: str = "sink_sdpa"):
+def use_sink_attention(model: torch.nn.Module, name: str = "sink_sdpa"):
     """Run ``model`` with a ``sink_*`` attention for the duration (it already has one: nothing changes).
 
     A stock attention would process a chunk that runs past the cache capacity with dense attention; the ``sink_*``
@@ -219,7 +219,7 @@ def streaming_perplexity(
             return _recompute_steps(model, stream, sinks, window)
         return _cached_steps(model, stream, make_cache(model, mode, sinks, window), chunk_size)
 
-    context = sink_attention(model) if mode in ("sink", "window") else nullcontext()
+    context = use_sink_attention(model) if mode in ("sink", "window") else nullcontext()
     return _measure(model, ids, mode, steps, context, sinks, window, chunk_size, progress)
 
 
@@ -235,7 +235,7 @@ def _cache_route(model: torch.nn.Module, cache) -> tuple[str, Any, int | None, i
 
     if isinstance(cache, SinkCache):
         mode = "window" if cache.num_sink_tokens == 0 else "sink"
-        return mode, sink_attention(model), cache.num_sink_tokens, cache.window_length, {}
+        return mode, use_sink_attention(model), cache.num_sink_tokens, cache.window_length, {}
     if isinstance(cache, H2OCache):
         register_h2o()
         return ("h2o", use_attention(model, H2O_ATTENTION, route=True), cache.num_sink_tokens, cache.window_length,
@@ -346,4 +346,4 @@ def _recompute_steps(model, stream, sinks, window):
         yield i, out.logits[0, -1:], None
 
 
-__all__ = ["MODES", "StreamingResult", "make_cache", "sink_attention", "streaming_perplexity", "validate"]
+__all__ = ["MODES", "StreamingResult", "make_cache", "streaming_perplexity", "use_sink_attention", "validate"]

@@ -369,13 +369,13 @@ def test_disable_env_selects_the_fallback_with_the_same_results(monkeypatch):
     expected, _ = K.sink_attention(*(a.to(DEVICE) if torch.is_tensor(a) else a for a in args))
     monkeypatch.setenv("HF_SINKS_DISABLE_TRITON", "1")
     assert sink_triton.select_backend(DEVICE) == "torch"
-    out, _ = sink_triton.sink_attention(*args)
+    out, _ = sink_triton.dispatch_sink_attention(*args)
     torch.testing.assert_close(out, expected.cpu(), atol=1e-5, rtol=0)
     with pytest.raises(RuntimeError, match=r"forced \(backend='triton'\).*HF_SINKS_DISABLE_TRITON=1 is set"):
-        sink_triton.sink_attention(*args, backend="triton")
+        sink_triton.dispatch_sink_attention(*args, backend="triton")
     monkeypatch.setenv("HF_SINKS_FORCE_TRITON", "1")
     with pytest.raises(RuntimeError, match=r"forced \(HF_SINKS_FORCE_TRITON=1\).*HF_SINKS_DISABLE_TRITON=1"):
-        sink_triton.sink_attention(*args)
+        sink_triton.dispatch_sink_attention(*args)
 
 
 def test_forcing_triton_without_cuda_or_interpreter_names_the_reason(monkeypatch):
@@ -383,12 +383,12 @@ def test_forcing_triton_without_cuda_or_interpreter_names_the_reason(monkeypatch
     monkeypatch.setattr(K, "LANGUAGE_INTERPRETED", False)
     args = _tiny_args()  # CPU tensors
     assert sink_triton.select_backend("cpu") == "torch"
-    sink_triton.sink_attention(*args)  # auto: falls back silently
+    sink_triton.dispatch_sink_attention(*args)  # auto: falls back silently
     with pytest.raises(RuntimeError, match="cannot run: the tensors are on 'cpu': the Triton kernels need CUDA"):
-        sink_triton.sink_attention(*args, backend="triton")
+        sink_triton.dispatch_sink_attention(*args, backend="triton")
     monkeypatch.setenv("HF_SINKS_FORCE_TRITON", "1")
     with pytest.raises(RuntimeError, match=r"HF_SINKS_FORCE_TRITON=1\) but cannot run: the tensors are on 'cpu'"):
-        sink_triton.sink_attention(*args)
+        sink_triton.dispatch_sink_attention(*args)
     with pytest.raises(RuntimeError, match="cannot run: the tensors are on 'cpu'"):
         K.sink_attention(*args)  # the kernel module's own entry point refuses too
 
