@@ -15,6 +15,7 @@ from ..validation import (
     check_choice,
     check_int,
 )
+from ..visibility import sink_visible
 
 #: ``attn_implementation`` name of the score-accumulating attention.
 H2O_ATTENTION = "h2o_sdpa"
@@ -132,10 +133,10 @@ class H2OCacheLayer(RowStateLayer):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _evict(self, scores, index, held, nxt):
-        """Per row and head, the held non-sink slot outside the next query's window with the lowest score (oldest
-        on ties): ``[B, KVH, 1]``."""
+        """Per row and head, the held slot the next query (index ``nxt``) would not see by the sink + window rule
+        (not a sink, outside its window) with the lowest score (oldest on ties): ``[B, KVH, 1]``."""
         s, w = self.cache.num_sink_tokens, self.cache.window_length
-        candidates = held & (index >= s) & (index <= nxt - w)
+        candidates = held & ~sink_visible(nxt, index, s, w)  # held tokens are all earlier than nxt
         masked = scores.masked_fill(~candidates, float("inf"))
         lowest = masked.min(-1, keepdim=True).values
         return index.masked_fill(masked != lowest, torch.iinfo(torch.long).max).argmin(-1, keepdim=True)
