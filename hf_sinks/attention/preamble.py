@@ -37,21 +37,10 @@ def to_model_layout(out: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2).contiguous()
 
 
-def stock_sdpa(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: Any,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Exactly transformers' ``sdpa`` (a lazy sink mask materialised as the stock dense mask): an hf_sinks
-    attention without its cache."""
-    return sdpa_attention_forward(
-        module, query, key, value, stock_mask(attention_mask), dropout=dropout, scaling=scaling, **kwargs
-    )
+def stock_sdpa(module: torch.nn.Module, query, key, value, attention_mask: Any, **kwargs: Any):
+    """Exactly transformers' ``sdpa`` (a lazy sink mask materialised as the stock dense mask; ``dropout``,
+    ``scaling`` and the rest passed on): an hf_sinks attention without its cache."""
+    return sdpa_attention_forward(module, query, key, value, stock_mask(attention_mask), **kwargs)
 
 
 def refuse_padding(attention_mask: Any, query: torch.Tensor, what: str, on_error: Callable[[], None] | None = None):
