@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from ..cache import SinkCacheLayer
 from ..cache_layers import layer_of
 from ..config import CONFIG_ATTRIBUTE
-from ..validation import check_int
+from ..validation import check_int, check_number
 from .masks import is_sink_mask, new_token_validity
 from .preamble import default_scaling, to_model_layout
 from .sink_logits import SINK_LOGITS_ATTRIBUTE, sink_logits_of
@@ -81,8 +81,7 @@ def group_size_for(config: Any, length: int) -> int:
     if size is not None:
         return check_int(f"config.{GROUP_SIZE_ATTRIBUTE}", size, 2)
     ratio = DEFAULT_GROUP_RATIO if ratio is None else ratio
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise ValueError(f"config.{GROUP_RATIO_ATTRIBUTE}={ratio!r} is invalid: it must be a number in (0, 1].")
+    check_number(f"config.{GROUP_RATIO_ATTRIBUTE}", ratio, 0, 1, exclusive_minimum=True)
     return max(2, int(length * ratio))
 
 
