@@ -11,7 +11,7 @@ from typing import Any
 
 from .analysis import SinkAnalysis, analyze
 from .api import SinkHandle, apply
-from .attention import register as _register_sink_attention
+from .attention import register as _register_sink_attentions
 from .auto import AutoModelForCausalLM
 from .cache import SinkCache
 from .config import SinkConfig
@@ -32,7 +32,7 @@ _TRAINING_EXPORTS = ("SinkRecipe", "finetune", "load_finetuned", "lora_recipe", 
 
 def register() -> None:
     """Register every attention implementation of hf_sinks with transformers. Idempotent; run on import."""
-    _register_sink_attention()
+    _register_sink_attentions()
     _register_h2o()
     _register_duo()
 

@@ -38,6 +38,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .validation import check_int, check_number
+
 #: ``attn_implementation`` name used (temporarily) during :func:`analyze`.
 ANALYSIS_ATTENTION = "hf_sinks_sink_analysis"
 #: Queries per block in the accumulating attention: bounds the score matrix to ``H x QUERY_BLOCK x T``.
@@ -303,18 +305,13 @@ def _register_analysis_attention() -> None:
 # ------------------------------------------------------------------------------------------- entry
 def _check_args(epsilon: float, sink_tokens: int, num_tokens: int | None, secondary_factor: float,
                 secondary_min_heads: int, min_distance: int) -> None:
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 < epsilon < 1:
-        raise ValueError(f"epsilon={epsilon!r} must be a number strictly between 0 and 1.")
-    if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 1:
-        raise ValueError(f"sink_tokens={sink_tokens!r} must be an integer >= 1.")
-    if num_tokens is not None and (isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 2):
-        raise ValueError(f"num_tokens={num_tokens!r} must be an integer >= 2.")
-    if isinstance(secondary_factor, bool) or not isinstance(secondary_factor, (int, float)) or secondary_factor <= 1:
-        raise ValueError(f"secondary_factor={secondary_factor!r} must be a number > 1 (a multiple of uniform attention).")
-    if isinstance(secondary_min_heads, bool) or not isinstance(secondary_min_heads, int) or secondary_min_heads < 1:
-        raise ValueError(f"secondary_min_heads={secondary_min_heads!r} must be an integer >= 1.")
-    if isinstance(min_distance, bool) or not isinstance(min_distance, int) or min_distance < 1:
-        raise ValueError(f"min_distance={min_distance!r} must be an integer >= 1.")
+    check_number("epsilon", epsilon, 0, 1, exclusive_minimum=True, exclusive_maximum=True)
+    check_int("sink_tokens", sink_tokens, 1)
+    if num_tokens is not None:
+        check_int("num_tokens", num_tokens, 2)
+    check_number("secondary_factor", secondary_factor, 1, exclusive_minimum=True, hint="a multiple of uniform attention")
+    check_int("secondary_min_heads", secondary_min_heads, 1)
+    check_int("min_distance", min_distance, 1)
 
 
 def _token_ids(tokenizer_or_ids: Any, text: str | None, num_tokens: int | None) -> tuple[torch.Tensor, Any]:

@@ -21,7 +21,8 @@ SLIDING = "sliding_attention"
 
 @dataclass(frozen=True)
 class LayerRule:
-    """What one layer sees: visibility ``j <= i and (j < num_sink_tokens or i - j < window_length)``."""
+    """What one layer sees: visibility ``j <= i and (j < num_sink_tokens or i - j < window_length)``
+    (:func:`hf_sinks.visibility.sink_visible` with this rule's sizes)."""
 
     num_sink_tokens: int
     window_length: int

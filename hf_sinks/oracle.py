@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .attention.reference import visible_indices
 from .attention.switch import use_attention
+from .visibility import visible_keys
 
 
 @torch.no_grad()
@@ -38,7 +38,7 @@ def recompute_logits(
     rows = []
     with use_attention(model, attn_implementation):
         for i in range(start, ids.numel()):
-            visible = ids[visible_indices(i, num_sink_tokens, window_length)][None]
+            visible = ids[visible_keys(i, num_sink_tokens, window_length, ids.device)][None]
             positions = torch.arange(visible.shape[1], device=ids.device)[None]
             out = model(input_ids=visible, position_ids=positions, use_cache=False)
             rows.append(out.logits[0, -1])

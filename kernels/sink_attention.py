@@ -6,7 +6,9 @@ Visibility (docs/design.md §2.1), per batch row, from the real-token index of e
 
 ``q_real [B, Tq]`` and ``k_real [B, Tk]`` carry those indices (``-1``: padding or an empty slot), so the same kernel
 serves decode over a ring-ordered cache, multi-token chunks (stored slots + the new tokens) and plain training
-sequences (``q_real = k_real = arange(T)``).
+sequences (``q_real = k_real = arange(T)``). This is :func:`hf_sinks.visibility.sink_visible`, the one Python
+statement of the rule; Triton cannot call it, so the kernel keeps this inline copy and
+tests/kernels/test_sink_attention_kernel.py checks it against attention masked by that function.
 
 Sink columns (``0 <= j < S``) are scored with the query rotated back by a per-query integer ``shift`` (RoPE,
 ``rotate_half`` convention on the first ``rotary_dim`` channels): ``score = (R(-shift) q) . k``; window columns with

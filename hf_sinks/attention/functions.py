@@ -39,7 +39,9 @@ from ..cache_layers import layer_of
 from ..layers import LayerRule, layer_rules, rule_for
 from ..models import check_config
 from ..rope import RotaryParams, layer_rotaries, shift_rotary
+from ..visibility import sink_visible
 from .masks import new_token_validity, stock_mask
+from .preamble import default_scaling, refuse_dropout, to_model_layout
 from .sink_logits import sink_logits_of
 
 #: Queries per block in multi-token chunks: bounds the score matrix to ``BLOCK x (S + 2W + BLOCK)``.
@@ -77,8 +79,7 @@ def _flex(compiled: bool):
 def _flex_kernel(q, k, v, mask, scaling, dropout, want_weights):
     flex_attention = _flex(q.is_cuda)
 
-    if dropout > 0:
-        raise ValueError("sink_flex does not support attention dropout; use sink_sdpa or sink_eager for training.")
+    refuse_dropout(dropout, "sink_flex", "use sink_sdpa or sink_eager for training")
     score_mod = None
     if mask is not None:
         full = mask.expand(q.shape[0], 1, q.shape[2], k.shape[2])
@@ -146,6 +147,31 @@ def _stock_flex(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.flex_attention import flex_attention_forward
 
     return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def without_sink_cache(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    dropout: float,
+    scaling: float | None,
+    sink_logits: torch.Tensor | None,
+    stock: Callable = _stock_sdpa,
+    kernel: Callable | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An hf_sinks attention without a SinkCache: exactly ``stock`` on the stock dense mask; with learned sink
+    logits (which ``stock`` cannot apply), ``kernel`` (default SDPA) on the same mask plus the sink logit column."""
+    dense = stock_mask(attention_mask)
+    if sink_logits is None:
+        return stock(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
+    mask = _boolean_mask(dense, query.shape[2], key.shape[2], query.device)
+    out, weights = with_sink_logits(kernel or _sdpa_kernel, sink_logits)(
+        query, key, value, mask, default_scaling(query, scaling), dropout, bool(kwargs.get("output_attentions", False))
+    )
+    return to_model_layout(out), weights
 
 
 # ----------------------------------------------------------------------------------- sink attention
@@ -257,8 +283,7 @@ def _chunk(layer, query, key, value, positions, valid, rotary, kernel, scaling, 
         c_real = col_real if cols is None else col_real.index_select(1, cols)
         c_idx = torch.arange(stored + q, device=layer.device) if cols is None else cols
         r_q = real_new[:, t0:t1, None]  # [B, b, 1]
-        visible = (c_real[:, None, :] >= 0) & (c_real[:, None, :] <= r_q)
-        visible &= (c_real[:, None, :] < s) | (r_q - c_real[:, None, :] < w)
+        visible = sink_visible(r_q, c_real[:, None, :], s, w)
         # padding queries attend to themselves only (their output is never used; avoids empty softmax rows)
         own = c_idx[None, None, :] == (stored + torch.arange(t0, t1, device=layer.device))[None, :, None]
         visible = torch.where(r_q < 0, own, visible)
@@ -285,7 +310,7 @@ def _block_columns(stored, q, t0, t1, s, w, pads, device):
     )
 
 
-def make_sink_attention(
+def make_sink_attention_forward(
     kernel: Callable | None, stock: Callable, name: str, decode: Callable = _decode, chunk: Callable = _chunk
 ) -> Callable:
     """The ``AttentionInterface`` function ``name``: ``stock`` without a SinkCache, else ``decode``/``chunk``.
@@ -312,15 +337,9 @@ def make_sink_attention(
                 "use sink_sdpa, sink_eager or sink_triton."
             )
         if layer is None:  # no SinkCache: exactly the stock implementation
-            dense = stock_mask(attention_mask)
-            if sink_logits is None:
-                return stock(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
-            mask = _boolean_mask(dense, query.shape[2], key.shape[2], query.device)
-            scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-            out, weights = with_sink_logits(kernel or _sdpa_kernel, sink_logits)(
-                query, key, value, mask, scaling, dropout, bool(kwargs.get("output_attentions", False))
+            return without_sink_cache(
+                module, query, key, value, attention_mask, dropout, scaling, sink_logits, stock, kernel, **kwargs
             )
-            return out.transpose(1, 2).contiguous(), weights
 
         layer.acknowledge()
         rotary = bind_layer_rule(layer, module, kwargs).rotary
@@ -335,7 +354,7 @@ def make_sink_attention(
             if kernel is None:
                 raise ValueError(f"{name} does not support logit soft-capping (softcap={softcap}); use sink_eager.")
         run_kernel = with_softcap(kernel, softcap)
-        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+        scaling = default_scaling(query, scaling)
         positions = kwargs.get("position_ids")
         want_weights = bool(kwargs.get("output_attentions", False))
         if layer.pending is None:
@@ -348,13 +367,13 @@ def make_sink_attention(
                 layer, query, key, value, positions, valid, rotary, run_kernel, scaling, dropout, want_weights,
                 sink_logits=sink_logits,
             )
-        return out.transpose(1, 2).contiguous(), weights
+        return to_model_layout(out), weights
 
     attention.__name__ = attention.__qualname__ = f"{name}_attention_forward"
     attention.__doc__ = f"``attn_implementation={name!r}``: sink+window attention (see hf_sinks.attention.functions)."
     return attention
 
 
-sink_sdpa_attention_forward = make_sink_attention(_sdpa_kernel, _stock_sdpa, "sink_sdpa")
-sink_eager_attention_forward = make_sink_attention(_eager_kernel, _stock_eager, "sink_eager")
-sink_flex_attention_forward = make_sink_attention(_flex_kernel, _stock_flex, "sink_flex")
+sink_sdpa_attention_forward = make_sink_attention_forward(_sdpa_kernel, _stock_sdpa, "sink_sdpa")
+sink_eager_attention_forward = make_sink_attention_forward(_eager_kernel, _stock_eager, "sink_eager")
+sink_flex_attention_forward = make_sink_attention_forward(_flex_kernel, _stock_flex, "sink_flex")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..rope import RotaryParams, shift_rotary
+from ..visibility import sink_visible
 
 #: Queries per block (bounds the score matrix like ``functions.QUERY_BLOCK``).
 QUERY_BLOCK = 512
@@ -45,9 +46,10 @@ def sink_attention_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sink+window attention in PyTorch; arguments and results as ``hf_sinks.kernels.sink_attention.sink_attention``.
 
-    Query ``r`` sees key ``j`` iff ``j >= 0``, ``j <= r`` and (``j < S`` or ``r - j < W``); sink columns are scored
-    with the query rotated back by ``q_shift`` (angles in fp64). Returns ``(out [B, H, Tq, Dv], lse [B, H, Tq])``,
-    softmax in fp32 (or the input dtype if wider); padding queries (``q_real < 0``) give zeros and ``lse = -inf``.
+    Query ``r`` sees key ``j`` by :func:`hf_sinks.visibility.sink_visible` (``j >= 0``, ``j <= r`` and (``j < S`` or
+    ``r - j < W``)); sink columns are scored with the query rotated back by ``q_shift`` (angles in fp64). Returns
+    ``(out [B, H, Tq, Dv], lse [B, H, Tq])``, softmax in fp32 (or the input dtype if wider); padding queries
+    (``q_real < 0``) give zeros and ``lse = -inf``.
     """
     batch, heads, tq, head_dim = q.shape
     groups = heads // k.shape[1]
@@ -77,8 +79,7 @@ def sink_attention_torch(
             q_sink = shift_rotary(q_b, -q_shift[:, None, t0:t1].to(q.device), rotary).to(compute)
             is_sink = (r_k >= 0) & (r_k < s)
             scores = torch.where(is_sink[:, None, None, :], (q_sink @ k_b.transpose(-1, -2)) * scaling, scores)
-        rq, rk = r_q[:, None, :, None], r_k[:, None, None, :]
-        visible = (rq >= 0) & (rk >= 0) & (rk <= rq) & ((rk < s) | (rq - rk < w))
+        visible = sink_visible(r_q[:, None, :, None], r_k[:, None, None, :], s, w)
         scores = scores.masked_fill(~visible, float("-inf"))
         if sink_logits is not None:
             column = sink_logits.to(compute)[None, :, None, None].expand(batch, heads, t1 - t0, 1)

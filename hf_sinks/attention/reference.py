@@ -2,8 +2,9 @@
 
 Every backend (the registered ``sink_*`` functions, the cache, the Triton kernels) is tested against this one
 function, itself checked against plain causal attention when nothing is evicted. Inputs are *un-rotated* per-token
-queries/keys of a whole stream; for each query it builds the visible set by the visibility rule, gives it positions
-``0..len-1``, applies RoPE at those positions and attends. Run it in fp64 for tests.
+queries/keys of a whole stream; for each query it builds the visible set by the visibility rule
+(:func:`hf_sinks.visibility.sink_visible`), gives it positions ``0..len-1``, applies RoPE at those positions and
+attends. Run it in fp64 for tests.
 """
 
 from __future__ import annotations
@@ -11,11 +12,20 @@ from __future__ import annotations
 import torch
 
 from ..rope import RotaryParams, apply_rotary
+from ..visibility import visible_keys
 
 
 def visible_indices(i: int, num_sink_tokens: int, window_length: int) -> list[int]:
-    """Keys visible to query ``i``: ``j <= i`` and (``j < S`` or ``i - j < W``), in stream order."""
-    return [j for j in range(i + 1) if j < num_sink_tokens or i - j < window_length]
+    """Keys visible to query ``i`` in stream order, as a list (:func:`hf_sinks.visibility.visible_keys`)."""
+    return visible_keys(i, num_sink_tokens, window_length).tolist()
+
+
+def _per_query_head(query, key, value, scaling):
+    """Keys and values repeated for every query head (GQA), the scale (default ``D ** -0.5``), the output buffer."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    return key, value, scaling, query.new_empty(*query.shape[:3], value.shape[-1])
 
 
 def reference_sink_attention(
@@ -47,14 +57,10 @@ def reference_sink_attention(
     Returns:
         ``[B, H, T, D]`` attention outputs.
     """
-    batch, heads, length, head_dim = query.shape
-    groups = heads // key.shape[1]
-    key = key.repeat_interleave(groups, dim=1)
-    value = value.repeat_interleave(groups, dim=1)
-    scaling = head_dim**-0.5 if scaling is None else scaling
-    out = torch.empty(batch, heads, length, value.shape[-1], dtype=query.dtype, device=query.device)
+    batch, heads, length, _ = query.shape
+    key, value, scaling, out = _per_query_head(query, key, value, scaling)
     for i in range(length):
-        idx = torch.tensor(visible_indices(i, num_sink_tokens, window_length), device=query.device)
+        idx = visible_keys(i, num_sink_tokens, window_length, device=query.device)
         k, v, qi = key[:, :, idx], value[:, :, idx], query[:, :, i : i + 1]
         if rotary is not None:
             positions = torch.arange(len(idx), device=query.device)
@@ -124,12 +130,8 @@ def reference_shifted_sparse_attention(
     Tokens are numbered by their rank among the real tokens of their row (padding removed); padding queries see
     only themselves. Shapes as :func:`hf_sinks.attention.shifted_sparse.shifted_sparse_attention`.
     """
-    batch, heads, length, head_dim = query.shape
-    groups = heads // key.shape[1]
-    key = key.repeat_interleave(groups, dim=1)
-    value = value.repeat_interleave(groups, dim=1)
-    scaling = head_dim**-0.5 if scaling is None else scaling
-    out = torch.empty(batch, heads, length, value.shape[-1], dtype=query.dtype, device=query.device)
+    batch, heads, length, _ = query.shape
+    key, value, scaling, out = _per_query_head(query, key, value, scaling)
     for b in range(batch):
         real = [t for t in range(length) if padding_mask is None or bool(padding_mask[b, t])]
         rank = {t: r for r, t in enumerate(real)}

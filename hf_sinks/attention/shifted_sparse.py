@@ -51,12 +51,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..cache import SinkCacheLayer
 from ..cache_layers import layer_of
 from ..config import CONFIG_ATTRIBUTE
-from .masks import is_sink_mask, new_token_validity, stock_mask
+from ..validation import check_int, check_number
+from .masks import is_sink_mask, new_token_validity
+from .preamble import default_scaling, to_model_layout
 from .sink_logits import SINK_LOGITS_ATTRIBUTE, sink_logits_of
 
 #: ``module.config`` attributes read by the shifted-sparse attentions.
@@ -68,12 +69,6 @@ DEFAULT_NUM_SINK_TOKENS = 4
 
 
 # ------------------------------------------------------------------------------------------- configuration
-def _int_at_least(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"config.{name}={value!r} is invalid: it must be an int >= {minimum}.")
-    return value
-
-
 def group_size_for(config: Any, length: int) -> int:
     """The S² group size for a sequence of ``length`` tokens, from ``config`` (see the module docstring)."""
     size = getattr(config, GROUP_SIZE_ATTRIBUTE, None)
@@ -84,10 +79,9 @@ def group_size_for(config: Any, length: int) -> int:
             "set only one of them."
         )
     if size is not None:
-        return _int_at_least(GROUP_SIZE_ATTRIBUTE, size, 2)
+        return check_int(f"config.{GROUP_SIZE_ATTRIBUTE}", size, 2)
     ratio = DEFAULT_GROUP_RATIO if ratio is None else ratio
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise ValueError(f"config.{GROUP_RATIO_ATTRIBUTE}={ratio!r} is invalid: it must be a number in (0, 1].")
+    check_number(f"config.{GROUP_RATIO_ATTRIBUTE}", ratio, 0, 1, exclusive_minimum=True)
     return max(2, int(length * ratio))
 
 
@@ -95,7 +89,7 @@ def num_sink_tokens_for(config: Any) -> int:
     """Sink tokens of ``sink_sfattn``: ``config.sfattn_num_sink_tokens``, else ``config.attention_sinks``, else 4."""
     value = getattr(config, NUM_SINKS_ATTRIBUTE, None)
     if value is not None:
-        return _int_at_least(NUM_SINKS_ATTRIBUTE, value, 0)
+        return check_int(f"config.{NUM_SINKS_ATTRIBUTE}", value, 0)
     recorded = getattr(config, CONFIG_ATTRIBUTE, None)
     if recorded is not None:
         from ..config import SinkConfig  # validates the streaming setup the same way everywhere
@@ -235,10 +229,10 @@ def shifted_sparse_attention(
         raise ValueError(f"shifted-sparse attention needs keys for exactly the queries; got {key.shape[2]} keys for {length} queries.")
     if heads % key.shape[1]:
         raise ValueError(f"{heads} query heads are not a multiple of {key.shape[1]} key/value heads.")
-    _int_at_least("group_size", group_size, 2)
-    _int_at_least("num_sink_tokens", num_sink_tokens, 0)
+    check_int("group_size", group_size, 2)
+    check_int("num_sink_tokens", num_sink_tokens, 0)
     n_rep = heads // key.shape[1]
-    scaling = head_dim**-0.5 if scaling is None else scaling
+    scaling = default_scaling(query, scaling)
     valid = _padding_of(padding_mask, batch, length) if padding_mask is not None else None
 
     order = None
@@ -322,16 +316,11 @@ def _make(name: str, sinks: bool):
 
             return sink_sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
-        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        scaling = default_scaling(query, scaling)
         if not module.training or key.shape[2] != query.shape[2]:  # inference or a cache: plain causal attention
-            dense = stock_mask(attention_mask)
-            if sink_logits is None:
-                return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
-            from .functions import _boolean_mask, _sdpa_kernel, with_sink_logits
+            from .functions import without_sink_cache
 
-            mask = _boolean_mask(dense, query.shape[2], key.shape[2], query.device)
-            out, _ = with_sink_logits(_sdpa_kernel, sink_logits)(query, key, value, mask, scaling, dropout, False)
-            return out.transpose(1, 2).contiguous(), None
+            return without_sink_cache(module, query, key, value, attention_mask, dropout, scaling, sink_logits, **kwargs)
 
         length = query.shape[2]
         out = shifted_sparse_attention(
@@ -346,7 +335,7 @@ def _make(name: str, sinks: bool):
             sink_logits=sink_logits,
             sliding_window=kwargs.get("sliding_window"),
         )
-        return out.transpose(1, 2).contiguous(), None
+        return to_model_layout(out), None
 
     attention.__name__ = attention.__qualname__ = f"{name}_attention_forward"
     attention.__doc__ = (

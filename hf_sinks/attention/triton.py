@@ -28,8 +28,9 @@ import os
 import sys
 import torch
 
-from .functions import _stock_sdpa, make_sink_attention, prepare_chunk, prepare_decode
+from .functions import _stock_sdpa, make_sink_attention_forward, prepare_chunk, prepare_decode
 from .kernel_fallback import sink_attention_torch
+from .preamble import refuse_dropout
 
 BACKENDS = ("auto", "triton", "torch")
 KERNELS_MODULE = "hf_sinks.kernels.sink_attention"
@@ -79,7 +80,7 @@ def select_backend(
     return "torch"
 
 
-def sink_attention(
+def dispatch_sink_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -94,7 +95,9 @@ def sink_attention(
     sink_logits: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sink+window attention on the best available backend; see ``hf_sinks.kernels.sink_attention.sink_attention``.
+    """Sink+window attention dispatched to the best available backend (:func:`select_backend`): the Triton kernel
+    ``hf_sinks.kernels.sink_attention.sink_attention`` or its PyTorch twin
+    :func:`~hf_sinks.attention.kernel_fallback.sink_attention_torch`; same arguments as both.
 
     Returns ``(out [B, H, Tq, Dv], lse [B, H, Tq])``.
     """
@@ -108,17 +111,12 @@ def sink_attention(
 
 
 # ------------------------------------------------------------------------------- the registered function
-def _check_dropout(dropout: float) -> None:
-    if dropout > 0:
-        raise ValueError("sink_triton does not support attention dropout; use sink_sdpa or sink_eager for it.")
-
-
 def _decode(layer, query, key, value, positions, kernel, scaling, dropout, want_weights, sink_logits=None):
-    _check_dropout(dropout)
+    refuse_dropout(dropout, "sink_triton", "use sink_sdpa or sink_eager for it")
     real = prepare_decode(layer, positions)  # sinks now sit in their slots shifted for this query
     k_real = layer.real_idx[:, : layer.filled]
     q_real = real[:, None].expand(query.shape[0], query.shape[2])
-    out, _ = sink_attention(
+    out, _ = dispatch_sink_attention(
         query, key, value, q_real, k_real, None, layer.num_sink_tokens, layer.window_length, None, 0, scaling,
         sink_logits,
     )
@@ -126,7 +124,7 @@ def _decode(layer, query, key, value, positions, kernel, scaling, dropout, want_
 
 
 def _chunk(layer, query, key, value, positions, valid, rotary, kernel, scaling, dropout, want_weights, sink_logits=None):
-    _check_dropout(dropout)
+    refuse_dropout(dropout, "sink_triton", "use sink_sdpa or sink_eager for it")
     if rotary is not None and rotary.interleaved:
         raise ValueError(
             "sink_triton rotates halves (rotate_half); this layer's RoPE pairs neighbouring channels (interleaved, "
@@ -134,7 +132,7 @@ def _chunk(layer, query, key, value, positions, valid, rotary, kernel, scaling, 
         )
     info = prepare_chunk(layer, key, positions, valid)
     inv_freq, rotary_dim = (None, 0) if rotary is None else (rotary.inv_freq, rotary.rotary_dim)
-    out, _ = sink_attention(
+    out, _ = dispatch_sink_attention(
         query, key, value, info.q_real, info.k_real, info.shift, layer.num_sink_tokens, layer.window_length,
         inv_freq, rotary_dim, scaling, sink_logits,
     )
@@ -143,4 +141,4 @@ def _chunk(layer, query, key, value, positions, valid, rotary, kernel, scaling, 
 
 
 # decode/chunk above call the kernel themselves (kernel=None)
-sink_triton_attention_forward = make_sink_attention(None, _stock_sdpa, "sink_triton", _decode, _chunk)
+sink_triton_attention_forward = make_sink_attention_forward(None, _stock_sdpa, "sink_triton", _decode, _chunk)

@@ -8,36 +8,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..cache_layers import layer_of
+from ..attention.preamble import cache_attention, default_scaling, refuse_padding, stock_sdpa, to_model_layout
 from .cache import DUO_ATTENTION, DuoCacheLayer, visibility_mask
 
 #: ``attn_implementation`` name of the gated training attention (``alpha * full + (1 - alpha) * streaming``).
 DUO_GATE_ATTENTION = "duo_gate"
 
+
+def _forget_pending(layer: DuoCacheLayer) -> None:
+    layer.pending = None
+
+
+@cache_attention(DuoCacheLayer, "DuoCache", on_padding=_forget_pending)
 def duo_sdpa_attention_forward(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: Any,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """``attn_implementation="duo_sdpa"``: DuoAttention with a :class:`DuoCache`, stock SDPA without one."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, layer: DuoCacheLayer, scaling: float
+) -> torch.Tensor:
+    """``attn_implementation="duo_sdpa"``: DuoAttention with a :class:`DuoCache`, stock SDPA without one.
 
-    from ..attention.masks import new_token_validity, stock_mask
-
-    layer = layer_of(key, DuoCacheLayer)
-    if layer is None:
-        dense = stock_mask(attention_mask)
-        return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
-    if new_token_validity(attention_mask, query.shape[2]) is not None:
-        layer.pending = None
-        raise ValueError("DuoCache does not support padded batches (the attention mask has padding).")
-    if dropout > 0:
-        raise ValueError(f"dropout={dropout} is not supported with a DuoCache (inference only).")
+    The cache refuses padded batches and dropout (:func:`~hf_sinks.attention.preamble.cache_attention`)."""
     if getattr(module, "config", None) is not None:
         try:
             layer.cache.validate_model_config(module.config)
@@ -45,9 +33,7 @@ def duo_sdpa_attention_forward(
             layer.pending = None
             layer.seen -= key.shape[-2]  # nothing was stored: the cache stays usable with a fitting pattern
             raise
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = layer.attend(query, scaling)
-    return out.transpose(1, 2).contiguous(), None
+    return layer.attend(query, scaling)
 
 
 #: (alpha [L, KVH], S, W) of the running gated forward (set by :func:`gated_attention`).
@@ -83,18 +69,12 @@ def duo_gate_attention_forward(
     ``alpha[layer, kv_head]`` comes from :func:`gated_attention`; outside it this is stock SDPA. Full attention is
     causal; streaming attention applies the sink + window rule; both at the model's absolute positions.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from ..attention.masks import new_token_validity, stock_mask
-
-    dense = stock_mask(attention_mask)
     if not _GATES:
-        return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
-    if new_token_validity(attention_mask, query.shape[2]) is not None:
-        raise ValueError("duo_gate does not support padded batches.")
+        return stock_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    refuse_padding(attention_mask, query, "duo_gate")
     alpha, s, w = _GATES[-1]
     q, n = query.shape[2], key.shape[2]
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scaling = default_scaling(query, scaling)
     qi = torch.arange(n - q, n, device=query.device)
     kj = torch.arange(n, device=query.device)
     gqa = query.shape[1] != key.shape[1]
@@ -107,7 +87,7 @@ def duo_gate_attention_forward(
     stream = F.scaled_dot_product_attention(query, key, value, attn_mask=rule, scale=scaling, enable_gqa=gqa)
     gate = alpha[module.layer_idx].to(query.dtype).repeat_interleave(query.shape[1] // key.shape[1])[None, :, None, None]
     out = gate * full + (1 - gate) * stream
-    return out.transpose(1, 2).contiguous(), None
+    return to_model_layout(out), None
 
 
 def register() -> None:

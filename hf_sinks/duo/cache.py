@@ -8,13 +8,14 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
-from ..cache_layers import RowStateLayer, tag_keys
+from ..cache_layers import RowStateLayer, grow_layers, refuse_crop, tag_keys
 from ..validation import (
     SinkTypeError,
     check_cache_size,
     check_cache_update,
     check_int,
 )
+from ..visibility import sink_visible
 from .pattern import HeadPattern
 
 #: ``attn_implementation`` name of the inference attention (retrieval heads dense, streaming heads sink + window).
@@ -33,9 +34,10 @@ def _streaming_indices(seen: int, s: int, w: int) -> torch.Tensor:
 def visibility_mask(
     query_index: torch.Tensor, key_index: torch.Tensor, num_sink_tokens: int, window_length: int
 ) -> torch.Tensor:
-    """``[q, k]`` bool: query ``i`` sees key ``j`` iff ``j <= i`` and (``j < S`` or ``i - j < W``)."""
-    i, j = query_index[:, None], key_index[None, :]
-    return (j <= i) & ((j < num_sink_tokens) | (i - j < window_length))
+    """``[q, k]`` bool: query ``i`` sees key ``j`` iff ``j <= i`` and (``j < S`` or ``i - j < W``).
+
+    The outer form of :func:`hf_sinks.visibility.sink_visible` over two index vectors."""
+    return sink_visible(query_index[:, None], key_index[None, :], num_sink_tokens, window_length)
 
 
 class DuoCacheLayer(RowStateLayer):
@@ -77,9 +79,6 @@ class DuoCacheLayer(RowStateLayer):
         self.streaming_values = value_states.new_zeros(batch, len(streaming_heads), 0, dv)
         self.is_initialized = True
 
-    def get_seq_length(self) -> int:
-        return self.seen
-
     def get_max_length(self) -> int:
         return -1  # retrieval heads grow without bound
 
@@ -96,14 +95,10 @@ class DuoCacheLayer(RowStateLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.pending is not None:
-            raise ValueError(
-                f"DuoCache needs attn_implementation={DUO_ATTENTION!r}: the previous forward's attention did not "
-                f"consume the cache (a stock attention cannot attend heads over keys of different lengths). Call "
-                f"hf_sinks.duo.register() and load the model with attn_implementation={DUO_ATTENTION!r} "
-                f"(or model.set_attn_implementation({DUO_ATTENTION!r})). If the previous forward failed instead, "
-                f"call cache.reset()."
-            )
+        self.refuse_unattended_pending(
+            "DuoCache", DUO_ATTENTION, "duo",
+            "consume the cache (a stock attention cannot attend heads over keys of different lengths)",
+        )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.pending = (key_states, value_states, self.seen)
@@ -178,17 +173,8 @@ class DuoCacheLayer(RowStateLayer):
     # ------------------------------------------------------------------------------- batch ops
     _ROW_STATE = ("retrieval_keys", "retrieval_values", "streaming_keys", "streaming_values")
 
-    def reset(self) -> None:
-        for name in self._ROW_STATE:
-            setattr(self, name, None)
-        self.is_initialized = False
-        self.seen = 0
-        self.pending = None
-
     def crop(self, max_length: int) -> None:
-        raise NotImplementedError(
-            "DuoCache evicts streaming-head tokens; it cannot be cropped (assisted decoding is unsupported)."
-        )
+        refuse_crop("DuoCache", "streaming-head tokens")
 
 
 def _query_heads(kv_heads: torch.Tensor, groups: int) -> torch.Tensor:
@@ -253,9 +239,7 @@ class DuoCache(Cache):
                 f"DuoCache got layer {layer_idx} but its HeadPattern has {self.pattern.num_layers} layers: the pattern "
                 f"is another model's; build one for this model (HeadPattern.validate(model.config))."
             )
-        while len(self.layers) <= layer_idx:
-            self.layers.append(DuoCacheLayer(self, len(self.layers)))
-        layer = self.layers[layer_idx]
+        layer = grow_layers(self.layers, layer_idx, lambda i: DuoCacheLayer(self, i))
         held = None
         if layer.is_initialized:
             keys = layer.retrieval_keys if layer.retrieval_keys.shape[1] else layer.streaming_keys
@@ -282,6 +266,4 @@ class DuoCache(Cache):
         return total
 
     def crop(self, max_length: int) -> None:
-        raise NotImplementedError(
-            "DuoCache evicts streaming-head tokens; it cannot be cropped (assisted decoding is unsupported)."
-        )
+        refuse_crop("DuoCache", "streaming-head tokens")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..validation import check_number
 
 
 #: Format tag written into saved patterns.
@@ -98,8 +99,7 @@ class HeadPattern:
             raise ValueError(f"scores must be a non-empty [num_layers, num_key_value_heads] tensor, got {tuple(scores.shape)}.")
         _check_finite("scores", scores)
         if sparsity is not None:
-            if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= 1:
-                raise ValueError(f"sparsity={sparsity!r} must be a number in [0, 1] (the fraction of streaming heads).")
+            check_number("sparsity", sparsity, 0, 1, hint="the fraction of streaming heads")
             flat = scores.flatten()
             k = round(sparsity * flat.numel())
             order = torch.argsort(flat, stable=True)
@@ -107,8 +107,7 @@ class HeadPattern:
             retrieval[order[:k]] = False
             retrieval = retrieval.view_as(scores)
         else:
-            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-                raise ValueError(f"threshold={threshold!r} must be a finite number.")
+            check_number("threshold", threshold)
             retrieval = scores >= threshold
         meta = dict(metadata or {})
         meta.update({"sparsity": sparsity} if sparsity is not None else {"threshold": threshold})

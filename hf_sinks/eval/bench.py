@@ -31,8 +31,9 @@ from typing import Iterable, Sequence
 import torch
 
 from ..compat import cache_kwargs
+from ..visibility import visible_keys
 from .memory import cache_bytes, rss_bytes
-from .perplexity import make_cache, sink_attention, visible_positions
+from .perplexity import make_cache, use_sink_attention
 
 BENCH_MODES = ("sink", "dense", "recompute")
 
@@ -164,7 +165,7 @@ def decode_benchmark(
 
 
 def _attention_for(model, mode: str):
-    return sink_attention(model) if mode == "sink" else nullcontext()
+    return use_sink_attention(model) if mode == "sink" else nullcontext()
 
 
 def _decode_steps(model, ids, state: dict, count: int, device) -> list[float]:
@@ -185,7 +186,7 @@ def _time_recompute(model, ids, length, sinks, window, count, device) -> list[fl
     times = []
     for k in range(count):
         query = length + k  # the next token after `length` streamed tokens (stream index `length + k`)
-        visible = visible_positions(query, sinks, window, device)
+        visible = visible_keys(query, sinks, window, device)
         tokens = _tokens(ids, 0, query + 1)[visible][None]
         positions = torch.arange(tokens.shape[1], device=device)[None]
         _sync(device)

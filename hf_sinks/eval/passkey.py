@@ -36,7 +36,8 @@ from typing import Any, Sequence
 import torch
 
 from ..compat import cache_kwargs
-from .perplexity import make_cache, sink_attention
+from ..validation import check_int, check_number
+from .perplexity import make_cache, use_sink_attention
 
 PASSKEY_MODES = ("dense", "sink", "h2o", "duo")
 INSTRUCTION = (
@@ -69,10 +70,8 @@ def make_passkey_prompt(tokenizer: Any, context_length: int, depth: float, key: 
     The tokenizer's own special prefix (e.g. a BOS) is kept. If the fixed parts (prefix, instruction, needle,
     question) alone are longer than ``context_length``, the prompt has no filler and is that long.
     """
-    if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0 <= depth <= 1:
-        raise ValueError(f"depth={depth!r} must be a number in [0, 1].")
-    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
-        raise ValueError(f"context_length={context_length!r} must be an integer >= 1.")
+    check_number("depth", depth, 0, 1)
+    check_int("context_length", context_length, 1)
     key = str(key)
     if not key.isdigit():
         raise ValueError(f"key={key!r} must be a string of digits.")
@@ -108,7 +107,7 @@ def _passkey_cache(model, stack: ExitStack, mode, num_sink_tokens, window_length
     """The cache ``mode`` reads the prompt with; switches ``model`` to the mode's attention inside ``stack``."""
     if mode in ("dense", "sink"):
         if mode == "sink":
-            stack.enter_context(sink_attention(model))
+            stack.enter_context(use_sink_attention(model))
         return make_cache(model, mode, num_sink_tokens, window_length)
     from ..attention.switch import use_attention
 
@@ -231,8 +230,7 @@ def passkey_accuracy(
         ("num_sink_tokens", num_sink_tokens, 0),
         ("window_length", window_length, 1),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name}={value!r} must be an integer >= {minimum}.")
+        check_int(name, value, minimum)
     if not context_lengths or not depths:
         raise ValueError(f"context_lengths={list(context_lengths)!r} and depths={list(depths)!r} must not be empty.")
     _check_cache_arguments(model, mode, heavy_budget, pattern)

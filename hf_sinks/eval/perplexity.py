@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ..attention.switch import use_attention
 from ..compat import cache_kwargs
 from ..validation import check_choice, check_int, check_token_ids
+from ..visibility import visible_keys
 from .memory import MemoryMeter, cache_bytes
 
 MODES = ("dense", "window", "sink", "recompute")
@@ -131,7 +132,7 @@ def _as_stream(input_ids) -> torch.Tensor:
 
 
 @contextmanager
-def sink_attention(model: torch.nn.Module, name: str = "sink_sdpa"):
+def use_sink_attention(model: torch.nn.Module, name: str = "sink_sdpa"):
     """Run ``model`` with a ``sink_*`` attention for the duration (it already has one: nothing changes).
 
     A stock attention would process a chunk that runs past the cache capacity with dense attention; the ``sink_*``
@@ -218,7 +219,7 @@ def streaming_perplexity(
             return _recompute_steps(model, stream, sinks, window)
         return _cached_steps(model, stream, make_cache(model, mode, sinks, window), chunk_size)
 
-    context = sink_attention(model) if mode in ("sink", "window") else nullcontext()
+    context = use_sink_attention(model) if mode in ("sink", "window") else nullcontext()
     return _measure(model, ids, mode, steps, context, sinks, window, chunk_size, progress)
 
 
@@ -234,7 +235,7 @@ def _cache_route(model: torch.nn.Module, cache) -> tuple[str, Any, int | None, i
 
     if isinstance(cache, SinkCache):
         mode = "window" if cache.num_sink_tokens == 0 else "sink"
-        return mode, sink_attention(model), cache.num_sink_tokens, cache.window_length, {}
+        return mode, use_sink_attention(model), cache.num_sink_tokens, cache.window_length, {}
     if isinstance(cache, H2OCache):
         register_h2o()
         return ("h2o", use_attention(model, H2O_ATTENTION, route=True), cache.num_sink_tokens, cache.window_length,
@@ -337,19 +338,12 @@ def _cached_steps(model, stream, cache, chunk_size):
         yield begin, out.logits[0], cache
 
 
-def visible_positions(i: int, num_sink_tokens: int, window_length: int, device=None) -> torch.Tensor:
-    """Indices visible to query ``i`` (``j <= i`` and (``j < S`` or ``i - j < W``)), as a tensor, in O(S + W)."""
-    first_window = min(max(num_sink_tokens, i - window_length + 1), i + 1)
-    sinks = torch.arange(min(num_sink_tokens, i + 1), device=device)
-    return torch.cat([sinks, torch.arange(first_window, i + 1, device=device)])
-
-
 def _recompute_steps(model, stream, sinks, window):
     for i in range(stream.numel()):
-        visible = stream[visible_positions(i, sinks, window, stream.device)][None]
+        visible = stream[visible_keys(i, sinks, window, stream.device)][None]
         positions = torch.arange(visible.shape[1], device=stream.device)[None]
         out = model(input_ids=visible, position_ids=positions, use_cache=False, logits_to_keep=1)
         yield i, out.logits[0, -1:], None
 
 
-__all__ = ["MODES", "StreamingResult", "make_cache", "sink_attention", "streaming_perplexity", "validate", "visible_positions"]
+__all__ = ["MODES", "StreamingResult", "make_cache", "streaming_perplexity", "use_sink_attention", "validate"]

@@ -2,44 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from ..cache_layers import layer_of
+from ..attention.preamble import cache_attention
 from .cache import H2O_ATTENTION, H2OCacheLayer
 
 
+@cache_attention(H2OCacheLayer, "H2OCache")
 def h2o_sdpa_attention_forward(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: Any,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """``attn_implementation="h2o_sdpa"``: H2O attention with an :class:`H2OCache`, stock SDPA without one."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, layer: H2OCacheLayer, scaling: float
+) -> torch.Tensor:
+    """``attn_implementation="h2o_sdpa"``: H2O attention with an :class:`H2OCache`, stock SDPA without one.
 
-    from ..attention.masks import new_token_validity, stock_mask
-
-    layer = layer_of(key, H2OCacheLayer)
-    if layer is None:
-        dense = stock_mask(attention_mask)
-        return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
-    if new_token_validity(attention_mask, query.shape[2]) is not None:
-        raise ValueError("H2OCache does not support padded batches (the attention mask has padding).")
-    if dropout > 0:
-        raise ValueError(f"dropout={dropout} is not supported with an H2OCache (inference only).")
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    The cache refuses padded batches and dropout (:func:`~hf_sinks.attention.preamble.cache_attention`)."""
     if layer.cache.positions == "cache" and layer.cache.rotary is None:
         from ..rope import RotaryParams
 
         layer.cache.rotary = RotaryParams.from_config(module.config)
-    out = layer.attend(query, scaling)
-    return out.transpose(1, 2).contiguous(), None
+    return layer.attend(query, scaling)
 
 
 def register() -> None:

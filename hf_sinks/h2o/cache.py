@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from ..cache_layers import RowStateLayer, tag_keys
+from ..cache_layers import RowStateLayer, grow_layers, refuse_crop, tag_keys
 from ..validation import (
     SinkTypeError,
     check_cache_size,
@@ -15,6 +15,7 @@ from ..validation import (
     check_choice,
     check_int,
 )
+from ..visibility import sink_visible
 
 #: ``attn_implementation`` name of the score-accumulating attention.
 H2O_ATTENTION = "h2o_sdpa"
@@ -63,9 +64,6 @@ class H2OCacheLayer(RowStateLayer):
         self.count = 0
         self.is_initialized = True
 
-    def get_seq_length(self) -> int:
-        return self.seen
-
     def get_max_length(self) -> int:
         return self.cache.capacity
 
@@ -87,13 +85,7 @@ class H2OCacheLayer(RowStateLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.pending is not None:
-            raise ValueError(
-                f"H2OCache needs attn_implementation={H2O_ATTENTION!r}: the previous forward's attention did not "
-                f"accumulate scores (a stock attention cannot). Call hf_sinks.h2o.register() and load the model "
-                f"with attn_implementation={H2O_ATTENTION!r} (or model.set_attn_implementation({H2O_ATTENTION!r})). "
-                f"If the previous forward failed instead, call cache.reset()."
-            )
+        self.refuse_unattended_pending("H2OCache", H2O_ATTENTION, "h2o", "accumulate scores (a stock attention cannot)")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
@@ -141,10 +133,10 @@ class H2OCacheLayer(RowStateLayer):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _evict(self, scores, index, held, nxt):
-        """Per row and head, the held non-sink slot outside the next query's window with the lowest score (oldest
-        on ties): ``[B, KVH, 1]``."""
+        """Per row and head, the held slot the next query (index ``nxt``) would not see by the sink + window rule
+        (not a sink, outside its window) with the lowest score (oldest on ties): ``[B, KVH, 1]``."""
         s, w = self.cache.num_sink_tokens, self.cache.window_length
-        candidates = held & (index >= s) & (index <= nxt - w)
+        candidates = held & ~sink_visible(nxt, index, s, w)  # held tokens are all earlier than nxt
         masked = scores.masked_fill(~candidates, float("inf"))
         lowest = masked.min(-1, keepdim=True).values
         return index.masked_fill(masked != lowest, torch.iinfo(torch.long).max).argmin(-1, keepdim=True)
@@ -258,13 +250,11 @@ class H2OCacheLayer(RowStateLayer):
     _ROW_STATE = ("keys", "values", "token_index", "scores", "free")
 
     def reset(self) -> None:
-        self.keys = self.values = None
-        self.is_initialized = False
-        self.seen = self.count = 0
-        self.pending = None
+        super().reset()
+        self.count = 0
 
     def crop(self, max_length: int) -> None:
-        raise NotImplementedError("H2OCache evicts tokens; it cannot be cropped (assisted decoding is unsupported).")
+        refuse_crop("H2OCache")
 
 
 class H2OCache(Cache):
@@ -323,9 +313,7 @@ class H2OCache(Cache):
                 f"seen={self.get_seq_length()})")
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        while len(self.layers) <= layer_idx:
-            self.layers.append(H2OCacheLayer(self))
-        layer = self.layers[layer_idx]
+        layer = grow_layers(self.layers, layer_idx, lambda _: H2OCacheLayer(self))
         held = (layer.keys.shape[0], layer.keys.shape[1], layer.keys.shape[-1]) if layer.is_initialized else None
         check_cache_update("H2OCache", self.layers, layer_idx, key_states, held)
         return layer.update(key_states, value_states, *args, **kwargs)
@@ -339,7 +327,7 @@ class H2OCache(Cache):
         return self.layers[layer_idx].kept_states()[0]
 
     def crop(self, max_length: int) -> None:
-        raise NotImplementedError("H2OCache evicts tokens; it cannot be cropped (assisted decoding is unsupported).")
+        refuse_crop("H2OCache")
 
 
 __all__ = ["H2OCache", "H2OCacheLayer", "H2O_ATTENTION", "POSITION_MODES", "QUERY_BLOCK"]

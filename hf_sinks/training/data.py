@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from ..validation import check_int
+
 #: Label value the loss ignores (transformers' convention).
 IGNORE_INDEX = -100
 
@@ -80,14 +82,12 @@ class PackedDataset(Dataset):
     ):
         ids = torch.as_tensor(token_ids).long().flatten()
         minimum = 3 if sink_token_id is not None else 2
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < minimum:
-            raise ValueError(f"seq_len={seq_len!r} must be an int >= {minimum}.")
+        check_int("seq_len", seq_len, minimum)
         self.seq_len = seq_len
         self.sink_token_id = sink_token_id
         self.text_len = seq_len - (1 if sink_token_id is not None else 0)
         self.stride = self.text_len if stride is None else stride
-        if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1:
-            raise ValueError(f"stride={stride!r} must be an int >= 1.")
+        check_int("stride", self.stride, 1)
         if ids.numel() < self.text_len:
             raise ValueError(
                 f"The text has {ids.numel()} tokens, fewer than one row of {self.text_len} text tokens "

@@ -27,6 +27,7 @@ import torch
 
 from ..compat import checkpointing_kwargs_name, checkpointing_training_args
 from ..config import CONFIG_ATTRIBUTE
+from ..validation import check_int
 from .data import PackedDataset, tokenize_text
 from .recipes import SinkRecipe, attention_is_registered, forget_dequantized_gguf, lora_recipe
 
@@ -256,8 +257,7 @@ class DistributedSetupError(RuntimeError):
 
 def check_world_size(got: int, expected: int) -> None:
     """Raise :class:`DistributedSetupError` when the processes that train together (``got``) are not the ``expected`` number."""
-    if isinstance(expected, bool) or not isinstance(expected, int) or expected < 1:
-        raise ValueError(f"expected_world_size={expected!r} must be an int >= 1.")
+    check_int("expected_world_size", expected, 1)
     if got == expected:
         return
     env = {k: os.environ[k] for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_CPU") if k in os.environ}

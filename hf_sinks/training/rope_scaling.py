@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ..validation import check_int
+
 #: Types this helper knows how to set, in preference order; each is offered only if transformers implements it.
 KNOWN_ROPE_TYPES = ("linear", "yarn", "dynamic")
 #: Types hf_sinks' streaming cache refuses (their frequencies depend on the sequence length).
@@ -63,8 +65,7 @@ def rope_scaling_for_length(config: Any, target_length: int, rope_type: str = "l
     Returns ``None`` when ``target_length`` already fits (no interpolation needed). The factor composes with an
     existing linear factor (it multiplies it), as in LongLoRA PR #113.
     """
-    if isinstance(target_length, bool) or not isinstance(target_length, int) or target_length < 1:
-        raise ValueError(f"target_length must be an int >= 1, got {target_length!r}.")
+    check_int("target_length", target_length, 1)
     existing = dict(getattr(config, "rope_parameters", None) or {})
     existing_factor = float(existing.get("factor", 1.0)) if existing.get("rope_type") == "linear" else 1.0
     trained = config.max_position_embeddings

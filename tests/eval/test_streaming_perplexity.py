@@ -10,7 +10,6 @@ from helpers import random_ids, tiny_model
 
 from hf_sinks.eval import StreamingResult, cache_bytes, streaming_perplexity
 from hf_sinks.eval.data import load_token_ids, read_text, strip_gutenberg
-from hf_sinks.eval.perplexity import visible_positions
 from hf_sinks.oracle import recompute_logits
 
 S, W = 2, 10
@@ -117,12 +116,6 @@ def test_one_layer_sink_equals_recompute():
     sink = streaming_perplexity(m, ids, mode="sink", num_sink_tokens=S, window_length=W, chunk_size=8, progress=False)
     rec = streaming_perplexity(m, ids, mode="recompute", num_sink_tokens=S, window_length=W, progress=False)
     torch.testing.assert_close(sink.nll, rec.nll, atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("i", [0, 1, 2, 5, 11, 12, 13, 40])
-def test_visible_positions_matches_the_rule(i):
-    expected = [j for j in range(i + 1) if j < S or i - j < W]
-    assert visible_positions(i, S, W).tolist() == expected
 
 
 def test_cache_bytes():

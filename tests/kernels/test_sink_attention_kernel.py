@@ -41,6 +41,7 @@ from hf_sinks.attention.reference import reference_sink_attention  # noqa: E402
 from hf_sinks.kernels import sink_attention as K  # noqa: E402
 from hf_sinks.oracle import reference_logits  # noqa: E402
 from hf_sinks.rope import RotaryParams, apply_rotary  # noqa: E402
+from hf_sinks.visibility import sink_visible  # noqa: E402
 from hf_sinks.compat import cache_kwargs
 
 #: Why the kernels cannot run in this process (None: they can).
@@ -185,6 +186,78 @@ def test_ring_ordered_columns_and_empty_slots():
     assert_close("out", reference_sink_attention(q, k, v, S, W, rotary, scaling=0.3), out, 2e-5)
 
 
+# ------------------------------------------------------------- kernel vs the one Python visibility rule
+def _attention_from_rule(q, k, v, q_real, k_real, s, w, scaling, sink_logits):
+    """Dense fp64 attention whose mask is ``hf_sinks.visibility.sink_visible`` (rows that see nothing: 0, -inf)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    mask = sink_visible(q_real[:, None, :, None], k_real[:, None, None, :], s, w)  # [B, 1, Tq, Tk]
+    seen = mask.any(-1, keepdim=True)
+    scores = ((q @ k.transpose(-1, -2)) * scaling).masked_fill(~mask, float("-inf"))
+    if sink_logits is not None:
+        scores = torch.cat([scores, sink_logits[None, :, None, None].expand(*scores.shape[:-1], 1)], dim=-1)
+    scores = torch.where(seen, scores, torch.zeros_like(scores))  # padding rows: finite, zeroed below
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    weights = torch.exp(scores - lse)
+    if sink_logits is not None:
+        weights = weights[..., :-1]
+    return (weights @ v) * seen, lse.squeeze(-1).masked_fill(~seen.squeeze(-1), float("-inf"))
+
+
+RULE_CASES = [  # B, H, H_kv, Tq, Tk, S, W, sink_logits, num_splits
+    pytest.param(2, 2, 1, 1, 40, 3, 9, False, None, id="decode-ring-empty-slots"),
+    pytest.param(1, 4, 2, 1, 64, 2, 20, True, 4, id="decode-split-keys-sinklogits"),
+    pytest.param(2, 2, 2, 13, 50, 4, 6, True, None, id="chunk-shuffled-padded"),
+    pytest.param(1, 2, 1, 24, 70, 0, 5, False, None, id="S0-window-only"),
+    pytest.param(1, 2, 2, 9, 30, 5, 1, False, None, id="W1"),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("B,H,H_kv,Tq,Tk,S,W,with_sink_logits,num_splits", RULE_CASES)
+def test_kernel_matches_attention_masked_by_the_python_rule(backend, B, H, H_kv, Tq, Tk, S, W, with_sink_logits,
+                                                            num_splits):
+    """The kernel keeps its own inline copy of the rule (Triton cannot call Python): pin it to ``sink_visible``.
+
+    Arbitrary real indices (shuffled key columns, ``-1`` empty slots and padding queries), no rotation, so the only
+    thing deciding the result is which keys each query sees; outputs, lse and gradients must agree."""
+    gen = torch.Generator().manual_seed(Tq * 100 + Tk)
+    d = 16
+    q = torch.randn(B, H, Tq, d, dtype=torch.float64, generator=gen, requires_grad=True)
+    k = torch.randn(B, H_kv, Tk, d, dtype=torch.float64, generator=gen, requires_grad=True)
+    v = torch.randn(B, H_kv, Tk, d, dtype=torch.float64, generator=gen, requires_grad=True)
+    sink_logits = torch.randn(H, dtype=torch.float64, generator=gen, requires_grad=True) if with_sink_logits else None
+    k_real, q_real = [], []
+    for _ in range(B):  # keys: a shuffled subset of 0..2Tk-1 plus empty slots; queries: real keys (+ padding)
+        held = torch.randperm(2 * Tk, generator=gen)[: Tk - 3]
+        k_real.append(torch.cat([held, torch.full((3,), -1)])[torch.randperm(Tk, generator=gen)])
+        queries = held.sort().values[-Tq:] if Tq == 1 else held[torch.randperm(len(held), generator=gen)[:Tq]]
+        q_real.append(queries)
+    k_real, q_real = torch.stack(k_real), torch.stack(q_real)
+    if Tq > 2:
+        q_real[0, :2] = -1  # padding queries
+    leaves = [q, k, v] + ([sink_logits] if with_sink_logits else [])
+    do = torch.randn(B, H, Tq, d, dtype=torch.float64, generator=gen)
+
+    out_ref, lse_ref = _attention_from_rule(q, k, v, q_real, k_real, S, W, 0.3, sink_logits)
+    grads_ref = torch.autograd.grad((out_ref * do).sum(), leaves)
+    cast = lambda t: t.to(device=DEVICE, dtype=torch.float32)  # noqa: E731
+    args = (cast(q), cast(k), cast(v), q_real.to(DEVICE), k_real.to(DEVICE), None, S, W, None, 0, 0.3,
+            None if sink_logits is None else cast(sink_logits))
+    if backend == "triton":
+        out, lse = K.sink_attention(*args, num_splits=num_splits)
+    else:
+        out, lse = kernel_fallback.sink_attention_torch(*args)
+    grads = torch.autograd.grad((out.double().cpu() * do).sum(), leaves)
+
+    assert_close("out", out_ref, out, 2e-5)
+    finite = torch.isfinite(lse_ref)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    torch.testing.assert_close(lse.cpu().double()[finite], lse_ref.detach()[finite], atol=1e-5, rtol=0)
+    for name, ref, got in zip(["dq", "dk", "dv", "dsink_logits"], grads_ref, grads):
+        assert_close(name, ref, got, 2e-5)
+
+
 # ------------------------------------------------------------------ sink_triton through a SinkCache
 MODULE = types.SimpleNamespace(config=types.SimpleNamespace(model_type="llama"))
 
@@ -296,13 +369,13 @@ def test_disable_env_selects_the_fallback_with_the_same_results(monkeypatch):
     expected, _ = K.sink_attention(*(a.to(DEVICE) if torch.is_tensor(a) else a for a in args))
     monkeypatch.setenv("HF_SINKS_DISABLE_TRITON", "1")
     assert sink_triton.select_backend(DEVICE) == "torch"
-    out, _ = sink_triton.sink_attention(*args)
+    out, _ = sink_triton.dispatch_sink_attention(*args)
     torch.testing.assert_close(out, expected.cpu(), atol=1e-5, rtol=0)
     with pytest.raises(RuntimeError, match=r"forced \(backend='triton'\).*HF_SINKS_DISABLE_TRITON=1 is set"):
-        sink_triton.sink_attention(*args, backend="triton")
+        sink_triton.dispatch_sink_attention(*args, backend="triton")
     monkeypatch.setenv("HF_SINKS_FORCE_TRITON", "1")
     with pytest.raises(RuntimeError, match=r"forced \(HF_SINKS_FORCE_TRITON=1\).*HF_SINKS_DISABLE_TRITON=1"):
-        sink_triton.sink_attention(*args)
+        sink_triton.dispatch_sink_attention(*args)
 
 
 def test_forcing_triton_without_cuda_or_interpreter_names_the_reason(monkeypatch):
@@ -310,12 +383,12 @@ def test_forcing_triton_without_cuda_or_interpreter_names_the_reason(monkeypatch
     monkeypatch.setattr(K, "LANGUAGE_INTERPRETED", False)
     args = _tiny_args()  # CPU tensors
     assert sink_triton.select_backend("cpu") == "torch"
-    sink_triton.sink_attention(*args)  # auto: falls back silently
+    sink_triton.dispatch_sink_attention(*args)  # auto: falls back silently
     with pytest.raises(RuntimeError, match="cannot run: the tensors are on 'cpu': the Triton kernels need CUDA"):
-        sink_triton.sink_attention(*args, backend="triton")
+        sink_triton.dispatch_sink_attention(*args, backend="triton")
     monkeypatch.setenv("HF_SINKS_FORCE_TRITON", "1")
     with pytest.raises(RuntimeError, match=r"HF_SINKS_FORCE_TRITON=1\) but cannot run: the tensors are on 'cpu'"):
-        sink_triton.sink_attention(*args)
+        sink_triton.dispatch_sink_attention(*args)
     with pytest.raises(RuntimeError, match="cannot run: the tensors are on 'cpu'"):
         K.sink_attention(*args)  # the kernel module's own entry point refuses too
 
