@@ -40,9 +40,18 @@ def _train(args, model, tokenizer, train_ids, out: Path, t0: float):
     from hf_sinks.training import finetune
 
     result = finetune(
-        model, tokenizer, args.recipe, train_ids, seq_len=args.seq_len, max_steps=args.max_steps,
-        learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, output_dir=args.adapter_dir,
-        seed=args.seed, r=args.r, lora_alpha=2 * args.r,
+        model,
+        tokenizer,
+        args.recipe,
+        train_ids,
+        seq_len=args.seq_len,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        output_dir=args.adapter_dir,
+        seed=args.seed,
+        r=args.r,
+        lora_alpha=2 * args.r,
         max_train_seconds=args.max_train_minutes * 60 if args.max_train_minutes else None,
     )
     steps_done = max((row.get("step", 0) for row in result.log_history), default=0)
@@ -69,9 +78,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default="docs/benchmarks/finetune_smollm2")
     p.add_argument("--adapter-dir", default="/tmp/hf_sinks_ft_smollm2")
-    p.add_argument("--eval-only", action="store_true",
-                   help="skip training: evaluate the adapter already in --adapter-dir (training fields of an existing "
-                        "summary.json in --output-dir are kept)")
+    p.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="skip training: evaluate the adapter already in --adapter-dir (training fields of an existing "
+        "summary.json in --output-dir are kept)",
+    )
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -87,7 +99,9 @@ def main() -> None:
     pristine = copy.deepcopy(model)  # fresh bases for the reload and the base evaluations (no second GGUF load)
     ids = tokenize_text(tokenizer, None)
     train_ids, held_out = split_token_ids(ids, args.held_out)
-    print(f"text: {ids.numel()} tokens; training on the first {train_ids.numel()}, held out the last {held_out.numel()}")
+    print(
+        f"text: {ids.numel()} tokens; training on the first {train_ids.numel()}, held out the last {held_out.numel()}"
+    )
 
     # ------------------------------------------------------------------ train
     previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
@@ -115,13 +129,27 @@ def main() -> None:
         stream = held_out
         if with_sink_token:
             stream = prepend_sink_token(held_out, sink_id)
-        r = streaming_perplexity(m, stream, mode=mode, num_sink_tokens=sinks, window_length=C - sinks,
-                                 chunk_size=args.chunk_size, progress=False)
+        r = streaming_perplexity(
+            m,
+            stream,
+            mode=mode,
+            num_sink_tokens=sinks,
+            window_length=C - sinks,
+            chunk_size=args.chunk_size,
+            progress=False,
+        )
         nll = r.nll[1:] if with_sink_token else r.nll  # same targets in every row
         ppl = math.exp(float(nll.double().mean()))
-        row = {"model": label, "sink_token": with_sink_token, "mode": mode,
-               "num_sink_tokens": sinks if mode != "dense" else "", "window_length": C - sinks if mode != "dense" else "",
-               "targets": nll.numel(), "perplexity": round(ppl, 4), "tokens_per_second": round(r.tokens_per_second, 1)}
+        row = {
+            "model": label,
+            "sink_token": with_sink_token,
+            "mode": mode,
+            "num_sink_tokens": sinks if mode != "dense" else "",
+            "window_length": C - sinks if mode != "dense" else "",
+            "targets": nll.numel(),
+            "perplexity": round(ppl, 4),
+            "tokens_per_second": round(r.tokens_per_second, 1),
+        }
         rows.append(row)
         print(row, flush=True)
         with open(out / "perplexity.csv", "w", newline="") as f:  # rewritten after every row: partial results survive
@@ -141,12 +169,26 @@ def main() -> None:
     run("fine-tuned", tuned, 1)
 
     summary = {
-        "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized fp32)", "recipe": args.recipe, "seq_len": args.seq_len,
-        "max_steps": args.max_steps, "steps_done": steps_done, "learning_rate": args.learning_rate, "warmup_steps": args.warmup_steps,
-        "r": args.r, "lora_alpha": 2 * args.r, "batch_size": 1, "train_tokens": train_ids.numel(),
-        "held_out_tokens": held_out.numel(), "cache_size": C, "chunk_size": args.chunk_size,
-        "threads": args.threads, "seconds_total": round(time.time() - t0, 1), "seconds_train_incl_load": None if train_seconds is None else round(train_seconds, 1),
-        "machine": f"{platform.machine()} CPU, torch {torch.__version__}", "eval_only": args.eval_only, "rows": rows,
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized fp32)",
+        "recipe": args.recipe,
+        "seq_len": args.seq_len,
+        "max_steps": args.max_steps,
+        "steps_done": steps_done,
+        "learning_rate": args.learning_rate,
+        "warmup_steps": args.warmup_steps,
+        "r": args.r,
+        "lora_alpha": 2 * args.r,
+        "batch_size": 1,
+        "train_tokens": train_ids.numel(),
+        "held_out_tokens": held_out.numel(),
+        "cache_size": C,
+        "chunk_size": args.chunk_size,
+        "threads": args.threads,
+        "seconds_total": round(time.time() - t0, 1),
+        "seconds_train_incl_load": None if train_seconds is None else round(train_seconds, 1),
+        "machine": f"{platform.machine()} CPU, torch {torch.__version__}",
+        "eval_only": args.eval_only,
+        "rows": rows,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

@@ -34,8 +34,24 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "finetune_sinks.py"
-FIELDS = ["recipe", "processes", "threads_per_process", "per_device_batch", "global_batch", "seq_len", "steps",
-          "train_runtime_s", "steps_per_s", "samples_per_s", "tokens_per_s", "final_loss", "loadavg_1min", "wall_s", "repeats", "runs_steps_per_s"]
+FIELDS = [
+    "recipe",
+    "processes",
+    "threads_per_process",
+    "per_device_batch",
+    "global_batch",
+    "seq_len",
+    "steps",
+    "train_runtime_s",
+    "steps_per_s",
+    "samples_per_s",
+    "tokens_per_s",
+    "final_loss",
+    "loadavg_1min",
+    "wall_s",
+    "repeats",
+    "runs_steps_per_s",
+]
 
 
 def build_model(directory: Path, hidden: int, layers: int) -> None:
@@ -50,9 +66,16 @@ def build_model(directory: Path, hidden: int, layers: int) -> None:
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<unk>")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=int(hidden * 8 / 3) // 8 * 8,
-                         max_position_embeddings=4096, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=int(hidden * 8 / 3) // 8 * 8,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+    )
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 
@@ -64,10 +87,33 @@ def free_port() -> int:
 
 
 def run(model_dir: Path, out: Path, recipe: str, processes: int, threads: int, args: argparse.Namespace) -> dict:
-    train = [str(EXAMPLE), "--model", str(model_dir), "--recipe", recipe, "--seq-len", str(args.seq_len),
-             "--max-steps", str(args.steps), "--per-device-train-batch-size", str(args.per_device_batch),
-             "--learning-rate", "1e-3", "--warmup-steps", "0", "--output-dir", str(out), "--no-progress",
-             "--no-plot", "--demo-tokens", "0", "--threads", str(threads), "--expect-world-size", str(processes)]
+    train = [
+        str(EXAMPLE),
+        "--model",
+        str(model_dir),
+        "--recipe",
+        recipe,
+        "--seq-len",
+        str(args.seq_len),
+        "--max-steps",
+        str(args.steps),
+        "--per-device-train-batch-size",
+        str(args.per_device_batch),
+        "--learning-rate",
+        "1e-3",
+        "--warmup-steps",
+        "0",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+        "--no-plot",
+        "--demo-tokens",
+        "0",
+        "--threads",
+        str(threads),
+        "--expect-world-size",
+        str(processes),
+    ]
     bin_dir = Path(sys.executable).parent
     if processes == 1:
         cmd = [sys.executable, *train]
@@ -87,12 +133,20 @@ def run(model_dir: Path, out: Path, recipe: str, processes: int, threads: int, a
     steps_per_s = float(timing.group(2))
     global_batch = processes * args.per_device_batch
     return {
-        "recipe": recipe, "processes": processes, "threads_per_process": threads,
-        "per_device_batch": args.per_device_batch, "global_batch": global_batch, "seq_len": args.seq_len,
-        "steps": args.steps, "train_runtime_s": round(float(timing.group(1)), 3), "steps_per_s": round(steps_per_s, 4),
+        "recipe": recipe,
+        "processes": processes,
+        "threads_per_process": threads,
+        "per_device_batch": args.per_device_batch,
+        "global_batch": global_batch,
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "train_runtime_s": round(float(timing.group(1)), 3),
+        "steps_per_s": round(steps_per_s, 4),
         "samples_per_s": round(steps_per_s * global_batch, 3),
         "tokens_per_s": round(steps_per_s * global_batch * args.seq_len, 1),
-        "final_loss": float(loss.group(1)), "loadavg_1min": round(load, 2), "wall_s": round(wall, 1),
+        "final_loss": float(loss.group(1)),
+        "loadavg_1min": round(load, 2),
+        "wall_s": round(wall, 1),
     }
 
 
@@ -113,15 +167,21 @@ def plot(rows: list[dict], path: Path) -> None:
     for i, recipe in enumerate(recipes):
         by_label = {f"{r['processes']} proc x {r['threads_per_process']} thr": r for r in rows if r["recipe"] == recipe}
         xs = [j + i * width for j in range(len(labels))]
-        axes[0].bar(xs, [by_label[label]["steps_per_s"] if label in by_label else 0 for label in labels], width, label=recipe)
-        axes[1].bar(xs, [by_label[label]["samples_per_s"] if label in by_label else 0 for label in labels], width, label=recipe)
+        axes[0].bar(
+            xs, [by_label[label]["steps_per_s"] if label in by_label else 0 for label in labels], width, label=recipe
+        )
+        axes[1].bar(
+            xs, [by_label[label]["samples_per_s"] if label in by_label else 0 for label in labels], width, label=recipe
+        )
     for ax, ylabel in zip(axes, ("optimizer steps / s", "samples / s (global batch x steps/s)")):
         ax.set_xticks([j + width * (len(recipes) - 1) / 2 for j in range(len(labels))], labels)
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
         ax.legend()
     r0 = rows[0]
-    fig.suptitle(f"finetune_sinks.py on CPU (gloo): {r0['per_device_batch']} x {r0['seq_len']} tokens per process per step")
+    fig.suptitle(
+        f"finetune_sinks.py on CPU (gloo): {r0['per_device_batch']} x {r0['seq_len']} tokens per process per step"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -148,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         build_model(model_dir, args.hidden, args.layers)
         for recipe in args.recipes.split(","):
             for processes, threads in configs:
-                runs = [run(model_dir, Path(tmp) / f"{recipe}-{processes}x{threads}-{i}", recipe, processes, threads, args)
-                        for i in range(args.repeats)]
+                runs = [
+                    run(model_dir, Path(tmp) / f"{recipe}-{processes}x{threads}-{i}", recipe, processes, threads, args)
+                    for i in range(args.repeats)
+                ]
                 row = max(runs, key=lambda r: r["steps_per_s"])
                 row["repeats"] = args.repeats
                 row["runs_steps_per_s"] = " ".join(str(r["steps_per_s"]) for r in runs)

@@ -16,7 +16,8 @@ pair, backward 2.5x the forward), so every provider is measured against the same
 ``torch.cuda.max_memory_allocated`` during the timed calls. Results go to a long-format CSV (one row per provider x
 mode x dtype x length, with GPU name, versions and timestamp) and a PNG beside it::
 
-    python benchmarks/benchmark_shifted_sparse_attention.py              # docs/benchmarks/shifted_sparse_attention.{csv,png}
+    # writes docs/benchmarks/shifted_sparse_attention.{csv,png}
+    python benchmarks/benchmark_shifted_sparse_attention.py
     python benchmarks/benchmark_shifted_sparse_attention.py --group-size 2048 --sinks 0 --dtypes bf16
     python benchmarks/benchmark_shifted_sparse_attention.py --smoke      # CPU: check the script only
 """
@@ -47,8 +48,9 @@ def parse_args(argv):
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--sinks", type=int, default=4, help="num_sink_tokens S (0: plain S²-Attn)")
-    p.add_argument("--out", type=Path, default=OUT_DIR / "shifted_sparse_attention.csv",
-                   help="CSV path; the PNG goes beside it")
+    p.add_argument(
+        "--out", type=Path, default=OUT_DIR / "shifted_sparse_attention.csv", help="CSV path; the PNG goes beside it"
+    )
     p.add_argument("--smoke", action="store_true", help="CPU + TRITON_INTERPRET, tiny shapes: checks the script only")
     args = p.parse_args(argv)
     if args.smoke:
@@ -94,8 +96,11 @@ def head_masks(t, g, s):
     """``[T, T]`` boolean masks of the plain and the shifted heads (for ``sdpa_mask``)."""
     i = torch.arange(t, device=DEVICE)[:, None]
     j = torch.arange(t, device=DEVICE)[None, :]
-    return [(j <= i) & ((j < s) | (torch.div(i + off, g, rounding_mode="floor")
-                                   == torch.div(j + off, g, rounding_mode="floor"))) for off in (0, g // 2)]
+    return [
+        (j <= i)
+        & ((j < s) | (torch.div(i + off, g, rounding_mode="floor") == torch.div(j + off, g, rounding_mode="floor")))
+        for off in (0, g // 2)
+    ]
 
 
 def sdpa_fn(g, s, t, heads):
@@ -107,8 +112,11 @@ def sdpa_fn(g, s, t, heads):
         outs = []
         for mask, (h0, h1) in zip(masks, ((0, half), (half, heads))):
             kv = torch.arange(h0, h1, device=q.device) // groups  # each query head's KV head (a copy, as repeat_kv)
-            outs.append(F.scaled_dot_product_attention(q[:, h0:h1], k.index_select(1, kv), v.index_select(1, kv),
-                                                       attn_mask=mask, scale=scale))
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q[:, h0:h1], k.index_select(1, kv), v.index_select(1, kv), attn_mask=mask, scale=scale
+                )
+            )
         return torch.cat(outs, dim=1)
 
     return call
@@ -177,11 +185,24 @@ def bench(t, dtype, mode, providers):
 # ---------------------------------------------------------------------------------------------------- output
 def _row(mode, provider, dtype, t, g, ms, tflops, peak, err):
     return {
-        "kernel_name": "shifted_sparse_attention", "mode": mode, "provider": provider,
-        "dtype": str(dtype).replace("torch.", ""), "x_name": "seq_len", "x_value": t, "group_size": g,
-        "ms_50": round(ms[0], 5), "ms_20": round(ms[1], 5), "ms_80": round(ms[2], 5), "metric_name": "TFLOP/s",
-        "metric_value": round(tflops, 4), "peak_mem_mib": round(peak, 1), "max_abs_diff_triton_vs_ref": f"{err:.2e}",
-        "batch": ARGS.batch, "heads": ARGS.heads, "kv_heads": ARGS.kv_heads, "head_dim": ARGS.head_dim,
+        "kernel_name": "shifted_sparse_attention",
+        "mode": mode,
+        "provider": provider,
+        "dtype": str(dtype).replace("torch.", ""),
+        "x_name": "seq_len",
+        "x_value": t,
+        "group_size": g,
+        "ms_50": round(ms[0], 5),
+        "ms_20": round(ms[1], 5),
+        "ms_80": round(ms[2], 5),
+        "metric_name": "TFLOP/s",
+        "metric_value": round(tflops, 4),
+        "peak_mem_mib": round(peak, 1),
+        "max_abs_diff_triton_vs_ref": f"{err:.2e}",
+        "batch": ARGS.batch,
+        "heads": ARGS.heads,
+        "kv_heads": ARGS.kv_heads,
+        "head_dim": ARGS.head_dim,
         "num_sink_tokens": ARGS.sinks,
         **common.provenance(DEVICE),
     }
@@ -199,8 +220,9 @@ def plot(rows, path):
         sel = [r for r in rows if r["mode"] == mode]
         for provider in dict.fromkeys(r["provider"] for r in sel):
             for dtype in dict.fromkeys(r["dtype"] for r in sel):
-                pts = sorted((r["x_value"], r["ms_50"]) for r in sel
-                             if r["provider"] == provider and r["dtype"] == dtype)
+                pts = sorted(
+                    (r["x_value"], r["ms_50"]) for r in sel if r["provider"] == provider and r["dtype"] == dtype
+                )
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=f"{provider} {dtype}")
         ax.set_xscale("log", base=2)
@@ -212,9 +234,11 @@ def plot(rows, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     first = rows[0]
-    fig.suptitle(f"shifted sparse attention, B={first['batch']} H={first['heads']} H_kv={first['kv_heads']} "
-                 f"D={first['head_dim']}; {first['device']}; torch {first['torch']}, triton {first['triton']}",
-                 fontsize=10)
+    fig.suptitle(
+        f"shifted sparse attention, B={first['batch']} H={first['heads']} H_kv={first['kv_heads']} "
+        f"D={first['head_dim']}; {first['device']}; torch {first['torch']}, triton {first['triton']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -229,10 +253,13 @@ def main():
             for t in ARGS.sizes:
                 new = bench(t, dtype, mode, providers)
                 for r in new:
-                    print(f"{r['mode']:>7} {r['dtype']:>8} {r['x_value']:>6} G={r['group_size']:<6} "
-                          f"{r['provider']:<10} {r['ms_50']:>10.4f} ms {r['metric_value']:>9.2f} TFLOP/s "
-                          f"{r['peak_mem_mib']:>9.1f} MiB  (triton vs ref max|diff| "
-                          f"{r['max_abs_diff_triton_vs_ref']})", flush=True)
+                    print(
+                        f"{r['mode']:>7} {r['dtype']:>8} {r['x_value']:>6} G={r['group_size']:<6} "
+                        f"{r['provider']:<10} {r['ms_50']:>10.4f} ms {r['metric_value']:>9.2f} TFLOP/s "
+                        f"{r['peak_mem_mib']:>9.1f} MiB  (triton vs ref max|diff| "
+                        f"{r['max_abs_diff_triton_vs_ref']})",
+                        flush=True,
+                    )
                 rows += new
     common.write_csv(rows, ARGS.out)
     plot(rows, ARGS.out.with_suffix(".png"))

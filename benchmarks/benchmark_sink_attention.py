@@ -29,7 +29,7 @@ a model calls them, through a ``SinkCache``, bookkeeping included):
 Timing: ``triton.testing.do_bench`` (median, 20th and 80th percentiles, ms). Results are written as a long-format CSV
 (one row per provider x mode x dtype x size, with GPU name, versions and timestamp) and a PNG beside it::
 
-    python benchmarks/benchmark_sink_attention.py                         # writes docs/benchmarks/sink_attention.{csv,png}
+    python benchmarks/benchmark_sink_attention.py           # writes docs/benchmarks/sink_attention.{csv,png}
     python benchmarks/benchmark_sink_attention.py --modes decode --dtypes bf16 --decode-sizes 4096 65536
     python benchmarks/benchmark_sink_attention.py --smoke                 # CPU: check the script only
 """
@@ -172,8 +172,14 @@ def _decode_layer(attention, n, dtype, gen):
     k = torch.randn(b, hk, prompt, d, device=DEVICE, dtype=dtype, generator=gen)
     keys, values = cache.update(k, k.clone(), 0)
     pos = torch.arange(prompt, device=DEVICE)[None]
-    sink_triton_attention_forward(MODULE, torch.randn(b, h, prompt, d, device=DEVICE, dtype=dtype, generator=gen),
-                                  keys, values, None, position_ids=pos)  # prefill (commits the chunk)
+    sink_triton_attention_forward(
+        MODULE,
+        torch.randn(b, h, prompt, d, device=DEVICE, dtype=dtype, generator=gen),
+        keys,
+        values,
+        None,
+        position_ids=pos,
+    )  # prefill (commits the chunk)
     q1 = torch.randn(b, h, 1, d, device=DEVICE, dtype=dtype, generator=gen)
     k1 = torch.randn(b, hk, 1, d, device=DEVICE, dtype=dtype, generator=gen)
     state = {"pos": prompt}
@@ -242,11 +248,24 @@ def _prefill_layer(attention, q, k, v, rp):
 # ---------------------------------------------------------------------------------------------------- output
 def _row(mode, provider, dtype, x_name, x_value, ms, metric, value, err, s, w):
     return {
-        "kernel_name": "sink_attention", "mode": mode, "provider": provider, "dtype": str(dtype).replace("torch.", ""),
-        "x_name": x_name, "x_value": x_value, "ms_50": round(ms[0], 5), "ms_20": round(ms[1], 5),
-        "ms_80": round(ms[2], 5), "metric_name": metric, "metric_value": round(value, 3),
-        "max_abs_diff_triton_vs_sdpa": f"{err:.2e}", "batch": ARGS.batch, "heads": ARGS.heads,
-        "kv_heads": ARGS.kv_heads, "head_dim": ARGS.head_dim, "num_sink_tokens": s, "window_length": w,
+        "kernel_name": "sink_attention",
+        "mode": mode,
+        "provider": provider,
+        "dtype": str(dtype).replace("torch.", ""),
+        "x_name": x_name,
+        "x_value": x_value,
+        "ms_50": round(ms[0], 5),
+        "ms_20": round(ms[1], 5),
+        "ms_80": round(ms[2], 5),
+        "metric_name": metric,
+        "metric_value": round(value, 3),
+        "max_abs_diff_triton_vs_sdpa": f"{err:.2e}",
+        "batch": ARGS.batch,
+        "heads": ARGS.heads,
+        "kv_heads": ARGS.kv_heads,
+        "head_dim": ARGS.head_dim,
+        "num_sink_tokens": s,
+        "window_length": w,
         **common.provenance(DEVICE),
     }
 
@@ -263,8 +282,9 @@ def plot(rows, path):
         sel = [r for r in rows if r["mode"] == mode]
         for provider in dict.fromkeys(r["provider"] for r in sel):
             for dtype in dict.fromkeys(r["dtype"] for r in sel):
-                pts = sorted((r["x_value"], r["metric_value"]) for r in sel
-                             if r["provider"] == provider and r["dtype"] == dtype)
+                pts = sorted(
+                    (r["x_value"], r["metric_value"]) for r in sel if r["provider"] == provider and r["dtype"] == dtype
+                )
                 if pts:
                     style = "-" if dtype == "float16" else "--"
                     ax.plot(*zip(*pts), style, marker="o", label=f"{provider} {dtype}")
@@ -276,9 +296,12 @@ def plot(rows, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     first = rows[0]
-    fig.suptitle(f"sink attention, B={first['batch']} H={first['heads']} H_kv={first['kv_heads']} "
-                 f"D={first['head_dim']}; "
-                 f"{first['device']}; torch {first['torch']}, triton {first['triton']}", fontsize=10)
+    fig.suptitle(
+        f"sink attention, B={first['batch']} H={first['heads']} H_kv={first['kv_heads']} "
+        f"D={first['head_dim']}; "
+        f"{first['device']}; torch {first['torch']}, triton {first['triton']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -298,9 +321,12 @@ def main():
         for bench, size, providers in jobs:
             new = bench(size, dtype, providers)
             for r in new:
-                print(f"{r['mode']:>7} {r['dtype']:>8} {r['x_value']:>6} {r['provider']:<18} {r['ms_50']:>10.4f} ms "
-                      f"{r['metric_value']:>10.2f} {r['metric_name']}  (triton vs sdpa max|diff| "
-                      f"{r['max_abs_diff_triton_vs_sdpa']})", flush=True)
+                print(
+                    f"{r['mode']:>7} {r['dtype']:>8} {r['x_value']:>6} {r['provider']:<18} {r['ms_50']:>10.4f} ms "
+                    f"{r['metric_value']:>10.2f} {r['metric_name']}  (triton vs sdpa max|diff| "
+                    f"{r['max_abs_diff_triton_vs_sdpa']})",
+                    flush=True,
+                )
             rows += new
     common.write_csv(rows, ARGS.out)
     plot(rows, ARGS.out.with_suffix(".png"))

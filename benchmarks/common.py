@@ -34,8 +34,10 @@ def exit_without_cuda(script: str, smoke: bool) -> None:
     import torch
 
     if not smoke and not torch.cuda.is_available():
-        print(f"{script} needs a CUDA GPU (the Triton kernels are timed there, never on CPU); no CUDA device found, "
-              "nothing to do. Use --smoke to check the script on CPU.")
+        print(
+            f"{script} needs a CUDA GPU (the Triton kernels are timed there, never on CPU); no CUDA device found, "
+            "nothing to do. Use --smoke to check the script on CPU."
+        )
         sys.exit(0)
 
 
@@ -66,7 +68,9 @@ def provenance(device: str) -> dict:
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke, TRITON_INTERPRET=1)",
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hf_sinks": hf_sinks.__version__, "torch": torch.__version__, "triton": triton.__version__,
+        "hf_sinks": hf_sinks.__version__,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
         "transformers": transformers.__version__,
     }
 

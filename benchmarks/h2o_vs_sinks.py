@@ -48,7 +48,9 @@ def main(argv=None) -> int:
     p.add_argument("--replot", action="store_true", help="only redraw nll_vs_dense.png from --output-dir's CSV")
     args = p.parse_args(argv)
     if args.replot:
-        plot_vs_dense(_read_curves(Path(args.output_dir) / "perplexity.csv"), Path(args.output_dir) / "nll_vs_dense.png")
+        plot_vs_dense(
+            _read_curves(Path(args.output_dir) / "perplexity.csv"), Path(args.output_dir) / "nll_vs_dense.png"
+        )
         return 0
 
     from hf_sinks.default_model import load_model_and_tokenizer
@@ -64,29 +66,42 @@ def main(argv=None) -> int:
     budget = s + w + h
     progress = not args.no_progress
     chunk = args.chunk_size
+
     def h2o(cache):
         return streaming_perplexity(model, ids, chunk_size=chunk, progress=progress, cache=cache)
 
     plan = {
-        "dense": (f"dense", None, lambda: streaming_perplexity(model, ids, "dense", chunk_size=chunk, progress=progress)),
-        "sink": (f"sink {s}+{budget - s}", (s, budget - s, 0),
-                 lambda: streaming_perplexity(model, ids, "sink", s, budget - s, chunk_size=chunk, progress=progress)),
+        "dense": (
+            "dense",
+            None,
+            lambda: streaming_perplexity(model, ids, "dense", chunk_size=chunk, progress=progress),
+        ),
+        "sink": (
+            f"sink {s}+{budget - s}",
+            (s, budget - s, 0),
+            lambda: streaming_perplexity(model, ids, "sink", s, budget - s, chunk_size=chunk, progress=progress),
+        ),
         "h2o": (f"h2o {s}+{w}+{h}", (s, w, h), lambda: h2o(H2OCache(s, w, h))),
-        "h2o_cache": (f"h2o {s}+{w}+{h} cache-pos", (s, w, h),
-                      lambda: h2o(H2OCache(s, w, h, positions="cache"))),
-        "h2o_no_heavy": (f"h2o {s}+{budget - s}+0", (s, budget - s, 0),
-                         lambda: h2o(H2OCache(s, budget - s, 0))),
+        "h2o_cache": (f"h2o {s}+{w}+{h} cache-pos", (s, w, h), lambda: h2o(H2OCache(s, w, h, positions="cache"))),
+        "h2o_no_heavy": (f"h2o {s}+{budget - s}+0", (s, budget - s, 0), lambda: h2o(H2OCache(s, budget - s, 0))),
         "h2o_no_sinks": (f"h2o 0+{w}+{h + s}", (0, w, h + s), lambda: h2o(H2OCache(0, w, h + s))),
-        "window": (f"window 0+{budget}", (0, budget, 0),
-                   lambda: streaming_perplexity(model, ids, "window", 0, budget, chunk_size=chunk, progress=progress)),
+        "window": (
+            f"window 0+{budget}",
+            (0, budget, 0),
+            lambda: streaming_perplexity(model, ids, "window", 0, budget, chunk_size=chunk, progress=progress),
+        ),
     }
     runs = []
     for name in [r.strip() for r in args.runs.split(",") if r.strip()]:
         label, sizes, fn = plan[name]
         result = fn()
         runs.append((label, sizes, result))
-        print(f"{label}: ppl {result.perplexity:.3f}, {result.tokens_per_second:.1f} tokens/s, "
-              f"peak KV {result.peak_cache_bytes / 2**20:.2f} MiB", file=sys.stderr, flush=True)
+        print(
+            f"{label}: ppl {result.perplexity:.3f}, {result.tokens_per_second:.1f} tokens/s, "
+            f"peak KV {result.peak_cache_bytes / 2**20:.2f} MiB",
+            file=sys.stderr,
+            flush=True,
+        )
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,23 +114,53 @@ def main(argv=None) -> int:
                 writer.writerow([label, k + 1, f"{float(r.nll[k]):.6f}", f"{float(cum[k]):.6f}", int(r.cache_bytes[k])])
     with (out / "summary.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["label", "num_sink_tokens", "window_length", "heavy_budget", "keys_per_query", "tokens",
-                         "chunk_size", "perplexity", "ppl_last_half", "tokens_per_second", "peak_kv_cache_bytes"])
+        writer.writerow(
+            [
+                "label",
+                "num_sink_tokens",
+                "window_length",
+                "heavy_budget",
+                "keys_per_query",
+                "tokens",
+                "chunk_size",
+                "perplexity",
+                "ppl_last_half",
+                "tokens_per_second",
+                "peak_kv_cache_bytes",
+            ]
+        )
         half = ids.shape[1] // 2
         for label, sizes, r in runs:
             last_half = float(torch.exp(r.nll[half:].double().mean()))
             sizes = sizes or ("", "", "")
-            writer.writerow([label, *sizes, sum(sizes) if sizes[0] != "" else r.num_tokens, r.num_tokens, r.chunk_size,
-                             f"{r.perplexity:.4f}", f"{last_half:.4f}", f"{r.tokens_per_second:.2f}", r.peak_cache_bytes])
-    title = (f"SmolLM2-135M-Instruct, {args.num_tokens} tokens of the default text, chunk {chunk}, budget {budget} keys "
-             f"per query; {platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)")
-    plot_perplexity([(label, r.nll, r.cache_bytes) for label, _, r in runs], out / "perplexity.png", title=title,
-                    smooth=256)
+            writer.writerow(
+                [
+                    label,
+                    *sizes,
+                    sum(sizes) if sizes[0] != "" else r.num_tokens,
+                    r.num_tokens,
+                    r.chunk_size,
+                    f"{r.perplexity:.4f}",
+                    f"{last_half:.4f}",
+                    f"{r.tokens_per_second:.2f}",
+                    r.peak_cache_bytes,
+                ]
+            )
+    title = (
+        f"SmolLM2-135M-Instruct, {args.num_tokens} tokens of the default text, chunk {chunk}, budget {budget} keys "
+        f"per query; {platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)"
+    )
+    plot_perplexity(
+        [(label, r.nll, r.cache_bytes) for label, _, r in runs], out / "perplexity.png", title=title, smooth=256
+    )
     curves = {label: r.nll for label, _, r in runs}
     if "dense" in curves:
         plot_vs_dense(curves, out / "nll_vs_dense.png", title=title)
     for label, _, r in runs:
-        print(f"{label:>18}: ppl {r.perplexity:8.3f}  {r.tokens_per_second:7.1f} tok/s  KV {r.peak_cache_bytes / 2**20:.2f} MiB")
+        print(
+            f"{label:>18}: ppl {r.perplexity:8.3f}  {r.tokens_per_second:7.1f} tok/s  "
+            f"KV {r.peak_cache_bytes / 2**20:.2f} MiB"
+        )
     print(f"wrote {out / 'perplexity.csv'}, {out / 'summary.csv'}, {out / 'perplexity.png'}")
     return 0
 
@@ -141,8 +186,12 @@ def plot_vs_dense(curves: dict[str, torch.Tensor], path: Path, smooth: int = 512
         diff = nll.double() - dense
         ratio = float(torch.exp(diff.mean()))
         x = torch.arange(1, diff.numel() + 1)
-        ax.plot(x[smooth:], moving_average(diff, smooth)[smooth:], label=f"{label} (ppl x{ratio:.3f} of dense)",
-                linestyle="--" if label.startswith("window") else "-")
+        ax.plot(
+            x[smooth:],
+            moving_average(diff, smooth)[smooth:],
+            label=f"{label} (ppl x{ratio:.3f} of dense)",
+            linestyle="--" if label.startswith("window") else "-",
+        )
     ax.axhline(0, color="black", linewidth=1)
     ax.set_xlabel("tokens streamed")
     ax.set_ylabel(f"NLL - dense NLL (nats, mean of the last {smooth} tokens)")

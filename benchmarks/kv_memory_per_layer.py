@@ -26,8 +26,9 @@ import torch
 
 
 def make_cache(spec: str, model):
-    import hf_sinks
     from transformers import DynamicCache
+
+    import hf_sinks
 
     if spec == "dynamic":
         return DynamicCache(config=model.config)
@@ -49,8 +50,10 @@ def main(argv: list[str] | None = None) -> None:
         from hf_sinks.default_model import model_display_name
 
         with open(Path(args.output_dir) / "kv_memory.csv") as f:
-            rows = [{**r, "tokens": int(r["tokens"]), "layer": int(r["layer"]), "bytes": int(r["bytes"])}
-                    for r in csv.DictReader(f)]
+            rows = [
+                {**r, "tokens": int(r["tokens"]), "layer": int(r["layer"]), "bytes": int(r["bytes"])}
+                for r in csv.DictReader(f)
+            ]
         plot(rows, Path(args.output_dir) / "kv_memory.png", f"{model_display_name(args.model)}: KV cache per layer")
         return
 
@@ -101,8 +104,12 @@ def plot(rows, path: Path, title: str) -> None:
     for i, spec in enumerate(caches):
         layer_rows = [r for r in rows if r["cache"] == spec and r["tokens"] == longest]
         label = spec if spec == "dynamic" else f"SinkCache {spec}"
-        ax1.bar([r["layer"] + (i - (len(caches) - 1) / 2) * width for r in layer_rows],
-                [r["bytes"] / 2**20 for r in layer_rows], width=width, label=label)
+        ax1.bar(
+            [r["layer"] + (i - (len(caches) - 1) / 2) * width for r in layer_rows],
+            [r["bytes"] / 2**20 for r in layer_rows],
+            width=width,
+            label=label,
+        )
         lengths = sorted({r["tokens"] for r in rows})
         totals = [sum(r["bytes"] for r in rows if r["cache"] == spec and r["tokens"] == n) / 2**20 for n in lengths]
         ax2.plot(lengths, totals, marker="o", label=label)
@@ -111,8 +118,13 @@ def plot(rows, path: Path, title: str) -> None:
         if kind == "full_attention":
             ax1.axvspan(layer - 0.45, layer + 0.45, color="grey", alpha=0.15, lw=0)
     ax1.set(xlabel="layer (grey: global layers)", ylabel="KV MiB", title=f"per layer after {longest} tokens")
-    ax2.set(xlabel="tokens streamed", ylabel="KV MiB (all layers)", title="total vs stream length", xscale="log",
-            yscale="log")
+    ax2.set(
+        xlabel="tokens streamed",
+        ylabel="KV MiB (all layers)",
+        title="total vs stream length",
+        xscale="log",
+        yscale="log",
+    )
     ax2.set_xticks(lengths, [str(n) for n in lengths])
     ax2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax2.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())

@@ -84,25 +84,60 @@ def main() -> None:
             continue
         for column, model, mode, sinks, prefix in runs:
             t = time.time()
-            for row in passkey_accuracy(model, tokenizer, [length], depths, args.trials, mode=mode, num_sink_tokens=sinks,
-                                        window_length=C - sinks, chunk_size=args.chunk_size, seed=args.seed,
-                                        progress=False, prefix_ids=prefix):
-                rows.append({"run": column, "model": column.split(" ")[0], **row, "label": column,
-                             "seconds": round(time.time() - t, 1)})
-                print(f"{column:40s} length {length:5d} depth {row['depth']:.1f}: {row['correct']}/{row['trials']}  "
-                      f"{row['answers']}", flush=True)
+            for row in passkey_accuracy(
+                model,
+                tokenizer,
+                [length],
+                depths,
+                args.trials,
+                mode=mode,
+                num_sink_tokens=sinks,
+                window_length=C - sinks,
+                chunk_size=args.chunk_size,
+                seed=args.seed,
+                progress=False,
+                prefix_ids=prefix,
+            ):
+                rows.append(
+                    {
+                        "run": column,
+                        "model": column.split(" ")[0],
+                        **row,
+                        "label": column,
+                        "seconds": round(time.time() - t, 1),
+                    }
+                )
+                print(
+                    f"{column:40s} length {length:5d} depth {row['depth']:.1f}: {row['correct']}/{row['trials']}  "
+                    f"{row['answers']}",
+                    flush=True,
+                )
             with open(out / "passkey.csv", "w", newline="") as f:  # rewritten as it goes: partial results survive
                 w = csv.DictWriter(f, fieldnames=list(rows[0]))
                 w.writeheader()
                 w.writerows(rows)
         done.append(length)
 
-    plot_passkey(rows, out / "passkey.png", title=f"Passkey, SmolLM2-135M base vs sink_token fine-tune, cache {C} "
-                 f"({args.trials} trials x {len(depths)} depths)")
+    plot_passkey(
+        rows,
+        out / "passkey.png",
+        title=f"Passkey, SmolLM2-135M base vs sink_token fine-tune, cache {C} "
+        f"({args.trials} trials x {len(depths)} depths)",
+    )
     total = time.time() - t0
-    summary = {"lengths": done, "skipped_lengths": skipped, "depths": depths, "trials": args.trials, "cache_size": C,
-               "chunk_size": args.chunk_size, "threads": args.threads, "seed": args.seed, "sink_token_id": sink_id,
-               "seconds_total": round(total, 1), "machine": f"{platform.machine()} CPU, torch {torch.__version__}"}
+    summary = {
+        "lengths": done,
+        "skipped_lengths": skipped,
+        "depths": depths,
+        "trials": args.trials,
+        "cache_size": C,
+        "chunk_size": args.chunk_size,
+        "threads": args.threads,
+        "seed": args.seed,
+        "sink_token_id": sink_id,
+        "seconds_total": round(total, 1),
+        "machine": f"{platform.machine()} CPU, torch {torch.__version__}",
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     columns = [r[0] for r in runs]

@@ -57,9 +57,15 @@ def main(argv: list[str] | None = None) -> None:
     settings = {
         "dense": dict(mode="dense"),
         "sink": dict(mode="sink", num_sink_tokens=s, window_length=args.window_length),
-        "h2o": dict(mode="h2o", num_sink_tokens=s, window_length=args.h2o_window_length, heavy_budget=args.heavy_budget),
-        "duo": dict(mode="duo", num_sink_tokens=args.duo_sink_tokens, window_length=args.duo_window_length,
-                    pattern=HeadPattern.load(args.pattern, config=model.config)),
+        "h2o": dict(
+            mode="h2o", num_sink_tokens=s, window_length=args.h2o_window_length, heavy_budget=args.heavy_budget
+        ),
+        "duo": dict(
+            mode="duo",
+            num_sink_tokens=args.duo_sink_tokens,
+            window_length=args.duo_window_length,
+            pattern=HeadPattern.load(args.pattern, config=model.config),
+        ),
     }
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(settings))
@@ -71,15 +77,26 @@ def main(argv: list[str] | None = None) -> None:
     for length in lengths:  # length-major: a run cut short still has every method at the shorter lengths
         for method in methods:
             start = time.perf_counter()
-            new = passkey_accuracy(model, tokenizer, context_lengths=[length], depths=depths, trials=args.trials,
-                                   chunk_size=args.chunk_size, progress=False, **settings[method])
+            new = passkey_accuracy(
+                model,
+                tokenizer,
+                context_lengths=[length],
+                depths=depths,
+                trials=args.trials,
+                chunk_size=args.chunk_size,
+                progress=False,
+                **settings[method],
+            )
             seconds = time.perf_counter() - start
             for row in new:
                 row["seconds"] = round(seconds / len(new), 1)
             rows += new
             correct = sum(r["correct"] for r in new)
-            print(f"{length:>6} {new[0]['label']:>32}: {correct}/{len(depths) * args.trials}, "
-                  f"KV {new[0]['kv_bytes'] / 2**20:.1f} MiB, {seconds:.0f} s", flush=True)
+            print(
+                f"{length:>6} {new[0]['label']:>32}: {correct}/{len(depths) * args.trials}, "
+                f"KV {new[0]['kv_bytes'] / 2**20:.1f} MiB, {seconds:.0f} s",
+                flush=True,
+            )
             with open(out / "passkey.csv", "w", newline="", encoding="utf-8") as f:
                 writer = csv.DictWriter(f, fieldnames=list(rows[0]))
                 writer.writeheader()
@@ -89,8 +106,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _title(trials: int, num_depths: int) -> str:
-    return (f"Passkey retrieval, SmolLM2-135M ({trials} trials x {num_depths} depths per length)\n"
-            "sink, h2o: ~1024 keys per KV head; duo (under dense): half the heads keep all")
+    return (
+        f"Passkey retrieval, SmolLM2-135M ({trials} trials x {num_depths} depths per length)\n"
+        "sink, h2o: ~1024 keys per KV head; duo (under dense): half the heads keep all"
+    )
 
 
 if __name__ == "__main__":

@@ -48,11 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(parser)
-    parser.add_argument("--demo-tokens", type=int, default=64, help="after training, stream this many tokens (0: no demo)")
+    parser.add_argument(
+        "--demo-tokens", type=int, default=64, help="after training, stream this many tokens (0: no demo)"
+    )
     parser.add_argument("--demo-prompt", default="ACT I. SCENE I.", help="prompt of the streaming demo")
-    parser.add_argument("--expect-world-size", type=int, default=None,
-                        help="number of training processes the launch must give (default: $WORLD_SIZE, else 1); "
-                             "an error before training otherwise")
+    parser.add_argument(
+        "--expect-world-size",
+        type=int,
+        default=None,
+        help="number of training processes the launch must give (default: $WORLD_SIZE, else 1); "
+        "an error before training otherwise",
+    )
     return parser
 
 
@@ -76,13 +82,20 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. the recipe: LoRA config, modules_to_save / trainable_token_indices, attention, streaming setup
     recipe = lora_recipe(
-        model, args.recipe, r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        model,
+        args.recipe,
+        r=args.r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
         target_modules=args.target_modules.split(",") if args.target_modules else None,
-        train_embeddings=not args.no_train_embeddings, train_norms=not args.no_train_norms,
-        learned_sink_logits=args.learned_sink_logits, rope_scaling=rope_scaling_from_args(args),
+        train_embeddings=not args.no_train_embeddings,
+        train_norms=not args.no_train_norms,
+        learned_sink_logits=args.learned_sink_logits,
+        rope_scaling=rope_scaling_from_args(args),
         attn_implementation=None if args.attn_implementation.lower() == "none" else args.attn_implementation,
         num_sink_tokens=args.num_sink_tokens,
-        window_length=args.window_length, tokenizer=tokenizer,
+        window_length=args.window_length,
+        tokenizer=tokenizer,
     )
 
     # 3. packed text -> Trainer (DDP / FSDP / DeepSpeed come from `accelerate launch`)
@@ -92,12 +105,24 @@ def main(argv: list[str] | None = None) -> int:
     training_args = {"bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing}
     try:
         result = finetune(
-            model, tokenizer, recipe, ids, seq_len=args.seq_len, max_steps=args.max_steps,
-            learning_rate=args.learning_rate, output_dir=args.output_dir,
+            model,
+            tokenizer,
+            recipe,
+            ids,
+            seq_len=args.seq_len,
+            max_steps=args.max_steps,
+            learning_rate=args.learning_rate,
+            output_dir=args.output_dir,
             per_device_train_batch_size=args.per_device_train_batch_size,
-            gradient_accumulation_steps=args.gradient_accumulation_steps, warmup_steps=args.warmup_steps,
-            lr_scheduler_type=args.lr_scheduler_type, logging_steps=args.logging_steps, seed=args.seed,
-            max_rows=args.max_rows, progress=not args.no_progress, plot=not args.no_plot, training_args=training_args,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            warmup_steps=args.warmup_steps,
+            lr_scheduler_type=args.lr_scheduler_type,
+            logging_steps=args.logging_steps,
+            seed=args.seed,
+            max_rows=args.max_rows,
+            progress=not args.no_progress,
+            plot=not args.no_plot,
+            training_args=training_args,
             expected_world_size=expected_world_size,
         )
     except DistributedSetupError as e:
@@ -112,16 +137,25 @@ def main(argv: list[str] | None = None) -> int:
     state = PartialState()
     engine = AcceleratorState().distributed_type.value  # set up by Trainer: FSDP / DEEPSPEED show here, not in `state`
     sharded = sum(type(p).__name__ == "DTensor" for p in result.model.parameters())
-    print(f"rank {state.process_index} of {state.num_processes} ({engine}, backend {state.backend}): "
-          f"{len(result.losses)} logged steps; {sharded} sharded (DTensor) parameter tensors", flush=True)
+    print(
+        f"rank {state.process_index} of {state.num_processes} ({engine}, backend {state.backend}): "
+        f"{len(result.losses)} logged steps; {sharded} sharded (DTensor) parameter tensors",
+        flush=True,
+    )
     if state.is_main_process:
         losses = result.losses
         if losses:
-            print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} logged steps; saved to {result.output_dir}/")
+            print(
+                f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} logged steps; "
+                f"saved to {result.output_dir}/"
+            )
         summary = next((row for row in reversed(result.log_history) if "train_runtime" in row), None)
         if summary is not None:  # Trainer's own timing of the training loop (all processes, one global step each)
-            print(f"train_runtime {summary['train_runtime']:.3f} s; {summary['train_steps_per_second']:.4f} steps/s; "
-                  f"{summary['train_samples_per_second']:.4f} samples/s", flush=True)
+            print(
+                f"train_runtime {summary['train_runtime']:.3f} s; {summary['train_steps_per_second']:.4f} steps/s; "
+                f"{summary['train_samples_per_second']:.4f} samples/s",
+                flush=True,
+            )
         if args.demo_tokens > 0:
             stream_demo(args, tokenizer, recipe.sink_token_id)
     # every rank leaves together and closes its process group (no rank tears gloo down under another one)
@@ -143,8 +177,12 @@ def stream_demo(args: argparse.Namespace, tokenizer, sink_token_id: int | None) 
     prompt = tokenizer(args.demo_prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     if sink_token_id is not None:
         prompt = prepend_sink_token(prompt, sink_token_id)
-    out = tuned.generate(prompt, max_new_tokens=args.demo_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id or 0)
+    out = tuned.generate(
+        prompt,
+        max_new_tokens=args.demo_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id or 0,
+    )
     sinks = handle.sink_config
     print(f"--- streaming with {sinks.num_sink_tokens} sink(s) + window {sinks.window_length} ---")
     print(tokenizer.decode(out[0], skip_special_tokens=True))

@@ -47,8 +47,15 @@ def main() -> None:
     for mode in args.modes.split(","):
         start = time.perf_counter()
         rows += passkey_accuracy(
-            model, tokenizer, context_lengths=lengths, depths=depths, trials=args.trials, mode=mode,
-            num_sink_tokens=args.num_sink_tokens, window_length=args.window_length, chunk_size=args.chunk_size,
+            model,
+            tokenizer,
+            context_lengths=lengths,
+            depths=depths,
+            trials=args.trials,
+            mode=mode,
+            num_sink_tokens=args.num_sink_tokens,
+            window_length=args.window_length,
+            chunk_size=args.chunk_size,
             max_new_tokens=args.max_new_tokens,
         )
         print(f"{mode}: {time.perf_counter() - start:.0f} s", flush=True)
@@ -56,7 +63,11 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    plot_passkey(rows, out / "passkey.png", title=f"Passkey retrieval, SmolLM2-135M ({args.trials} trials x {len(depths)} depths)")
+    plot_passkey(
+        rows,
+        out / "passkey.png",
+        title=f"Passkey retrieval, SmolLM2-135M ({args.trials} trials x {len(depths)} depths)",
+    )
 
     print("| context | depth | " + " | ".join(dict.fromkeys(r["label"] for r in rows)) + " |")
     for n in lengths:

@@ -78,13 +78,23 @@ class ProgressStreamer(TextStreamer):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M-Instruct), an HF model dir, or a .gguf file")
-    p.add_argument("--attn-implementation", default="sink_sdpa", choices=["sink_sdpa", "sink_eager", "sink_flex", "sdpa", "eager"])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        default="default",
+        help="'default' (embedded SmolLM2-135M-Instruct), an HF model dir, or a .gguf file",
+    )
+    p.add_argument(
+        "--attn-implementation", default="sink_sdpa", choices=["sink_sdpa", "sink_eager", "sink_flex", "sdpa", "eager"]
+    )
     p.add_argument("--num-sink-tokens", type=int, default=4)
     p.add_argument("--window-length", type=int, default=252, help="recent window; cache capacity is sinks + window")
     p.add_argument("--max-new-tokens", type=int, default=600)
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="user message (wrapped in the chat template if the tokenizer has one)")
+    p.add_argument(
+        "--prompt", default=DEFAULT_PROMPT, help="user message (wrapped in the chat template if the tokenizer has one)"
+    )
     p.add_argument("--raw-prompt", action="store_true", help="feed --prompt as is, without the chat template")
     p.add_argument("--stop-at-eos", action="store_true", help="stop at the end-of-turn token (default: keep streaming)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
@@ -92,8 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--repetition-penalty", type=float, default=1.1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads; 1 is fastest for a 135M model on a small CPU (0: torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; 1 is fastest for a 135M model on a small CPU (0: torch's default)",
+    )
     return p.parse_args(argv)
 
 
@@ -113,21 +127,31 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(args.model, attn_implementation=args.attn_implementation)
-    print(f"loaded {type(model).__name__} ({model.config.num_hidden_layers} layers, attn={args.attn_implementation}) "
-          f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(
+        f"loaded {type(model).__name__} ({model.config.num_hidden_layers} layers, attn={args.attn_implementation}) "
+        f"in {time.perf_counter() - t0:.1f} s",
+        file=sys.stderr,
+    )
 
     if not args.raw_prompt and tokenizer.chat_template:
         messages = [{"role": "user", "content": args.prompt}]
-        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        inputs = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
     else:
         inputs = tokenizer(args.prompt, return_tensors="pt")
     prompt_tokens = inputs["input_ids"].shape[1]
 
     # config= lets the cache re-position the sinks itself when a stock attention ("sdpa"/"eager") is used.
-    cache = hf_sinks.SinkCache(num_sink_tokens=args.num_sink_tokens, window_length=args.window_length, config=model.config)
+    cache = hf_sinks.SinkCache(
+        num_sink_tokens=args.num_sink_tokens, window_length=args.window_length, config=model.config
+    )
     capacity = cache.capacity
-    print(f"prompt: {prompt_tokens} tokens; cache: {args.num_sink_tokens} sinks + {args.window_length} window "
-          f"= {capacity} tokens; generating {args.max_new_tokens} tokens\n", file=sys.stderr)
+    print(
+        f"prompt: {prompt_tokens} tokens; cache: {args.num_sink_tokens} sinks + {args.window_length} window "
+        f"= {capacity} tokens; generating {args.max_new_tokens} tokens\n",
+        file=sys.stderr,
+    )
 
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)
     if args.greedy:
@@ -151,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     seen, resident = cache.get_seq_length(), cache.get_stored_length()
     decode_time = end - (streamer.first_token_time or start)
     per_token = cache_bytes(cache) / max(resident, 1)
+    full_mib = seen * per_token / 2**20  # what a DynamicCache holding every token would take
     bounded = resident <= capacity
     summary = f"""
     ---------------------------------------------------------------- summary
@@ -158,8 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     total time           : {end - start:.1f} s -> {generated / (end - start):.2f} tokens/s (prefill included)
     decode speed         : {(generated - 1) / decode_time:.2f} tokens/s (after the first token)
     tokens seen by cache : {seen}
-    resident in cache    : {resident} / capacity {capacity} ({'bounded' if bounded else 'NOT BOUNDED'})
-    KV cache memory      : {cache_bytes(cache) / 2**20:.1f} MiB (a full DynamicCache would hold {seen * per_token / 2**20:.1f} MiB)
+    resident in cache    : {resident} / capacity {capacity} ({"bounded" if bounded else "NOT BOUNDED"})
+    KV cache memory      : {cache_bytes(cache) / 2**20:.1f} MiB (a DynamicCache would hold {full_mib:.1f} MiB)
     """
     print(textwrap.dedent(summary).rstrip())
     if not bounded:

@@ -36,11 +36,20 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer(args.model, attn_implementation="sink_sdpa")
     ids = load_token_ids(tokenizer, args.text_file, args.num_tokens)
 
-    print(f"{ids.shape[1]} tokens, cache {args.num_sink_tokens} sinks + {args.window_length} window, chunk {args.chunk_size}")
+    print(
+        f"{ids.shape[1]} tokens, cache {args.num_sink_tokens} sinks + {args.window_length} window, "
+        f"chunk {args.chunk_size}"
+    )
     print(f"{'mode':>8}  {'perplexity':>10}  {'tokens/s':>8}  {'KV cache MiB':>12}")
     for mode in ("dense", "window", "sink"):
-        r = streaming_perplexity(model, ids, mode=mode, num_sink_tokens=args.num_sink_tokens,
-                                 window_length=args.window_length, chunk_size=args.chunk_size)
+        r = streaming_perplexity(
+            model,
+            ids,
+            mode=mode,
+            num_sink_tokens=args.num_sink_tokens,
+            window_length=args.window_length,
+            chunk_size=args.chunk_size,
+        )
         print(f"{mode:>8}  {r.perplexity:10.3f}  {r.tokens_per_second:8.1f}  {r.peak_cache_bytes / 2**20:12.1f}")
 
 

@@ -32,8 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-ids", default=None, help="comma-separated prompt token ids (default: 1..prompt-length)")
     p.add_argument("--prompt-length", type=int, default=16, help="length of the default prompt")
     p.add_argument("--max-new-tokens", type=int, default=96, help="tokens to stream (past capacity by default)")
-    p.add_argument("--expect-world-size", type=int, default=None,
-                   help="ranks the launch must give (default: $WORLD_SIZE, else 1); an error otherwise")
+    p.add_argument(
+        "--expect-world-size",
+        type=int,
+        default=None,
+        help="ranks the launch must give (default: $WORLD_SIZE, else 1); an error otherwise",
+    )
     p.add_argument("--output", default=None, help="torch.save the stream (ids, logits, cache shapes) here (rank 0)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     return p
@@ -79,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     expected = args.expect_world_size or launched
     if launched != expected:
-        print(f"tensor_parallel_streaming.py: error: expected {expected} ranks, the launcher started {launched} "
-              "(use torchrun --nproc_per_node N)", file=sys.stderr)
+        print(
+            f"tensor_parallel_streaming.py: error: expected {expected} ranks, the launcher started {launched} "
+            "(use torchrun --nproc_per_node N)",
+            file=sys.stderr,
+        )
         return 2
     model = load(args.model, tensor_parallel=launched > 1)
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
@@ -95,9 +102,15 @@ def main(argv: list[str] | None = None) -> int:
         prompt = torch.arange(1, args.prompt_length + 1)[None] % model.config.vocab_size
     prompt = prompt.to(model.device)
     # no cache passed: hf_sinks.apply's generate makes the SinkCache (one per rank, holding that rank's heads)
-    out = model.generate(prompt, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
-                         do_sample=False, output_logits=True, return_dict_in_generate=True,
-                         pad_token_id=model.config.pad_token_id or 0)
+    out = model.generate(
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.max_new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=model.config.pad_token_id or 0,
+    )
     cache = output_cache(out)
     shapes = cache_key_shapes(cache)
     all_shapes: list = [None] * world
@@ -107,19 +120,25 @@ def main(argv: list[str] | None = None) -> int:
         all_shapes = [shapes]
     capacity = args.num_sink_tokens + args.window_length
     seen = out.sequences.shape[1] - 1  # the last token is generated, never fed
-    print(f"rank {rank} of {world}: {type(cache).__name__} keys per layer {shapes} "
-          f"(kv heads here {shapes[0][1]} of {model.config.num_key_value_heads}); streamed {seen} tokens "
-          f"through {capacity} slots", flush=True)
+    print(
+        f"rank {rank} of {world}: {type(cache).__name__} keys per layer {shapes} "
+        f"(kv heads here {shapes[0][1]} of {model.config.num_key_value_heads}); streamed {seen} tokens "
+        f"through {capacity} slots",
+        flush=True,
+    )
     if rank == 0 and args.output:
-        torch.save({
-            "world_size": world,
-            "sequences": out.sequences.cpu(),
-            "logits": torch.stack([step.float().cpu() for step in out.logits], 1),
-            "cache_key_shapes": all_shapes,
-            "cache_type": type(cache).__name__,
-            "capacity": capacity,
-            "num_key_value_heads": model.config.num_key_value_heads,
-        }, args.output)
+        torch.save(
+            {
+                "world_size": world,
+                "sequences": out.sequences.cpu(),
+                "logits": torch.stack([step.float().cpu() for step in out.logits], 1),
+                "cache_key_shapes": all_shapes,
+                "cache_type": type(cache).__name__,
+                "capacity": capacity,
+                "num_key_value_heads": model.config.num_key_value_heads,
+            },
+            args.output,
+        )
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

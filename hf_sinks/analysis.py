@@ -2,15 +2,15 @@
 
 Two measurements from one forward pass over a text (no cache):
 
-* **Sink score** of head ``(l, h)`` (Gu et al. 2024, "When Attention Sink Emerges in Language Models"): the mean,
+* **Sink score** of head ``(layer, head)`` (Gu et al. 2024, "When Attention Sink Emerges in Language Models"): the mean,
   over queries, of the attention probability on the first ``sink_tokens`` tokens. A head is a *sink head* when its
   score exceeds ``epsilon`` (default 0.3, the paper's ε); the paper's metric is the fraction of sink heads. Queries
   ``0..sink_tokens-1`` see only the sinks (score 1 trivially) and are left out of the mean (with ``sink_tokens=1``
   this differs from the paper's mean over all ``T`` queries by at most ``1/T``).
-* **Secondary sinks**: later tokens that receive outsized attention. For key ``j`` and head ``(l, h)``, ``received``
-  is the mean probability ``j`` gets from the queries at least ``min_distance`` tokens after it (so a head that
-  only looks at its neighbours does not count), and ``ratio`` divides it by what uniform causal attention would give
-  (query ``i`` spreads ``1/(i+1)`` over every earlier token). A key is a secondary sink in a head when
+* **Secondary sinks**: later tokens that receive outsized attention. For key ``j`` and head ``(layer, head)``,
+  ``received`` is the mean probability ``j`` gets from the queries at least ``min_distance`` tokens after it (so a
+  head that only looks at its neighbours does not count), and ``ratio`` divides it by what uniform causal attention
+  would give (query ``i`` spreads ``1/(i+1)`` over every earlier token). A key is a secondary sink in a head when
   ``ratio > secondary_factor``; a token is reported when it is one in at least ``secondary_min_heads`` heads. Keys
   seen by fewer than ``min_distance`` such queries (the last ``2 * min_distance`` tokens) are not scored.
 
@@ -147,8 +147,13 @@ class SinkAnalysis:
     def rows(self) -> list[dict[str, Any]]:
         """One row per head: ``layer, head, sink_score, is_sink`` (the CSV)."""
         return [
-            {"layer": l, "head": h, "sink_score": float(self.sink_scores[l, h]), "is_sink": bool(self.is_sink[l, h])}
-            for l in range(self.num_layers)
+            {
+                "layer": layer_idx,
+                "head": h,
+                "sink_score": float(self.sink_scores[layer_idx, h]),
+                "is_sink": bool(self.is_sink[layer_idx, h]),
+            }
+            for layer_idx in range(self.num_layers)
             for h in range(self.num_heads)
         ]
 
@@ -159,20 +164,29 @@ class SinkAnalysis:
             f"{self.sink_tokens} token(s), epsilon = {self.epsilon}",
             f"sink heads: {int(self.is_sink.sum())}/{self.is_sink.numel()} ({100 * self.sink_ratio:.1f} %); "
             f"mean sink score {float(self.sink_scores.mean()):.3f}",
-            "per layer (mean score, sink heads" + (", share of far attention on the secondary sinks" if
-                                                   self.secondary_mass is not None else "") + "):",
+            "per layer (mean score, sink heads"
+            + (", share of far attention on the secondary sinks" if self.secondary_mass is not None else "")
+            + "):",
         ]
-        for l in range(self.num_layers):
-            heads = [h for h in range(self.num_heads) if bool(self.is_sink[l, h])]
-            extra = "" if self.secondary_mass is None else f"  secondary-sink mass {float(self.secondary_mass[l].mean()):.2f}"
-            lines.append(f"  layer {l:>3}: {float(self.layer_mean[l]):.3f}  {len(heads)}/{self.num_heads}{extra}  {heads}")
+        for layer_idx in range(self.num_layers):
+            heads = [h for h in range(self.num_heads) if bool(self.is_sink[layer_idx, h])]
+            extra = (
+                ""
+                if self.secondary_mass is None
+                else f"  secondary-sink mass {float(self.secondary_mass[layer_idx].mean()):.2f}"
+            )
+            lines.append(
+                f"  layer {layer_idx:>3}: {float(self.layer_mean[layer_idx]):.3f}  "
+                f"{len(heads)}/{self.num_heads}{extra}  {heads}"
+            )
         lines.append(
             f"secondary sinks (ratio to uniform > {self.secondary_factor:g} in >= {self.secondary_min_heads} heads): "
             f"{len(self.secondary_sinks)}"
         )
         for s in self.secondary_sinks[:max_secondary]:
             lines.append(
-                f"  token {s.token_index:>5} {s.token_text!r:<14} {len(s.heads):>3} heads in layers {_ranges(s.layers)}; "
+                f"  token {s.token_index:>5} {s.token_text!r:<14} {len(s.heads):>3} heads "
+                f"in layers {_ranges(s.layers)}; "
                 f"max ratio {s.max_ratio:.1f}, max received {s.max_received:.3f}"
             )
         return "\n".join(lines)
@@ -185,8 +199,11 @@ class SinkAnalysis:
         """
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        paths = {"sink_scores": out / "sink_scores.csv", "secondary_sinks": out / "secondary_sinks.csv",
-                 "layer_summary": out / "layer_summary.csv"}
+        paths = {
+            "sink_scores": out / "sink_scores.csv",
+            "secondary_sinks": out / "secondary_sinks.csv",
+            "layer_summary": out / "layer_summary.csv",
+        }
         with paths["sink_scores"].open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["layer", "head", "sink_score", "is_sink"])
             writer.writeheader()
@@ -194,22 +211,41 @@ class SinkAnalysis:
                 writer.writerow({**row, "sink_score": f"{row['sink_score']:.6f}", "is_sink": int(row["is_sink"])})
         with paths["layer_summary"].open("w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["layer", "mean_sink_score", "sink_heads", "num_heads", "sink_head_fraction",
-                             "secondary_sink_mass"])
-            for l in range(self.num_layers):
-                secondary = "" if self.secondary_mass is None else f"{float(self.secondary_mass[l].mean()):.4f}"
-                writer.writerow([l, f"{float(self.layer_mean[l]):.6f}", int(self.is_sink[l].sum()), self.num_heads,
-                                 f"{float(self.layer_sink_ratio[l]):.4f}", secondary])
+            writer.writerow(
+                ["layer", "mean_sink_score", "sink_heads", "num_heads", "sink_head_fraction", "secondary_sink_mass"]
+            )
+            for layer_idx in range(self.num_layers):
+                secondary = "" if self.secondary_mass is None else f"{float(self.secondary_mass[layer_idx].mean()):.4f}"
+                writer.writerow(
+                    [
+                        layer_idx,
+                        f"{float(self.layer_mean[layer_idx]):.6f}",
+                        int(self.is_sink[layer_idx].sum()),
+                        self.num_heads,
+                        f"{float(self.layer_sink_ratio[layer_idx]):.4f}",
+                        secondary,
+                    ]
+                )
         (out / "summary.txt").write_text(self.summary(max_secondary=30) + "\n")
         paths["summary"] = out / "summary.txt"
         with paths["secondary_sinks"].open("w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["token_index", "token_id", "token_text", "num_heads", "max_ratio", "max_received",
-                             "layers", "heads"])
+            writer.writerow(
+                ["token_index", "token_id", "token_text", "num_heads", "max_ratio", "max_received", "layers", "heads"]
+            )
             for s in self.secondary_sinks:
-                writer.writerow([s.token_index, s.token_id, s.token_text, len(s.heads), f"{s.max_ratio:.3f}",
-                                 f"{s.max_received:.5f}", " ".join(map(str, s.layers)),
-                                 " ".join(f"{l}:{h}" for l, h in s.heads)])
+                writer.writerow(
+                    [
+                        s.token_index,
+                        s.token_id,
+                        s.token_text,
+                        len(s.heads),
+                        f"{s.max_ratio:.3f}",
+                        f"{s.max_received:.5f}",
+                        " ".join(map(str, s.layers)),
+                        " ".join(f"{layer_idx}:{h}" for layer_idx, h in s.heads),
+                    ]
+                )
         if plots:
             paths["heatmap"] = plot_sink_heatmap(self, out / "sink_heatmap.png", title=title)
             paths["layers"] = plot_sink_layers(self, out / "sink_layers.png", title=title)
@@ -277,7 +313,10 @@ def _analysis_attention(module, query, key, value, attention_mask, scaling=None,
         t1 = min(length, t0 + acc.block)
         scores = torch.matmul(query[:, :, t0:t1], key.transpose(2, 3)) * scaling
         if attention_mask is None:  # the mask builder skipped a plain causal mask
-            causal = torch.arange(n, device=query.device)[None, :] <= offset + torch.arange(t0, t1, device=query.device)[:, None]
+            causal = (
+                torch.arange(n, device=query.device)[None, :]
+                <= offset + torch.arange(t0, t1, device=query.device)[:, None]
+            )
             scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
         else:
             block_mask = attention_mask[:, :, t0:t1, :n]
@@ -303,13 +342,21 @@ def _register_analysis_attention() -> None:
 
 
 # ------------------------------------------------------------------------------------------- entry
-def _check_args(epsilon: float, sink_tokens: int, num_tokens: int | None, secondary_factor: float,
-                secondary_min_heads: int, min_distance: int) -> None:
+def _check_args(
+    epsilon: float,
+    sink_tokens: int,
+    num_tokens: int | None,
+    secondary_factor: float,
+    secondary_min_heads: int,
+    min_distance: int,
+) -> None:
     check_number("epsilon", epsilon, 0, 1, exclusive_minimum=True, exclusive_maximum=True)
     check_int("sink_tokens", sink_tokens, 1)
     if num_tokens is not None:
         check_int("num_tokens", num_tokens, 2)
-    check_number("secondary_factor", secondary_factor, 1, exclusive_minimum=True, hint="a multiple of uniform attention")
+    check_number(
+        "secondary_factor", secondary_factor, 1, exclusive_minimum=True, hint="a multiple of uniform attention"
+    )
     check_int("secondary_min_heads", secondary_min_heads, 1)
     check_int("min_distance", min_distance, 1)
 
@@ -323,7 +370,9 @@ def _token_ids(tokenizer_or_ids: Any, text: str | None, num_tokens: int | None) 
         if ids.dim() == 2 and ids.shape[0] == 1:
             ids = ids[0]
         if ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"token ids must be [T] or [1, T] integers, got shape {tuple(ids.shape)}, dtype {ids.dtype}.")
+            raise ValueError(
+                f"token ids must be [T] or [1, T] integers, got shape {tuple(ids.shape)}, dtype {ids.dtype}."
+            )
         tokenizer = None
     else:
         tokenizer = tokenizer_or_ids
@@ -336,8 +385,10 @@ def _token_ids(tokenizer_or_ids: Any, text: str | None, num_tokens: int | None) 
         ids = torch.tensor(tokenizer(text, add_special_tokens=True, return_attention_mask=False)["input_ids"])
     if num_tokens is not None:
         if ids.numel() < num_tokens:
-            raise ValueError(f"num_tokens={num_tokens} is more than the {ids.numel()} tokens available; pass a longer "
-                             f"text or a smaller num_tokens.")
+            raise ValueError(
+                f"num_tokens={num_tokens} is more than the {ids.numel()} tokens available; pass a longer "
+                f"text or a smaller num_tokens."
+            )
         ids = ids[:num_tokens]
     if ids.numel() < 2:
         raise ValueError(f"The input has {ids.numel()} token(s); sink analysis needs at least 2.")
@@ -394,8 +445,8 @@ def analyze(
     length = ids.numel()
     if sink_tokens >= length:
         raise ValueError(f"sink_tokens={sink_tokens} must be smaller than the number of tokens ({length}).")
-    from .eval.perplexity import _progress
     from .attention.switch import use_attention
+    from .eval.perplexity import _progress
 
     _register_analysis_attention()
     device = next(model.parameters()).device
@@ -411,22 +462,32 @@ def analyze(
         _ACCUMULATORS.pop()
         bar.close()
     if not acc.sink_mass:
-        raise ValueError(f"{type(model).__name__} never called the analysis attention; is it routed through "
-                         f"transformers' AttentionInterface?")
+        raise ValueError(
+            f"{type(model).__name__} never called the analysis attention; is it routed through "
+            f"transformers' AttentionInterface?"
+        )
 
     layers = sorted(acc.sink_mass)
-    sink_scores = torch.stack([acc.sink_mass[l] for l in layers]).cpu() / (length - sink_tokens)
-    far_mass = torch.stack([acc.far_mass[l] for l in layers]).cpu()  # [L, H, T]
+    sink_scores = torch.stack([acc.sink_mass[layer_idx] for layer_idx in layers]).cpu() / (length - sink_tokens)
+    far_mass = torch.stack([acc.far_mass[layer_idx] for layer_idx in layers]).cpu()  # [L, H, T]
     received, ratio = _key_statistics(far_mass, sink_tokens, min_distance)
     texts = [tokenizer.decode([int(t)]) for t in ids] if tokenizer is not None else []
     secondary = _secondary_sinks(ratio, received, ids, texts, secondary_factor, secondary_min_heads)
     hot = torch.tensor([x.token_index for x in secondary], dtype=torch.long)
     secondary_mass = far_mass[:, :, hot].sum(-1) / far_mass.sum(-1).clamp(min=1e-300)
     analysis = SinkAnalysis(
-        sink_scores=sink_scores, epsilon=float(epsilon), sink_tokens=sink_tokens, token_ids=ids.cpu(),
-        key_ratio=ratio.float(), key_received=received.float(), secondary_sinks=secondary,
-        secondary_factor=float(secondary_factor), secondary_min_heads=secondary_min_heads, min_distance=min_distance,
-        token_texts=texts, secondary_mass=secondary_mass,
+        sink_scores=sink_scores,
+        epsilon=float(epsilon),
+        sink_tokens=sink_tokens,
+        token_ids=ids.cpu(),
+        key_ratio=ratio.float(),
+        key_received=received.float(),
+        secondary_sinks=secondary,
+        secondary_factor=float(secondary_factor),
+        secondary_min_heads=secondary_min_heads,
+        min_distance=min_distance,
+        token_texts=texts,
+        secondary_mass=secondary_mass,
     )
     if output_dir is not None:
         analysis.save(output_dir)
@@ -439,7 +500,9 @@ def _key_statistics(far_mass: torch.Tensor, sink_tokens: int, min_distance: int)
     j = torch.arange(length, dtype=torch.float64)
     n_far = (length - j - min_distance).clamp(min=0)  # queries i with j + d <= i <= T - 1
     # uniform causal attention: query i gives 1/(i+1) to each key; key j's mean over its far queries
-    harmonic = torch.cat([torch.zeros(1, dtype=torch.float64), (1.0 / torch.arange(1, length + 1, dtype=torch.float64)).cumsum(0)])
+    harmonic = torch.cat(
+        [torch.zeros(1, dtype=torch.float64), (1.0 / torch.arange(1, length + 1, dtype=torch.float64)).cumsum(0)]
+    )
     first = (j + min_distance).long().clamp(max=length)
     baseline = (harmonic[length] - harmonic[first]) / n_far.clamp(min=1)
     scored = (j >= sink_tokens) & (n_far >= min_distance)
@@ -455,10 +518,16 @@ def _secondary_sinks(ratio, received, ids, texts, factor, min_heads) -> list[Sec
     found = []
     for j in (counts >= min_heads).nonzero().flatten().tolist():
         heads = [tuple(x) for x in hot[:, :, j].nonzero().tolist()]
-        found.append(SecondarySink(
-            token_index=j, token_id=int(ids[j]), token_text=texts[j] if texts else "", heads=heads,
-            max_ratio=float(ratio[:, :, j][hot[:, :, j]].max()), max_received=float(received[:, :, j][hot[:, :, j]].max()),
-        ))
+        found.append(
+            SecondarySink(
+                token_index=j,
+                token_id=int(ids[j]),
+                token_text=texts[j] if texts else "",
+                heads=heads,
+                max_ratio=float(ratio[:, :, j][hot[:, :, j]].max()),
+                max_received=float(received[:, :, j][hot[:, :, j]].max()),
+            )
+        )
     found.sort(key=lambda s: (-len(s.heads), -s.max_ratio, s.token_index))
     return found
 
@@ -470,7 +539,9 @@ def plot_sink_heatmap(analysis: SinkAnalysis, path: str | Path, title: str = "")
 
     plt = _pyplot()
     scores = analysis.sink_scores.numpy()
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * analysis.num_heads + 2.5), max(4.0, 0.22 * analysis.num_layers + 1.5)))
+    fig, ax = plt.subplots(
+        figsize=(max(4.0, 0.5 * analysis.num_heads + 2.5), max(4.0, 0.22 * analysis.num_layers + 1.5))
+    )
     im = ax.imshow(scores, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, origin="upper")
     rows, cols = analysis.is_sink.nonzero(as_tuple=True)
     ax.scatter(cols.numpy(), rows.numpy(), s=8, c="white", marker="o", label=f"score > {analysis.epsilon:g}")
@@ -481,8 +552,10 @@ def plot_sink_heatmap(analysis: SinkAnalysis, path: str | Path, title: str = "")
     ax.set_yticks(range(0, analysis.num_layers, step))
     fig.colorbar(im, ax=ax, label=f"mean attention on the first {analysis.sink_tokens} token(s)")
     ax.legend(loc="upper right", fontsize=7, framealpha=0.6)
-    default = (f"sink score per head ({analysis.num_tokens} tokens; {100 * analysis.sink_ratio:.0f} % sink heads at "
-               f"eps={analysis.epsilon:g})")
+    default = (
+        f"sink score per head ({analysis.num_tokens} tokens; {100 * analysis.sink_ratio:.0f} % sink heads at "
+        f"eps={analysis.epsilon:g})"
+    )
     ax.set_title(textwrap.fill(title or default, 60), fontsize=9)
     fig.tight_layout()
     path = Path(path)
@@ -498,13 +571,29 @@ def plot_sink_layers(analysis: SinkAnalysis, path: str | Path, title: str = "") 
     plt = _pyplot()
     x = list(range(analysis.num_layers))
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.fill_between(x, analysis.sink_scores.min(-1).values.numpy(), analysis.sink_scores.max(-1).values.numpy(),
-                    alpha=0.2, label="min-max over heads")
+    ax.fill_between(
+        x,
+        analysis.sink_scores.min(-1).values.numpy(),
+        analysis.sink_scores.max(-1).values.numpy(),
+        alpha=0.2,
+        label="min-max over heads",
+    )
     ax.plot(x, analysis.layer_mean.numpy(), marker="o", label="mean sink score")
-    ax.plot(x, analysis.layer_sink_ratio.numpy(), marker="s", linestyle="--", label=f"fraction of heads > {analysis.epsilon:g}")
+    ax.plot(
+        x,
+        analysis.layer_sink_ratio.numpy(),
+        marker="s",
+        linestyle="--",
+        label=f"fraction of heads > {analysis.epsilon:g}",
+    )
     if analysis.secondary_mass is not None and len(analysis.secondary_sinks):
-        ax.plot(x, analysis.secondary_mass.mean(-1).numpy(), marker="^", linestyle=":",
-                label=f"share of attention on the {len(analysis.secondary_sinks)} secondary sinks")
+        ax.plot(
+            x,
+            analysis.secondary_mass.mean(-1).numpy(),
+            marker="^",
+            linestyle=":",
+            label=f"share of attention on the {len(analysis.secondary_sinks)} secondary sinks",
+        )
     ax.axhline(analysis.epsilon, color="grey", linestyle=":", linewidth=1)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("layer")

@@ -51,16 +51,23 @@ class SinkHandle:
         self._wrap_generate()
         logger.info(
             "hf_sinks: %d attention modules of %s stream with %s (num_sink_tokens=%d, window_length=%d)",
-            self.num_attention_modules, spec.model_type, attn_implementation,
-            sink_config.num_sink_tokens, sink_config.window_length,
+            self.num_attention_modules,
+            spec.model_type,
+            attn_implementation,
+            sink_config.num_sink_tokens,
+            sink_config.window_length,
         )
 
     def _count_attention_modules(self, route: str) -> int:
         if route == "patch":
             return self._unpatch.count
-        count = sum(1 for m in self.model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx"))
+        count = sum(
+            1 for m in self.model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")
+        )
         if count == 0:
-            raise ValueError(f"hf_sinks.apply found no attention module in {type(self.model).__name__}; nothing would stream.")
+            raise ValueError(
+                f"hf_sinks.apply found no attention module in {type(self.model).__name__}; nothing would stream."
+            )
         return count
 
     def new_cache(self) -> SinkCache:
@@ -146,11 +153,14 @@ def apply(
         attn_implementation = default_attention(model)
     if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
-            f"attn_implementation={attn_implementation!r} is not a sink attention; use one of {sorted(ATTENTION_IMPLEMENTATIONS)}."
+            f"attn_implementation={attn_implementation!r} is not a sink attention; "
+            f"use one of {sorted(ATTENTION_IMPLEMENTATIONS)}."
         )
     if spec.route == "patch":
         importlib.import_module(f"hf_sinks.patches.{spec.model_type}").check_supported(model.config)
-    overrides = {k: v for k, v in (("num_sink_tokens", num_sink_tokens), ("window_length", window_length)) if v is not None}
+    overrides = {
+        k: v for k, v in (("num_sink_tokens", num_sink_tokens), ("window_length", window_length)) if v is not None
+    }
     previous = getattr(model, _APPLIED, None)
     # what remove() must restore: the flag as it was before the first apply
     original_flag = previous._previous_flag if previous is not None else getattr(model.config, CONFIG_ATTRIBUTE, None)
@@ -161,7 +171,6 @@ def apply(
     handle = SinkHandle(model, sink_config, attn_implementation, spec, rotaries, previous_flag=original_flag)
     setattr(model, _APPLIED, handle)
     return handle
-
 
 
 def default_attention(model: Any) -> str:

@@ -35,7 +35,10 @@ class AutoModelForCausalLM:
         from .validation import check_choice
 
         sizes: dict[str, Any] = {}
-        for name, alias in (("num_sink_tokens", "attention_sink_size"), ("window_length", "attention_sink_window_size")):
+        for name, alias in (
+            ("num_sink_tokens", "attention_sink_size"),
+            ("window_length", "attention_sink_window_size"),
+        ):
             value, legacy = kwargs.pop(name, None), kwargs.pop(alias, None)
             if value is not None and legacy is not None and value != legacy:
                 raise ValueError(f"{name}={value!r} and {alias}={legacy!r} disagree; pass only one of them.")
@@ -44,7 +47,9 @@ class AutoModelForCausalLM:
         if given:
             SinkConfig.from_dict({}, **given)
         sizes["attn_implementation"] = check_choice(
-            "sink_attn_implementation", kwargs.pop("sink_attn_implementation", "sink_sdpa"), sorted(ATTENTION_IMPLEMENTATIONS)
+            "sink_attn_implementation",
+            kwargs.pop("sink_attn_implementation", "sink_sdpa"),
+            sorted(ATTENTION_IMPLEMENTATIONS),
         )
         return sizes
 

@@ -80,7 +80,6 @@ def output_cache(outputs: Any) -> Any:
     return getattr(outputs, CACHE_KWARG, None)
 
 
-
 def _training_arguments_has(name: str) -> bool:
     from transformers import TrainingArguments
 
@@ -111,8 +110,10 @@ def checkpointing_training_args(args: dict[str, Any]) -> dict[str, Any]:
 
 def checkpointing_kwargs_name() -> str:
     """The ``TrainingArguments`` field holding the checkpointing keyword arguments on this release."""
-    return "activation_checkpointing_kwargs" if _training_arguments_has("activation_checkpointing") else (
-        "gradient_checkpointing_kwargs"
+    return (
+        "activation_checkpointing_kwargs"
+        if _training_arguments_has("activation_checkpointing")
+        else ("gradient_checkpointing_kwargs")
     )
 
 
@@ -125,7 +126,7 @@ def enable_activation_checkpointing(model: Any, **checkpoint_kwargs: Any) -> Non
 
 
 def generate_compile_config(device: Any) -> Any:
-    """A ``CompileConfig`` with which ``generate`` compiles the one-token decode step (``fullgraph=True``) on ``device``.
+    """A ``CompileConfig`` with which ``generate`` compiles the one-token decode step (``fullgraph=True``).
 
     On CUDA this is transformers' own path with its default mode (CUDA graphs). Elsewhere ``generate`` would skip
     compilation, so the config sets the private ``_compile_all_devices`` flag (checked for, not assumed) and the
@@ -134,9 +135,8 @@ def generate_compile_config(device: Any) -> Any:
     Raises:
         RuntimeError: this transformers release has no way to make ``generate`` compile on ``device``.
     """
-    from transformers import CompileConfig
-
     import torch
+    from transformers import CompileConfig
 
     device = torch.device(device)
     if device.type == "cuda":

@@ -49,8 +49,13 @@ def custom_generate_path() -> str:
     return str(_FOLDER)
 
 
-def generate(model: Any, *args: Any, window_length: int = DEFAULT_WINDOW_LENGTH,
-             num_sink_tokens: int = DEFAULT_NUM_SINK_TOKENS, **kwargs: Any) -> Any:
+def generate(
+    model: Any,
+    *args: Any,
+    window_length: int = DEFAULT_WINDOW_LENGTH,
+    num_sink_tokens: int = DEFAULT_NUM_SINK_TOKENS,
+    **kwargs: Any,
+) -> Any:
     """``model.generate(*args, **kwargs)`` streaming with an :class:`hf_sinks.SinkCache` of the given sizes.
 
     Called by transformers for ``generate(..., custom_generate=custom_generate_path(), trust_remote_code=True)``.
@@ -79,7 +84,9 @@ def generate(model: Any, *args: Any, window_length: int = DEFAULT_WINDOW_LENGTH,
     SinkCache(num_sink_tokens, window_length)  # the remaining size checks, before the model is touched
     for name in CACHE_KWARGS:
         if kwargs.get(name) is not None:
-            raise ValueError(f"{hint} brings its own SinkCache; do not pass {name}= (got {type(kwargs[name]).__name__}).")
+            raise ValueError(
+                f"{hint} brings its own SinkCache; do not pass {name}= (got {type(kwargs[name]).__name__})."
+            )
         kwargs.pop(name, None)
     for name, why in UNSUPPORTED_ARGUMENTS.items():
         if kwargs.get(name) is not None:
@@ -89,8 +96,14 @@ def generate(model: Any, *args: Any, window_length: int = DEFAULT_WINDOW_LENGTH,
 
     handle = getattr(model, _APPLIED, None)
     if handle is not None:  # already streaming: keep its setup, stream with the requested sizes
-        return model.generate(*args, **kwargs, **cache_kwargs(SinkCache.from_model(model, num_sink_tokens, window_length)))
+        return model.generate(
+            *args, **kwargs, **cache_kwargs(SinkCache.from_model(model, num_sink_tokens, window_length))
+        )
     current = model.config._attn_implementation
-    with apply(model, num_sink_tokens, window_length,
-               attn_implementation=current if current in ATTENTION_IMPLEMENTATIONS else None) as handle:
+    with apply(
+        model,
+        num_sink_tokens,
+        window_length,
+        attn_implementation=current if current in ATTENTION_IMPLEMENTATIONS else None,
+    ) as handle:
         return model.generate(*args, **kwargs, **cache_kwargs(handle.new_cache()))

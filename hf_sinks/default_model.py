@@ -100,7 +100,11 @@ def resolve_model(model: str | os.PathLike | None = None, build: bool = True) ->
         return str(path), ggufs[0]
     raise FileNotFoundError(
         f"{str(path)!r} has no config.json"
-        + (f" and several .gguf files ({', '.join(ggufs)}): pass one of them directly." if ggufs else " nor any .gguf file.")
+        + (
+            f" and several .gguf files ({', '.join(ggufs)}): pass one of them directly."
+            if ggufs
+            else " nor any .gguf file."
+        )
     )
 
 

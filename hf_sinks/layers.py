@@ -36,13 +36,18 @@ class LayerRule:
     @property
     def native(self) -> bool:
         """The layer attends exactly as it does natively (its own window fits in the cache)."""
-        return self.sliding_window is not None and self.num_sink_tokens == 0 and self.window_length == self.sliding_window
+        return (
+            self.sliding_window is not None and self.num_sink_tokens == 0 and self.window_length == self.sliding_window
+        )
 
     def same_as(self, other: "LayerRule") -> bool:
         same_rotary = (self.rotary is None and other.rotary is None) or (
             self.rotary is not None and self.rotary.matches(other.rotary)
         )
-        return (self.num_sink_tokens, self.window_length) == (other.num_sink_tokens, other.window_length) and same_rotary
+        return (self.num_sink_tokens, self.window_length) == (
+            other.num_sink_tokens,
+            other.window_length,
+        ) and same_rotary
 
 
 def layer_sliding_window(config, layer_idx: int) -> int | None:

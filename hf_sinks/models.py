@@ -53,7 +53,11 @@ class ModelSpec:
 MODEL_SPECS: dict[str, ModelSpec] = {
     spec.model_type: spec
     for spec in (
-        ModelSpec("falcon", "patch", "hard-codes its attention classes: patches/falcon.py routes the core through the interface; ALiBi refused"),
+        ModelSpec(
+            "falcon",
+            "patch",
+            "hard-codes its attention classes: patches/falcon.py routes the core through the interface; ALiBi refused",
+        ),
         # Cohere 2 rotates only in its sliding layers (`if self.sliding_window is not None: apply_rotary_pos_emb`)
         ModelSpec("cohere2", "interface", "global layers have no RoPE", ("full_attention",)),
         ModelSpec("cohere2_moe", "interface", "global layers have no RoPE", ("full_attention",)),
@@ -61,39 +65,65 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         ModelSpec("afmoe", "interface", "global layers have no RoPE", ("full_attention",)),
         ModelSpec("flint", "interface", "global layers have no RoPE", ("full_attention",)),
         # `if self.sliding_window is None or self.is_sliding:`: NoPE global layers only when the model has a window
-        ModelSpec("exaone4", "interface", "global layers have no RoPE when sliding_window is set", ("full_attention",), True),
-        ModelSpec("exaone_moe", "interface", "global layers have no RoPE when sliding_window is set", ("full_attention",), True),
-        ModelSpec("kolibri1", "interface", "global layers have no RoPE when sliding_window is set", ("full_attention",), True),
         ModelSpec(
-            "beam", "refused", "its global layers scale queries by their absolute position (attention temperature "
+            "exaone4", "interface", "global layers have no RoPE when sliding_window is set", ("full_attention",), True
+        ),
+        ModelSpec(
+            "exaone_moe",
+            "interface",
+            "global layers have no RoPE when sliding_window is set",
+            ("full_attention",),
+            True,
+        ),
+        ModelSpec(
+            "kolibri1", "interface", "global layers have no RoPE when sliding_window is set", ("full_attention",), True
+        ),
+        ModelSpec(
+            "beam",
+            "refused",
+            "its global layers scale queries by their absolute position (attention temperature "
             "from `attention_scaling`), which a cache-relative stream cannot reproduce",
         ),
         ModelSpec(
-            "diffllama", "refused", "differential attention subtracts two softmax maps inside its own attention "
+            "diffllama",
+            "refused",
+            "differential attention subtracts two softmax maps inside its own attention "
             "code, which the sink_* functions do not implement",
         ),
         ModelSpec(
-            "persimmon", "refused", "its attention takes position_ids and does not pass position_ids on to the "
+            "persimmon",
+            "refused",
+            "its attention takes position_ids and does not pass position_ids on to the "
             "attention function, which the sink_* functions need to place a chunk after the first",
         ),
         ModelSpec(
-            "fuyu", "refused", "its Persimmon attention takes position_ids and does not pass position_ids on to the "
+            "fuyu",
+            "refused",
+            "its Persimmon attention takes position_ids and does not pass position_ids on to the "
             "attention function, which the sink_* functions need to place a chunk after the first",
         ),
         ModelSpec(
-            "jetmoe", "refused", "its attention copies the cached keys (repeated per expert) before calling the "
+            "jetmoe",
+            "refused",
+            "its attention copies the cached keys (repeated per expert) before calling the "
             "attention function, so the sink_* functions cannot find the cache layer behind them",
         ),
         ModelSpec(
-            "nanochat", "refused", "its rotate_half turns by the opposite sign of transformers' convention "
+            "nanochat",
+            "refused",
+            "its rotate_half turns by the opposite sign of transformers' convention "
             "((x2, -x1)), which hf_sinks' sink rotation does not model",
         ),
         ModelSpec(
-            "dory", "refused", "recurrent loops run its middle layers several times per token (n_recurrent_loops), "
+            "dory",
+            "refused",
+            "recurrent loops run its middle layers several times per token (n_recurrent_loops), "
             "so a layer's cache is not one set of stream tokens",
         ),
         ModelSpec(
-            "hrm_text", "refused", "hierarchical recurrent cycles run the same layers several times per token, so a "
+            "hrm_text",
+            "refused",
+            "hierarchical recurrent cycles run the same layers several times per token, so a "
             "layer's cache is not one set of stream tokens",
         ),
     )
@@ -167,7 +197,9 @@ def feature_reason(config: Any) -> str | None:
     if _attr(text, "alibi", False) is True or _attr(text, "position_embedding_type", None) == "alibi":
         return "ALiBi position biases are built from absolute token counts, so evicted tokens cannot be re-positioned"
     if _attr(text, "kv_lora_rank", None) is not None:
-        return "multi-head latent attention (kv_lora_rank): keys are rebuilt from a compressed latent, not cached rotated"
+        return (
+            "multi-head latent attention (kv_lora_rank): keys are rebuilt from a compressed latent, not cached rotated"
+        )
     shared = _attr(text, "num_kv_shared_layers", None)
     if shared or _attr(text, "kv_sharing", None):
         return (
@@ -190,8 +222,12 @@ def feature_reason(config: Any) -> str | None:
         )
     rope = _attr(text, "rope_parameters", None)
     if not rope:
-        return "no RoPE: positions are absolute (learned or sinusoidal embeddings), so the cache cannot re-position tokens"
-    ropes = [rope] if ("rope_type" in rope or "rope_theta" in rope) else [v for v in rope.values() if isinstance(v, dict)]
+        return (
+            "no RoPE: positions are absolute (learned or sinusoidal embeddings), so the cache cannot re-position tokens"
+        )
+    ropes = (
+        [rope] if ("rope_type" in rope or "rope_theta" in rope) else [v for v in rope.values() if isinstance(v, dict)]
+    )
     for params in ropes:
         if params.get("rope_type", "default") in _DYNAMIC_ROPE_TYPES:
             return (

@@ -70,8 +70,15 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
     if logits is None and kwargs.get("s_aux") is not None:
         logits = kwargs["s_aux"]
     out = reference_sink_attention(
-        raw_q, raw_k, value.double(), rule.num_sink_tokens, rule.window_length, rule.rotary, scaling,
-        sink_logits=None if logits is None else logits.double(), softcap=kwargs.get("softcap"),
+        raw_q,
+        raw_k,
+        value.double(),
+        rule.num_sink_tokens,
+        rule.window_length,
+        rule.rotary,
+        scaling,
+        sink_logits=None if logits is None else logits.double(),
+        softcap=kwargs.get("softcap"),
     )
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
@@ -109,7 +116,9 @@ def reference_logits(model: torch.nn.Module, input_ids: torch.Tensor, num_sink_t
     _REFERENCE_ARGS.append((num_sink_tokens, window_length, model_rules(model, num_sink_tokens, window_length)))
     try:
         with use_attention(model, _REFERENCE_NAME, route=True):
-            out = model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=ids.device)[None], use_cache=False)
+            out = model(
+                input_ids=ids, position_ids=torch.arange(ids.shape[1], device=ids.device)[None], use_cache=False
+            )
     finally:
         _REFERENCE_ARGS.pop()
     return out.logits[0]

@@ -39,8 +39,10 @@ class RotaryParams:
         """Same rotation (to fp32 rounding of the frequencies)."""
         if other is None:
             return False
-        return self.rotary_dim == other.rotary_dim and self.interleaved == other.interleaved and torch.allclose(
-            self.inv_freq.double().cpu(), other.inv_freq.double().cpu(), rtol=1e-5, atol=0
+        return (
+            self.rotary_dim == other.rotary_dim
+            and self.interleaved == other.interleaved
+            and torch.allclose(self.inv_freq.double().cpu(), other.inv_freq.double().cpu(), rtol=1e-5, atol=0)
         )
 
     def describe(self) -> str:
@@ -140,7 +142,11 @@ def _rotary_from_config(config, layer_type: str | None, interleaved: bool) -> "R
         base = rope["rope_theta"]
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     else:
-        kwargs = {"layer_type": layer_type} if layer_type is not None and layer_type in (config.rope_parameters or {}) else {}
+        kwargs = (
+            {"layer_type": layer_type}
+            if layer_type is not None and layer_type in (config.rope_parameters or {})
+            else {}
+        )
         inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", **kwargs)
     return RotaryParams(inv_freq.float(), 2 * inv_freq.numel(), _describe(config, rope), interleaved)
 
@@ -159,9 +165,7 @@ def _describe_config(config) -> str:
 def uses_rope(config, layer_idx: int) -> bool:
     """Whether layer ``layer_idx`` rotates its queries and keys (``no_rope_layers[i] == 0``: SmolLM3's NoPE layers;
     ``rope_parameters[layer_type] is None``; Cohere 2's global layers, recorded in ``MODEL_SPECS``)."""
-    from .models import no_rope_layer_types
-
-    from .models import MODEL_SPECS
+    from .models import MODEL_SPECS, no_rope_layer_types
 
     no_rope = getattr(config, "no_rope_layers", None)
     if no_rope is not None and layer_idx < len(no_rope) and not no_rope[layer_idx]:

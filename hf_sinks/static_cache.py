@@ -246,11 +246,15 @@ class StaticSinkCache(SinkCache):
         self.layers.extend(StaticSinkLayer(self) for _ in range(int(num_layers)))
 
     @classmethod
-    def from_model(cls, model: Any, num_sink_tokens: int | None = None, window_length: int | None = None) -> "StaticSinkCache":
+    def from_model(
+        cls, model: Any, num_sink_tokens: int | None = None, window_length: int | None = None
+    ) -> "StaticSinkCache":
         """Build for ``model``: sizes from ``model.config.attention_sinks`` (or defaults), the model's rotary."""
         from .config import SinkConfig
 
-        overrides = {k: v for k, v in (("num_sink_tokens", num_sink_tokens), ("window_length", window_length)) if v is not None}
+        overrides = {
+            k: v for k, v in (("num_sink_tokens", num_sink_tokens), ("window_length", window_length)) if v is not None
+        }
         sink_config = SinkConfig.from_model_config(model.config, **overrides) or SinkConfig()
         return cls(
             sink_config.num_sink_tokens,
@@ -277,7 +281,9 @@ class StaticSinkCache(SinkCache):
             ValueError: other sizes or layer count, rows not in lockstep (left padding), or a chunk not yet stored.
         """
         if (cache.num_sink_tokens, cache.window_length, len(cache.layers)) != (
-            self.num_sink_tokens, self.window_length, len(self.layers)
+            self.num_sink_tokens,
+            self.window_length,
+            len(self.layers),
         ):
             raise ValueError(
                 f"copy_from: the SinkCache has S={cache.num_sink_tokens}, W={cache.window_length}, "

@@ -243,7 +243,9 @@ def check_device(device: Any, flag: str = "--device") -> Any:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"{flag}={device!r} is invalid: not a torch device; use e.g. 'cpu', 'cuda' or 'cuda:1'.") from None
+        raise ValueError(
+            f"{flag}={device!r} is invalid: not a torch device; use e.g. 'cpu', 'cuda' or 'cuda:1'."
+        ) from None
     if dev.type == "cpu":
         return dev
     if dev.type == "cuda":
@@ -261,7 +263,9 @@ def check_device(device: Any, flag: str = "--device") -> Any:
     available = getattr(module, "is_available", None)
     if callable(available) and available():
         return dev
-    raise ValueError(f"{flag}={device!r} is invalid: device type {dev.type!r} is not available here; use 'cpu' or 'cuda'.")
+    raise ValueError(
+        f"{flag}={device!r} is invalid: device type {dev.type!r} is not available here; use 'cpu' or 'cuda'."
+    )
 
 
 def check_output_dir(path: str | os.PathLike, flag: str = "--output-dir") -> Path:

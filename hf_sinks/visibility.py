@@ -26,8 +26,10 @@ def sink_visible(
     Negative indices are padding (never visible, and a padding query sees nothing).
     """
     query_real, key_real = torch.as_tensor(query_real), torch.as_tensor(key_real)
-    return (key_real >= 0) & (key_real <= query_real) & (
-        (key_real < num_sink_tokens) | (query_real - key_real < window_length)
+    return (
+        (key_real >= 0)
+        & (key_real <= query_real)
+        & ((key_real < num_sink_tokens) | (query_real - key_real < window_length))
     )
 
 

@@ -73,8 +73,7 @@ def _head_offset(h, first_shifted_head, shift):
 
 
 @triton.jit
-def _query_tile_keys(t0, vs, ve, off, group_size, num_sink_tokens,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _query_tile_keys(t0, vs, ve, off, group_size, num_sink_tokens, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key columns a query tile ``[t0, t0 + BLOCK_M)`` may see, as two loops of ``BLOCK_N`` tiles.
 
     Returns ``(sink_end, group_start, end)``: sink tiles ``range(vs, sink_end)`` (tiles from ``vs``, covering the
@@ -95,23 +94,58 @@ def _visible(rq, q_ok, cols, vs, ve, off, group_size, num_sink_tokens, window):
     k_ok = (cols >= vs) & (cols < ve)
     same = ((rq + off) // group_size)[:, None] == ((rk + off) // group_size)[None, :]
     near = (rq[:, None] - rk[None, :]) < window
-    return (q_ok[:, None] & k_ok[None, :] & (rk[None, :] <= rq[:, None])
-            & ((rk[None, :] < num_sink_tokens) | (same & near))), k_ok
+    return (
+        q_ok[:, None] & k_ok[None, :] & (rk[None, :] <= rq[:, None]) & ((rk[None, :] < num_sink_tokens) | (same & near))
+    ), k_ok
 
 
 # ----------------------------------------------------------------------------------------------------- forward
 @triton.jit
 def _shifted_sparse_attn_fwd_kernel(
-    Q, K, V, VS, VE, SINKS, O, LSE,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_ob, stride_oh, stride_ot, stride_od,
-    stride_lb, stride_lh, stride_lt,
-    T, H, group_size, shift, first_shifted_head, num_sink_tokens, window, qk_scale,
-    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SINK_LOGITS: tl.constexpr, PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    VS,
+    VE,
+    SINKS,
+    O,
+    LSE,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_od,
+    stride_lb,
+    stride_lh,
+    stride_lt,
+    T,
+    H,
+    group_size,
+    shift,
+    first_shifted_head,
+    num_sink_tokens,
+    window,
+    qk_scale,
+    GROUPS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_SINK_LOGITS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One tile of ``BLOCK_M`` query rows of one (batch row, query head): normalised output and natural-log LSE."""
     pid_m = tl.program_id(0)
@@ -129,8 +163,11 @@ def _shifted_sparse_attn_fwd_kernel(
     rq = t - vs
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + t[:, None] * stride_qt + d[None, :] * stride_qd,
-                mask=q_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + t[:, None] * stride_qt + d[None, :] * stride_qd,
+        mask=q_ok[:, None] & (d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -149,8 +186,11 @@ def _shifted_sparse_attn_fwd_kernel(
         for n0 in range(n_lo, n_hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             visible, k_ok = _visible(rq, q_ok, cols, vs, ve, off, group_size, num_sink_tokens, window)
-            kt = tl.load(k_base + cols[None, :] * stride_kt + d[:, None] * stride_kd,
-                         mask=k_ok[None, :] & (d[:, None] < HEAD_DIM), other=0.0)
+            kt = tl.load(
+                k_base + cols[None, :] * stride_kt + d[:, None] * stride_kd,
+                mask=k_ok[None, :] & (d[:, None] < HEAD_DIM),
+                other=0.0,
+            )
             s = tl.dot(q, kt, input_precision=PRECISION)
             s = tl.where(visible, s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -158,8 +198,11 @@ def _shifted_sparse_attn_fwd_kernel(
             alpha = tl.math.exp2(m_i - m_safe)
             p = tl.math.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + cols[:, None] * stride_vt + dv[None, :] * stride_vd,
-                        mask=k_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
+            v = tl.load(
+                v_base + cols[:, None] * stride_vt + dv[None, :] * stride_vd,
+                mask=k_ok[:, None] & (dv[None, :] < HEAD_DIM_V),
+                other=0.0,
+            )
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
 
@@ -174,9 +217,19 @@ def _shifted_sparse_attn_fwd_kernel(
 
 # ---------------------------------------------------------------------------------------------------- backward
 @triton.jit
-def _shifted_sparse_attn_bwd_preprocess_kernel(O, DO, DELTA, n_rows, stride_or, stride_od, stride_dor, stride_dod,
-                                               HEAD_DIM_V: tl.constexpr, BLOCK_R: tl.constexpr,
-                                               BLOCK_DV: tl.constexpr):
+def _shifted_sparse_attn_bwd_preprocess_kernel(
+    O,
+    DO,
+    DELTA,
+    n_rows,
+    stride_or,
+    stride_od,
+    stride_dor,
+    stride_dod,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     """``delta = rowsum(dO * O)`` in fp32 over ``[B * H * T]`` rows."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     dv = tl.arange(0, BLOCK_DV)
@@ -188,17 +241,59 @@ def _shifted_sparse_attn_bwd_preprocess_kernel(O, DO, DELTA, n_rows, stride_or, 
 
 @triton.jit
 def _shifted_sparse_attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, VS, VE, DK, DV,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_dob, stride_doh, stride_dot, stride_dod,
-    stride_lb, stride_lh, stride_lt,
-    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
-    T, H_KV, group_size, shift, first_shifted_head, num_sink_tokens, window, qk_scale, scaling,
-    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    VS,
+    VE,
+    DK,
+    DV,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    stride_dod,
+    stride_lb,
+    stride_lh,
+    stride_lt,
+    stride_dkb,
+    stride_dkh,
+    stride_dkt,
+    stride_dkd,
+    stride_dvb,
+    stride_dvh,
+    stride_dvt,
+    stride_dvd,
+    T,
+    H_KV,
+    group_size,
+    shift,
+    first_shifted_head,
+    num_sink_tokens,
+    window,
+    qk_scale,
+    scaling,
+    GROUPS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """dK, dV of one key tile of one KV head: summed over the query heads of its group and the query tiles that
@@ -217,10 +312,16 @@ def _shifted_sparse_attn_bwd_dkdv_kernel(
     hi = tl.minimum(c0 + BLOCK_N, ve)  # exclusive
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    kt = tl.load(K + b * stride_kb + kvh * stride_kh + cols[None, :] * stride_kt + d[:, None] * stride_kd,
-                 mask=k_ok[None, :] & (d[:, None] < HEAD_DIM), other=0.0)
-    vt = tl.load(V + b * stride_vb + kvh * stride_vh + cols[None, :] * stride_vt + dv[:, None] * stride_vd,
-                 mask=k_ok[None, :] & (dv[:, None] < HEAD_DIM_V), other=0.0)
+    kt = tl.load(
+        K + b * stride_kb + kvh * stride_kh + cols[None, :] * stride_kt + d[:, None] * stride_kd,
+        mask=k_ok[None, :] & (d[:, None] < HEAD_DIM),
+        other=0.0,
+    )
+    vt = tl.load(
+        V + b * stride_vb + kvh * stride_vh + cols[None, :] * stride_vt + dv[:, None] * stride_vd,
+        mask=k_ok[None, :] & (dv[:, None] < HEAD_DIM_V),
+        other=0.0,
+    )
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -235,10 +336,16 @@ def _shifted_sparse_attn_bwd_dkdv_kernel(
             t = m0 + tl.arange(0, BLOCK_M)
             q_ok = t < ve  # t >= lo >= vs
             rq = t - vs
-            q = tl.load(Q + b * stride_qb + h * stride_qh + t[:, None] * stride_qt + d[None, :] * stride_qd,
-                        mask=q_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-            do = tl.load(DO + b * stride_dob + h * stride_doh + t[:, None] * stride_dot + dv[None, :] * stride_dod,
-                         mask=q_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
+            q = tl.load(
+                Q + b * stride_qb + h * stride_qh + t[:, None] * stride_qt + d[None, :] * stride_qd,
+                mask=q_ok[:, None] & (d[None, :] < HEAD_DIM),
+                other=0.0,
+            )
+            do = tl.load(
+                DO + b * stride_dob + h * stride_doh + t[:, None] * stride_dot + dv[None, :] * stride_dod,
+                mask=q_ok[:, None] & (dv[None, :] < HEAD_DIM_V),
+                other=0.0,
+            )
             lse = tl.load(LSE + b * stride_lb + h * stride_lh + t * stride_lt, mask=q_ok, other=0.0)
             lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
             delta = tl.load(DELTA + b * stride_lb + h * stride_lh + t * stride_lt, mask=q_ok, other=0.0)
@@ -259,16 +366,54 @@ def _shifted_sparse_attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _shifted_sparse_attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, VS, VE, DQ,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_dob, stride_doh, stride_dot, stride_dod,
-    stride_lb, stride_lh, stride_lt,
-    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
-    T, H, group_size, shift, first_shifted_head, num_sink_tokens, window, qk_scale, scaling,
-    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    VS,
+    VE,
+    DQ,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    stride_dod,
+    stride_lb,
+    stride_lh,
+    stride_lt,
+    stride_dqb,
+    stride_dqh,
+    stride_dqt,
+    stride_dqd,
+    T,
+    H,
+    group_size,
+    shift,
+    first_shifted_head,
+    num_sink_tokens,
+    window,
+    qk_scale,
+    scaling,
+    GROUPS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """dQ of one tile of query rows of one (batch row, query head), over the key tiles of the forward."""
@@ -287,10 +432,16 @@ def _shifted_sparse_attn_bwd_dq_kernel(
     rq = t - vs
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + t[:, None] * stride_qt + d[None, :] * stride_qd,
-                mask=q_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + t[:, None] * stride_dot + dv[None, :] * stride_dod,
-                 mask=q_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + t[:, None] * stride_qt + d[None, :] * stride_qd,
+        mask=q_ok[:, None] & (d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + t[:, None] * stride_dot + dv[None, :] * stride_dod,
+        mask=q_ok[:, None] & (dv[None, :] < HEAD_DIM_V),
+        other=0.0,
+    )
     lse = tl.load(LSE + b * stride_lb + h * stride_lh + t * stride_lt, mask=q_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
     delta = tl.load(DELTA + b * stride_lb + h * stride_lh + t * stride_lt, mask=q_ok, other=0.0)
@@ -305,10 +456,16 @@ def _shifted_sparse_attn_bwd_dq_kernel(
         for n0 in range(n_lo, n_hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             visible, k_ok = _visible(rq, q_ok, cols, vs, ve, off, group_size, num_sink_tokens, window)
-            kt = tl.load(k_base + cols[None, :] * stride_kt + d[:, None] * stride_kd,
-                         mask=k_ok[None, :] & (d[:, None] < HEAD_DIM), other=0.0)
-            vt = tl.load(v_base + cols[None, :] * stride_vt + dv[:, None] * stride_vd,
-                         mask=k_ok[None, :] & (dv[:, None] < HEAD_DIM_V), other=0.0)
+            kt = tl.load(
+                k_base + cols[None, :] * stride_kt + d[:, None] * stride_kd,
+                mask=k_ok[None, :] & (d[:, None] < HEAD_DIM),
+                other=0.0,
+            )
+            vt = tl.load(
+                v_base + cols[None, :] * stride_vt + dv[:, None] * stride_vd,
+                mask=k_ok[None, :] & (dv[:, None] < HEAD_DIM_V),
+                other=0.0,
+            )
             s = tl.dot(q, kt, input_precision=PRECISION)
             p = tl.where(visible, tl.math.exp2(tl.where(visible, s * qk_scale - lse2[:, None], 0.0)), 0.0)
             dp = tl.dot(do, vt, input_precision=PRECISION)
@@ -329,9 +486,13 @@ def unavailable_reason(device: torch.device) -> str | None:
             f"anything imports triton (torch._dynamo does, and transformers / hf_sinks import it)"
         )
     if INTERPRET:
-        return None if device.type == "cpu" else (
-            f"hf_sinks.kernels.shifted_sparse_attention was imported with TRITON_INTERPRET=1, which runs on CPU "
-            f"tensors, but the tensors are on {device}"
+        return (
+            None
+            if device.type == "cpu"
+            else (
+                f"hf_sinks.kernels.shifted_sparse_attention was imported with TRITON_INTERPRET=1, which runs on CPU "
+                f"tensors, but the tensors are on {device}"
+            )
         )
     if device.type != "cuda":
         return (
@@ -387,13 +548,34 @@ def shifted_sparse_attn_fwd(
     lse = torch.empty(batch, heads, length, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(length, block_m), batch * heads)
     _shifted_sparse_attn_fwd_kernel[grid](
-        q, k, v, valid_start, valid_end, sink_logits if sink_logits is not None else lse, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-        length, heads, *_scalars(group_size, first_shifted_head, num_sink_tokens, sliding_window), scaling * _LOG2E,
-        GROUPS=heads // heads_kv, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
-        BLOCK_M=block_m, BLOCK_N=block_n, HAS_SINK_LOGITS=sink_logits is not None,
-        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+        q,
+        k,
+        v,
+        valid_start,
+        valid_end,
+        sink_logits if sink_logits is not None else lse,
+        out,
+        lse,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        *lse.stride(),
+        length,
+        heads,
+        *_scalars(group_size, first_shifted_head, num_sink_tokens, sliding_window),
+        scaling * _LOG2E,
+        GROUPS=heads // heads_kv,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_V=head_dim_v,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        HAS_SINK_LOGITS=sink_logits is not None,
+        PRECISION=_precision(q.dtype),
+        num_warps=warps,
+        num_stages=stages,
     )
     return out, lse
 
@@ -428,8 +610,15 @@ def shifted_sparse_attn_bwd(
     block_r = 16 if INTERPRET else 64
     o_flat, do_flat = out.view(rows, head_dim_v), do.view(rows, head_dim_v)
     _shifted_sparse_attn_bwd_preprocess_kernel[(triton.cdiv(rows, block_r),)](
-        o_flat, do_flat, delta, rows, *o_flat.stride(), *do_flat.stride(),
-        HEAD_DIM_V=head_dim_v, BLOCK_R=block_r, BLOCK_DV=block_dv,
+        o_flat,
+        do_flat,
+        delta,
+        rows,
+        *o_flat.stride(),
+        *do_flat.stride(),
+        HEAD_DIM_V=head_dim_v,
+        BLOCK_R=block_r,
+        BLOCK_DV=block_dv,
     )
 
     dq = torch.empty_like(q)
@@ -441,18 +630,54 @@ def shifted_sparse_attn_bwd(
         block_m, block_n = (32, 32) if (head_dim > 64 or q.dtype == torch.float32) else (64, 64)
         warps, stages = 4, 1
     common = dict(
-        GROUPS=heads // heads_kv, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+        GROUPS=heads // heads_kv,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_V=head_dim_v,
+        BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        PRECISION=_precision(q.dtype),
+        num_warps=warps,
+        num_stages=stages,
     )
     scalars = (*_scalars(group_size, first_shifted_head, num_sink_tokens, sliding_window), scaling * _LOG2E, scaling)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride())
     _shifted_sparse_attn_bwd_dkdv_kernel[(triton.cdiv(length, block_n), batch * heads_kv)](
-        q, k, v, do, lse, delta, valid_start, valid_end, dk, dv,
-        *strides, *dk.stride(), *dv.stride(), length, heads_kv, *scalars, **common,
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        valid_start,
+        valid_end,
+        dk,
+        dv,
+        *strides,
+        *dk.stride(),
+        *dv.stride(),
+        length,
+        heads_kv,
+        *scalars,
+        **common,
     )
     _shifted_sparse_attn_bwd_dq_kernel[(triton.cdiv(length, block_m), batch * heads)](
-        q, k, v, do, lse, delta, valid_start, valid_end, dq,
-        *strides, *dq.stride(), length, heads, *scalars, **common,
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        valid_start,
+        valid_end,
+        dq,
+        *strides,
+        *dq.stride(),
+        length,
+        heads,
+        *scalars,
+        **common,
     )
 
     dsink = None
@@ -468,8 +693,20 @@ class ShiftedSparseAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: forward and backward both in Triton (``lse`` is returned but not differentiable)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, valid_start, valid_end, sink_logits, group_size, first_shifted_head, num_sink_tokens,
-                sliding_window, scaling):
+    def forward(
+        ctx,
+        q,
+        k,
+        v,
+        valid_start,
+        valid_end,
+        sink_logits,
+        group_size,
+        first_shifted_head,
+        num_sink_tokens,
+        sliding_window,
+        scaling,
+    ):
         params = (group_size, first_shifted_head, num_sink_tokens, sliding_window, scaling)
         out, lse = shifted_sparse_attn_fwd(q, k, v, valid_start, valid_end, sink_logits, *params)
         ctx.save_for_backward(q, k, v, out, lse, valid_start, valid_end, sink_logits)
@@ -480,8 +717,9 @@ class ShiftedSparseAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, valid_start, valid_end, sink_logits = ctx.saved_tensors
-        dq, dk, dv, dsink = shifted_sparse_attn_bwd(dout, q, k, v, out, lse, valid_start, valid_end, sink_logits,
-                                                    *ctx.params)
+        dq, dk, dv, dsink = shifted_sparse_attn_bwd(
+            dout, q, k, v, out, lse, valid_start, valid_end, sink_logits, *ctx.params
+        )
         return dq, dk, dv, None, None, dsink, None, None, None, None, None
 
 
@@ -519,8 +757,9 @@ def shifted_sparse_attention(
         ValueError: bad arguments (named). RuntimeError: when the kernels cannot run here (see
         :func:`unavailable_reason`).
     """
-    check_inputs(q, k, v, group_size, num_sink_tokens, sink_logits, valid_start, valid_end, first_shifted_head,
-                 sliding_window)
+    check_inputs(
+        q, k, v, group_size, num_sink_tokens, sink_logits, valid_start, valid_end, first_shifted_head, sliding_window
+    )
     reason = unavailable_reason(q.device)
     if reason is not None:
         raise RuntimeError(f"hf_sinks Triton shifted sparse attention cannot run: {reason}.")
@@ -532,6 +771,15 @@ def shifted_sparse_attention(
     ve = ve.to(device=q.device, dtype=torch.int32).contiguous()
     first = heads // 2 if first_shifted_head is None else int(first_shifted_head)
     return ShiftedSparseAttentionFunction.apply(
-        q, k, v, vs, ve, sink_logits, int(group_size), first, int(num_sink_tokens),
-        None if sliding_window is None else int(sliding_window), scaling,
+        q,
+        k,
+        v,
+        vs,
+        ve,
+        sink_logits,
+        int(group_size),
+        first,
+        int(num_sink_tokens),
+        None if sliding_window is None else int(sliding_window),
+        scaling,
     )

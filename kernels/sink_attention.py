@@ -71,18 +71,61 @@ _BIG: tl.constexpr = tl.constexpr(1 << 30)  # "no such index" for min/max over k
 # ----------------------------------------------------------------------------------------------------- forward
 @triton.jit
 def _sink_attn_fwd_kernel(
-    Q, K, V, QR, KR, COS, SIN, SINKS, O, LSE,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_qrb, stride_qrt, stride_krb, stride_krt,
-    stride_cb, stride_ct,
-    stride_os, stride_ob, stride_oh, stride_ot, stride_od,
-    stride_ls, stride_lb, stride_lh, stride_lt,
-    Tq, Tk, H_KV, cols_per_split, num_sink_tokens, window_length, half_rot, qk_scale,
-    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, HAS_SINK_LOGITS: tl.constexpr, PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    QR,
+    KR,
+    COS,
+    SIN,
+    SINKS,
+    O,
+    LSE,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_qrb,
+    stride_qrt,
+    stride_krb,
+    stride_krt,
+    stride_cb,
+    stride_ct,
+    stride_os,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_od,
+    stride_ls,
+    stride_lb,
+    stride_lh,
+    stride_lt,
+    Tq,
+    Tk,
+    H_KV,
+    cols_per_split,
+    num_sink_tokens,
+    window_length,
+    half_rot,
+    qk_scale,
+    GROUPS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    HAS_SINK_LOGITS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One tile of ``BLOCK_M`` (query, head) rows of one KV head over the key columns of split ``program_id(2)``.
 
@@ -148,7 +191,8 @@ def _sink_attn_fwd_kernel(
         if useful:
             kt = tl.load(
                 k_base + cols[None, :] * stride_kt + d[:, None] * stride_kd,
-                mask=col_ok[None, :] & (d[:, None] < HEAD_DIM), other=0.0,
+                mask=col_ok[None, :] & (d[:, None] < HEAD_DIM),
+                other=0.0,
             )
             s = tl.dot(q, kt, input_precision=PRECISION)
             if HAS_SHIFT:
@@ -156,7 +200,9 @@ def _sink_attn_fwd_kernel(
                     s_sink = tl.dot(q_sink, kt, input_precision=PRECISION)
                     s = tl.where((k_valid & (kr < num_sink_tokens))[None, :], s_sink, s)
             visible = (
-                k_valid[None, :] & q_valid[:, None] & (kr[None, :] <= qr[:, None])
+                k_valid[None, :]
+                & q_valid[:, None]
+                & (kr[None, :] <= qr[:, None])
                 & ((kr[None, :] < num_sink_tokens) | (qr[:, None] - kr[None, :] < window_length))
             )
             s = tl.where(visible, s * qk_scale, float("-inf"))
@@ -167,7 +213,8 @@ def _sink_attn_fwd_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(
                 v_base + cols[:, None] * stride_vt + dv[None, :] * stride_vd,
-                mask=col_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0,
+                mask=col_ok[:, None] & (dv[None, :] < HEAD_DIM_V),
+                other=0.0,
             )
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
@@ -175,17 +222,35 @@ def _sink_attn_fwd_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / LOG2E)
-    o_ptrs = (O + pid_s * stride_os + b * stride_ob + h[:, None] * stride_oh + t[:, None] * stride_ot
-              + dv[None, :] * stride_od)
+    o_ptrs = (
+        O
+        + pid_s * stride_os
+        + b * stride_ob
+        + h[:, None] * stride_oh
+        + t[:, None] * stride_ot
+        + dv[None, :] * stride_od
+    )
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < HEAD_DIM_V))
     tl.store(LSE + pid_s * stride_ls + b * stride_lb + h * stride_lh + t * stride_lt, lse, mask=row_ok)
 
 
 @triton.jit
 def _sink_attn_combine_kernel(
-    OP, LP, O, LSE,
-    stride_ps, stride_pr, stride_pd, stride_ls, stride_lr, stride_or, stride_od, stride_lser,
-    num_splits, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    OP,
+    LP,
+    O,
+    LSE,
+    stride_ps,
+    stride_pr,
+    stride_pd,
+    stride_ls,
+    stride_lr,
+    stride_or,
+    stride_od,
+    stride_lser,
+    num_splits,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     """Merge the split partial results of one (batch, head, query) row: LSE-weighted sum of normalised outputs."""
     row = tl.program_id(0).to(tl.int64)
@@ -211,8 +276,19 @@ def _sink_attn_combine_kernel(
 
 # ---------------------------------------------------------------------------------------------------- backward
 @triton.jit
-def _sink_attn_bwd_preprocess_kernel(O, DO, DELTA, n_rows, stride_or, stride_od, stride_dor, stride_dod,
-                                     HEAD_DIM_V: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _sink_attn_bwd_preprocess_kernel(
+    O,
+    DO,
+    DELTA,
+    n_rows,
+    stride_or,
+    stride_od,
+    stride_dor,
+    stride_dod,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     """``delta = rowsum(dO * O)`` in fp32 over ``[B * H * Tq]`` rows."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     dv = tl.arange(0, BLOCK_DV)
@@ -223,8 +299,22 @@ def _sink_attn_bwd_preprocess_kernel(O, DO, DELTA, n_rows, stride_or, stride_od,
 
 
 @triton.jit
-def _bwd_scores(q, q_sink, kt, kr, k_valid, k_lo, qr, q_valid, lse2, num_sink_tokens, window_length, qk_scale,
-                HAS_SHIFT: tl.constexpr, PRECISION: tl.constexpr):
+def _bwd_scores(
+    q,
+    q_sink,
+    kt,
+    kr,
+    k_valid,
+    k_lo,
+    qr,
+    q_valid,
+    lse2,
+    num_sink_tokens,
+    window_length,
+    qk_scale,
+    HAS_SHIFT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Recompute ``P`` (probabilities, 0 where invisible) and the sink-column mask of one (query, key) tile."""
     is_sink = k_valid & (kr < num_sink_tokens)
     s = tl.dot(q, kt, input_precision=PRECISION)
@@ -233,7 +323,9 @@ def _bwd_scores(q, q_sink, kt, kr, k_valid, k_lo, qr, q_valid, lse2, num_sink_to
             s_sink = tl.dot(q_sink, kt, input_precision=PRECISION)
             s = tl.where(is_sink[None, :], s_sink, s)
     visible = (
-        k_valid[None, :] & q_valid[:, None] & (kr[None, :] <= qr[:, None])
+        k_valid[None, :]
+        & q_valid[:, None]
+        & (kr[None, :] <= qr[:, None])
         & ((kr[None, :] < num_sink_tokens) | (qr[:, None] - kr[None, :] < window_length))
     )
     p = tl.where(visible, tl.math.exp2(tl.where(visible, s * qk_scale - lse2[:, None], 0.0)), 0.0)
@@ -242,20 +334,68 @@ def _bwd_scores(q, q_sink, kt, kr, k_valid, k_lo, qr, q_valid, lse2, num_sink_to
 
 @triton.jit
 def _sink_attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, QR, KR, COS, SIN, DK, DV,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_dob, stride_doh, stride_dot, stride_dod,
-    stride_lb, stride_lh, stride_lt,
-    stride_qrb, stride_qrt, stride_krb, stride_krt,
-    stride_cb, stride_ct,
-    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
-    Tq, Tk, H_KV, num_sink_tokens, window_length, half_rot, qk_scale, scaling,
-    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    QR,
+    KR,
+    COS,
+    SIN,
+    DK,
+    DV,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    stride_dod,
+    stride_lb,
+    stride_lh,
+    stride_lt,
+    stride_qrb,
+    stride_qrt,
+    stride_krb,
+    stride_krt,
+    stride_cb,
+    stride_ct,
+    stride_dkb,
+    stride_dkh,
+    stride_dkt,
+    stride_dkd,
+    stride_dvb,
+    stride_dvh,
+    stride_dvt,
+    stride_dvd,
+    Tq,
+    Tk,
+    H_KV,
+    num_sink_tokens,
+    window_length,
+    half_rot,
+    qk_scale,
+    scaling,
+    GROUPS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """dK, dV of one key tile of one KV head, summed over every query row of the group (no atomics)."""
     pid_n = tl.program_id(0)
@@ -273,11 +413,13 @@ def _sink_attn_bwd_dkdv_kernel(
     dv = tl.arange(0, BLOCK_DV)
     kt = tl.load(
         K + b * stride_kb + kvh * stride_kh + cols[None, :] * stride_kt + d[:, None] * stride_kd,
-        mask=col_ok[None, :] & (d[:, None] < HEAD_DIM), other=0.0,
+        mask=col_ok[None, :] & (d[:, None] < HEAD_DIM),
+        other=0.0,
     )
     vt = tl.load(
         V + b * stride_vb + kvh * stride_vh + cols[None, :] * stride_vt + dv[:, None] * stride_vd,
-        mask=col_ok[None, :] & (dv[:, None] < HEAD_DIM_V), other=0.0,
+        mask=col_ok[None, :] & (dv[:, None] < HEAD_DIM_V),
+        other=0.0,
     )
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -314,10 +456,25 @@ def _sink_attn_bwd_dkdv_kernel(
             delta = tl.load(DELTA + b * stride_lb + h * stride_lh + t * stride_lt, mask=row_ok, other=0.0)
             do = tl.load(
                 DO + b * stride_dob + h[:, None] * stride_doh + t[:, None] * stride_dot + dv[None, :] * stride_dod,
-                mask=row_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0,
+                mask=row_ok[:, None] & (dv[None, :] < HEAD_DIM_V),
+                other=0.0,
             )
-            p, is_sink = _bwd_scores(q, q_sink, kt, kr, k_valid, k_lo, qr, q_valid, lse2, num_sink_tokens,
-                                     window_length, qk_scale, HAS_SHIFT, PRECISION)
+            p, is_sink = _bwd_scores(
+                q,
+                q_sink,
+                kt,
+                kr,
+                k_valid,
+                k_lo,
+                qr,
+                q_valid,
+                lse2,
+                num_sink_tokens,
+                window_length,
+                qk_scale,
+                HAS_SHIFT,
+                PRECISION,
+            )
             dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, vt, input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
@@ -336,19 +493,63 @@ def _sink_attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _sink_attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, QR, KR, COS, SIN, DQ,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_dob, stride_doh, stride_dot, stride_dod,
-    stride_lb, stride_lh, stride_lt,
-    stride_qrb, stride_qrt, stride_krb, stride_krt,
-    stride_cb, stride_ct,
-    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
-    Tq, Tk, H_KV, num_sink_tokens, window_length, half_rot, qk_scale, scaling,
-    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    QR,
+    KR,
+    COS,
+    SIN,
+    DQ,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    stride_dod,
+    stride_lb,
+    stride_lh,
+    stride_lt,
+    stride_qrb,
+    stride_qrt,
+    stride_krb,
+    stride_krt,
+    stride_cb,
+    stride_ct,
+    stride_dqb,
+    stride_dqh,
+    stride_dqt,
+    stride_dqd,
+    Tq,
+    Tk,
+    H_KV,
+    num_sink_tokens,
+    window_length,
+    half_rot,
+    qk_scale,
+    scaling,
+    GROUPS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """dQ of one tile of (query, head) rows. Sink columns: ``dq += R(-shift)^T (dS_sink @ K)``, where the transposed
     rotation is ``cos * (dS @ K) - sin * (dS @ rotate_half(K))`` (rotate_half commutes with the duplicated sin)."""
@@ -387,7 +588,8 @@ def _sink_attn_bwd_dq_kernel(
     delta = tl.load(DELTA + b * stride_lb + h * stride_lh + t * stride_lt, mask=row_ok, other=0.0)
     do = tl.load(
         DO + b * stride_dob + h[:, None] * stride_doh + t[:, None] * stride_dot + dv[None, :] * stride_dod,
-        mask=row_ok[:, None] & (dv[None, :] < HEAD_DIM_V), other=0.0,
+        mask=row_ok[:, None] & (dv[None, :] < HEAD_DIM_V),
+        other=0.0,
     )
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq_sink = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -405,14 +607,30 @@ def _sink_attn_bwd_dq_kernel(
         if useful:
             kt = tl.load(
                 k_base + cols[None, :] * stride_kt + d[:, None] * stride_kd,
-                mask=col_ok[None, :] & (d[:, None] < HEAD_DIM), other=0.0,
+                mask=col_ok[None, :] & (d[:, None] < HEAD_DIM),
+                other=0.0,
             )
             vt = tl.load(
                 V + b * stride_vb + kvh * stride_vh + cols[None, :] * stride_vt + dv[:, None] * stride_vd,
-                mask=col_ok[None, :] & (dv[:, None] < HEAD_DIM_V), other=0.0,
+                mask=col_ok[None, :] & (dv[:, None] < HEAD_DIM_V),
+                other=0.0,
             )
-            p, is_sink = _bwd_scores(q, q_sink, kt, kr, k_valid, k_lo, qr, q_valid, lse2, num_sink_tokens,
-                                     window_length, qk_scale, HAS_SHIFT, PRECISION)
+            p, is_sink = _bwd_scores(
+                q,
+                q_sink,
+                kt,
+                kr,
+                k_valid,
+                k_lo,
+                qr,
+                q_valid,
+                lse2,
+                num_sink_tokens,
+                window_length,
+                qk_scale,
+                HAS_SHIFT,
+                PRECISION,
+            )
             dp = tl.dot(do, vt, input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             if HAS_SHIFT:
@@ -421,7 +639,8 @@ def _sink_attn_bwd_dq_kernel(
                     ds = tl.where(is_sink[None, :], 0.0, ds)
                     k_half = tl.load(  # rotate_half(K) for the sink columns: partner channels, signed
                         k_base + cols[:, None] * stride_kt + partner[None, :] * stride_kd,
-                        mask=col_ok[:, None] & in_rot[None, :], other=0.0,
+                        mask=col_ok[:, None] & in_rot[None, :],
+                        other=0.0,
                     )
                     k_half = (sign[None, :] * k_half.to(tl.float32)).to(kt.dtype)
                     dq_sink += tl.dot(ds_sink, tl.trans(kt), input_precision=PRECISION)
@@ -444,9 +663,13 @@ def unavailable_reason(device: torch.device) -> str | None:
             f"triton (torch._dynamo does, and transformers / hf_sinks import it)"
         )
     if INTERPRET:
-        return None if device.type == "cpu" else (
-            f"hf_sinks.kernels.sink_attention was imported with TRITON_INTERPRET=1, which runs on CPU tensors, "
-            f"but the tensors are on {device}"
+        return (
+            None
+            if device.type == "cpu"
+            else (
+                f"hf_sinks.kernels.sink_attention was imported with TRITON_INTERPRET=1, which runs on CPU tensors, "
+                f"but the tensors are on {device}"
+            )
         )
     if device.type != "cuda":
         return (
@@ -539,22 +762,62 @@ def sink_attn_fwd(
     c_strides = (cos.stride(0), cos.stride(1)) if has_shift else (0, 0)
     grid = (triton.cdiv(tq * groups, block_m), batch * heads_kv, splits)
     _sink_attn_fwd_kernel[grid](
-        q, k, v, q_real, k_real, cos_t, sin_t, sink_logits if sink_logits is not None else lse, o_dst, l_dst,
-        *q.stride(), *k.stride(), *v.stride(), *q_real.stride(), *k_real.stride(), *c_strides,
-        *o_strides, *l_strides,
-        tq, tk, heads_kv, cols_per_split, num_sink_tokens, window_length, half_rot, scaling * _LOG2E,
-        GROUPS=groups, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
-        BLOCK_M=block_m, BLOCK_N=block_n, HAS_SHIFT=has_shift, HAS_SINK_LOGITS=sink_logits is not None,
-        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+        q,
+        k,
+        v,
+        q_real,
+        k_real,
+        cos_t,
+        sin_t,
+        sink_logits if sink_logits is not None else lse,
+        o_dst,
+        l_dst,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *q_real.stride(),
+        *k_real.stride(),
+        *c_strides,
+        *o_strides,
+        *l_strides,
+        tq,
+        tk,
+        heads_kv,
+        cols_per_split,
+        num_sink_tokens,
+        window_length,
+        half_rot,
+        scaling * _LOG2E,
+        GROUPS=groups,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_V=head_dim_v,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        HAS_SHIFT=has_shift,
+        HAS_SINK_LOGITS=sink_logits is not None,
+        PRECISION=_precision(q.dtype),
+        num_warps=warps,
+        num_stages=stages,
     )
     if splits > 1:
         rows = batch * heads * tq
         o_p, l_p = o_dst.view(splits, rows, head_dim_v), l_dst.view(splits, rows)
         o_flat, l_flat = out.view(rows, head_dim_v), lse.view(rows)
         _sink_attn_combine_kernel[(rows,)](
-            o_p, l_p, o_flat, l_flat, *o_p.stride(), *l_p.stride(), *o_flat.stride(), l_flat.stride(0),
-            splits, HEAD_DIM_V=head_dim_v, BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)), num_warps=1,
+            o_p,
+            l_p,
+            o_flat,
+            l_flat,
+            *o_p.stride(),
+            *l_p.stride(),
+            *o_flat.stride(),
+            l_flat.stride(0),
+            splits,
+            HEAD_DIM_V=head_dim_v,
+            BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
+            num_warps=1,
         )
     return out, lse
 
@@ -590,8 +853,15 @@ def sink_attn_bwd(
     block_r = 16 if INTERPRET else 64
     o_flat, do_flat = out.view(rows, head_dim_v), do.view(rows, head_dim_v)
     _sink_attn_bwd_preprocess_kernel[(triton.cdiv(rows, block_r),)](
-        o_flat, do_flat, delta, rows, *o_flat.stride(), *do_flat.stride(),
-        HEAD_DIM_V=head_dim_v, BLOCK_R=block_r, BLOCK_DV=block_dv,
+        o_flat,
+        do_flat,
+        delta,
+        rows,
+        *o_flat.stride(),
+        *do_flat.stride(),
+        HEAD_DIM_V=head_dim_v,
+        BLOCK_R=block_r,
+        BLOCK_DV=block_dv,
     )
 
     dq = torch.empty_like(q)
@@ -603,8 +873,13 @@ def sink_attn_bwd(
     half_rot = cos.shape[-1] if has_shift else 0
     c_strides = (cos.stride(0), cos.stride(1)) if has_shift else (0, 0)
     common = dict(
-        GROUPS=groups, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        HAS_SHIFT=has_shift, PRECISION=_precision(q.dtype),
+        GROUPS=groups,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_V=head_dim_v,
+        BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
+        HAS_SHIFT=has_shift,
+        PRECISION=_precision(q.dtype),
     )
     if INTERPRET:
         block_m, block_n, warps, stages = 32, 32, 1, 1
@@ -612,17 +887,59 @@ def sink_attn_bwd(
         block_m, block_n = (32, 32) if (head_dim > 64 or q.dtype == torch.float32) else (64, 64)
         warps, stages = 4, 1
     scalars = (tq, tk, heads_kv, num_sink_tokens, window_length, half_rot, scaling * _LOG2E, scaling)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(),
-               *q_real.stride(), *k_real.stride(), *c_strides)
+    strides = (
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *do.stride(),
+        *lse.stride(),
+        *q_real.stride(),
+        *k_real.stride(),
+        *c_strides,
+    )
     _sink_attn_bwd_dkdv_kernel[(triton.cdiv(tk, block_n), batch * heads_kv)](
-        q, k, v, do, lse, delta, q_real, k_real, cos_t, sin_t, dk, dv,
-        *strides, *dk.stride(), *dv.stride(), *scalars,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        q_real,
+        k_real,
+        cos_t,
+        sin_t,
+        dk,
+        dv,
+        *strides,
+        *dk.stride(),
+        *dv.stride(),
+        *scalars,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=warps,
+        num_stages=stages,
+        **common,
     )
     _sink_attn_bwd_dq_kernel[(triton.cdiv(tq * groups, block_m), batch * heads_kv)](
-        q, k, v, do, lse, delta, q_real, k_real, cos_t, sin_t, dq,
-        *strides, *dq.stride(), *scalars,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        q_real,
+        k_real,
+        cos_t,
+        sin_t,
+        dq,
+        *strides,
+        *dq.stride(),
+        *scalars,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=warps,
+        num_stages=stages,
+        **common,
     )
 
     dsink = None
@@ -638,10 +955,12 @@ class SinkAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: forward and backward both in Triton (``lse`` is returned but not differentiable)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_real, k_real, cos, sin, sink_logits, num_sink_tokens, window_length, scaling,
-                num_splits=None):
-        out, lse = sink_attn_fwd(q, k, v, q_real, k_real, cos, sin, sink_logits, num_sink_tokens, window_length,
-                                 scaling, num_splits)
+    def forward(
+        ctx, q, k, v, q_real, k_real, cos, sin, sink_logits, num_sink_tokens, window_length, scaling, num_splits=None
+    ):
+        out, lse = sink_attn_fwd(
+            q, k, v, q_real, k_real, cos, sin, sink_logits, num_sink_tokens, window_length, scaling, num_splits
+        )
         ctx.save_for_backward(q, k, v, out, lse, q_real, k_real, cos, sin, sink_logits)
         ctx.params = (num_sink_tokens, window_length, scaling)
         ctx.mark_non_differentiable(lse)

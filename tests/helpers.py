@@ -55,7 +55,9 @@ def tiny_model(arch: str = "llama", attn_implementation: str = "sink_sdpa", seed
     torch.manual_seed(seed)
     config = tiny_config(arch, **kwargs)
     if arch.startswith("falcon"):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa" if "sink" in attn_implementation else attn_implementation)
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation="sdpa" if "sink" in attn_implementation else attn_implementation
+        )
         if "sink" in attn_implementation:
             hf_sinks.apply(model, attn_implementation=attn_implementation)
         return model.eval()
@@ -76,7 +78,7 @@ def padded_batch(lengths, seed=20):
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+        ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
     return rows, ids, mask
 
 
@@ -87,7 +89,7 @@ def assert_rows_match_spec(model, rows, out, width, sinks, window):
     logits = torch.stack(out.logits, dim=1)
     for i, row in enumerate(rows):
         seq = torch.cat([row, out.sequences[i, width:]])
-        spec = reference_logits(model, seq[:-1], sinks, window)[len(row) - 1:]
+        spec = reference_logits(model, seq[:-1], sinks, window)[len(row) - 1 :]
         torch.testing.assert_close(logits[i], spec, atol=1e-4, rtol=0, msg=f"row {i}")
 
 
@@ -96,8 +98,14 @@ def sink_mask(padding: torch.Tensor, q: int, mask_function=sink_sdpa_mask):
     """What ``create_causal_mask`` returns for ``q`` new tokens whose 2D padding mask (seen + q columns) is given."""
     batch, length = padding.shape
     return mask_function(
-        batch_size=batch, q_length=q, kv_length=length, q_offset=length - q, kv_offset=0,
-        attention_mask=padding.bool(), dtype=torch.float32, device=padding.device,
+        batch_size=batch,
+        q_length=q,
+        kv_length=length,
+        q_offset=length - q,
+        kv_offset=0,
+        attention_mask=padding.bool(),
+        dtype=torch.float32,
+        device=padding.device,
     )
 
 
@@ -126,7 +134,9 @@ def save_word_model(path, text: str, arch: str = "llama", layers: int = 2):
     tiny_model(arch, layers=layers).save_pretrained(path)
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([text], trainers.WordLevelTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<unk>", "<eos>"]))
+    tok.train_from_iterator(
+        [text], trainers.WordLevelTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<unk>", "<eos>"])
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
     fast.save_pretrained(path)
     return path
@@ -159,7 +169,9 @@ def passkey_bpe_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tok.train_from_iterator([INSTRUCTION, FILLER * 3, NEEDLE.format(key="12345"), QUESTION, IDENTIFY_FILLER], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 

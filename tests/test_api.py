@@ -9,8 +9,13 @@ import hf_sinks
 from hf_sinks.compat import output_cache
 
 ARCHS = ["llama", "mistral", "gpt_neox", "falcon", "falcon_new"]
-LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"],
-                "falcon": ["query_key_value"], "falcon_new": ["query_key_value"]}
+LORA_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "falcon_new": ["query_key_value"],
+}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -22,8 +27,15 @@ def test_config_flag_switches_streaming_on_and_generate_brings_its_cache(arch, t
     handle = hf_sinks.apply(model)
     assert handle.num_attention_modules == config.num_hidden_layers
     rows, ids, mask = padded_batch([12, 5])
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=15, min_new_tokens=15, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=15,
+        min_new_tokens=15,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     assert isinstance(output_cache(out), hf_sinks.SinkCache)
     assert output_cache(out).get_stored_length() == 9
     assert_rows_match_spec(model, rows, out, ids.shape[1], 2, 7)
@@ -39,7 +51,9 @@ def test_flag_round_trips_through_save_pretrained(tmp_path):
     streaming = hf_sinks.AutoModelForCausalLM.from_pretrained(tmp_path)
     assert streaming._hf_sinks_handle.sink_config == hf_sinks.SinkConfig(3, 11)
     assert streaming.config._attn_implementation == "sink_sdpa"
-    override = hf_sinks.AutoModelForCausalLM.from_pretrained(tmp_path, attention_sink_size=1, attention_sink_window_size=5)
+    override = hf_sinks.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attention_sink_size=1, attention_sink_window_size=5
+    )
     assert override._hf_sinks_handle.sink_config == hf_sinks.SinkConfig(1, 5)
 
 
@@ -62,8 +76,9 @@ def test_context_manager_restores_and_models_stay_independent(arch):
 def test_generate_keeps_a_user_cache_choice():
     model = tiny_model("llama", "sdpa")
     hf_sinks.apply(model, num_sink_tokens=2, window_length=6)
-    out = model.generate(random_ids(1, 4), max_new_tokens=3, use_cache=True, cache_implementation="static",
-                         return_dict_in_generate=True)
+    out = model.generate(
+        random_ids(1, 4), max_new_tokens=3, use_cache=True, cache_implementation="static", return_dict_in_generate=True
+    )
     assert not isinstance(output_cache(out), hf_sinks.SinkCache)
 
 
@@ -76,7 +91,14 @@ def test_streams_after_get_peft_model_with_lora(arch):
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=LORA_TARGETS[arch], init_lora_weights=False))
     peft_model.eval()
     rows, ids, mask = padded_batch([14, 6], seed=40)
-    out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12,
-                              do_sample=False, output_logits=True, return_dict_in_generate=True)
+    out = peft_model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=12,
+        min_new_tokens=12,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     assert isinstance(output_cache(out), hf_sinks.SinkCache)
     assert_rows_match_spec(peft_model.base_model.model, rows, out, ids.shape[1], 2, 7)

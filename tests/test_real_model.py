@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import hf_sinks
-from hf_sinks.oracle import reference_logits
 from hf_sinks.compat import cache_kwargs
+from hf_sinks.oracle import reference_logits
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +34,15 @@ def test_smollm2_streams_past_its_cache_exactly(smollm2):
     text = "The old lighthouse keeper climbed the stairs every night, counting each step as the storm rolled in."
     prompt = tokenizer(text, return_tensors="pt").input_ids
     cache = hf_sinks.SinkCache(sinks, window)
-    out = model.generate(prompt, **cache_kwargs(cache), max_new_tokens=48, min_new_tokens=48, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True)
+    out = model.generate(
+        prompt,
+        **cache_kwargs(cache),
+        max_new_tokens=48,
+        min_new_tokens=48,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     assert out.sequences.shape[1] > sinks + window + 20  # well past capacity
     assert cache.get_stored_length() == sinks + window
     logits = torch.stack(out.logits, dim=1)[0]

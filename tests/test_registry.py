@@ -36,7 +36,15 @@ def test_without_sink_cache_they_are_exactly_the_stock_attention(name, stock, ar
     outs = []
     for impl in (name, stock):
         model = tiny_model(arch, impl, **extra)
-        out = model.generate(prompt, attention_mask=mask, **cache_kwargs(DynamicCache(config=model.config)), max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        out = model.generate(
+            prompt,
+            attention_mask=mask,
+            **cache_kwargs(DynamicCache(config=model.config)),
+            max_new_tokens=8,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         outs.append(torch.stack(out.logits))
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
 

@@ -19,7 +19,9 @@ def test_matches_transformers_rotation():
 def test_from_config_equals_model_buffer():
     for kwargs in ({}, {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}}):
         model = tiny_model("llama", "sdpa", **kwargs)
-        torch.testing.assert_close(RotaryParams.from_config(model.config).inv_freq, RotaryParams.from_model(model).inv_freq)
+        torch.testing.assert_close(
+            RotaryParams.from_config(model.config).inv_freq, RotaryParams.from_model(model).inv_freq
+        )
 
 
 def test_partial_rotary_leaves_the_rest_untouched():

@@ -35,8 +35,14 @@ def decode_loop(step, cache, ids: torch.Tensor, start: int, stop: int) -> list[t
 
 def generate_logits(model, prompt, cache, new_tokens, **kwargs):
     out = model.generate(
-        prompt, **cache_kwargs(cache), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-        output_logits=True, return_dict_in_generate=True, **kwargs,
+        prompt,
+        **cache_kwargs(cache),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kwargs,
     )
     return out.sequences, torch.stack(out.logits, dim=1)
 
@@ -181,7 +187,12 @@ def test_padded_batch_is_refused_without_hook():
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
     with pytest.raises(ValueError, match="left padding"):
-        model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kwargs(StaticSinkCache(2, 6, config=model.config)))
+        model(
+            input_ids=ids,
+            attention_mask=mask,
+            use_cache=True,
+            **cache_kwargs(StaticSinkCache(2, 6, config=model.config)),
+        )
 
 
 def test_needs_config_or_rotary():

@@ -10,8 +10,8 @@ from helpers import random_ids, tiny_model
 
 import hf_sinks
 from hf_sinks.attention import use_attention
-from hf_sinks.oracle import recompute_logits, reference_logits
 from hf_sinks.compat import cache_kwargs
+from hf_sinks.oracle import recompute_logits, reference_logits
 
 TOL = 1e-4
 SINK_IMPLS = ["sink_sdpa", "sink_eager", "sink_flex"]
@@ -62,7 +62,8 @@ def test_one_layer_matches_recompute_oracle(arch, impl, sinks, window, prompt_le
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("impl", SINK_IMPLS + ["sdpa"])
 @pytest.mark.parametrize(
-    "heads,kv_heads,head_dim", [pytest.param(4, 2, 16, id="gqa2"), pytest.param(4, 1, 8, id="mqa"), pytest.param(3, 3, 10, id="mha-odd")]
+    "heads,kv_heads,head_dim",
+    [pytest.param(4, 2, 16, id="gqa2"), pytest.param(4, 1, 8, id="mqa"), pytest.param(3, 3, 10, id="mha-odd")],
 )
 def test_deep_model_matches_spec(arch, impl, heads, kv_heads, head_dim):
     if arch in ("gpt_neox", "falcon_mha") and kv_heads != heads:
@@ -80,7 +81,9 @@ def test_spec_coincides_with_recompute_only_for_one_layer():
     """Documents why deep models are checked against the spec model, not the recompute oracle."""
     ids = random_ids(1, 30)[0]
     one = tiny_model("llama", "sdpa", layers=1)
-    torch.testing.assert_close(reference_logits(one, ids, 2, 8)[10:], recompute_logits(one, ids, 2, 8, start=10), atol=TOL, rtol=0)
+    torch.testing.assert_close(
+        reference_logits(one, ids, 2, 8)[10:], recompute_logits(one, ids, 2, 8, start=10), atol=TOL, rtol=0
+    )
     deep = tiny_model("llama", "sdpa", layers=2)
     gap = (reference_logits(deep, ids, 2, 8)[10:] - recompute_logits(deep, ids, 2, 8, start=10)).abs().max()
     assert gap > 1e-3  # StreamingLLM's cached states are not recomputed (paper Fig. 1 (c) vs (d))
@@ -233,4 +236,6 @@ def test_stock_attention_refuses_left_padded_batch():
     mask = torch.ones_like(prompt)
     mask[1, :3] = 0
     with pytest.raises(ValueError, match="left-padded batch.*sink_sdpa"):
-        model.generate(prompt, attention_mask=mask, **cache_kwargs(hf_sinks.SinkCache.from_model(model)), max_new_tokens=3)
+        model.generate(
+            prompt, attention_mask=mask, **cache_kwargs(hf_sinks.SinkCache.from_model(model)), max_new_tokens=3
+        )

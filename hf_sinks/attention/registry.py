@@ -9,7 +9,6 @@ from .masks import sink_eager_mask, sink_flex_mask, sink_sdpa_mask
 from .shifted_sparse import sink_s2attn_attention_forward, sink_sfattn_attention_forward
 from .triton import sink_triton_attention_forward
 
-
 #: ``attn_implementation`` name -> (attention function, mask function). Without the mask registration transformers
 #: would hand the function no mask at all (docs/design.md §5.4).
 ATTENTION_IMPLEMENTATIONS = {

@@ -106,7 +106,9 @@ def _padding_of(attention_mask: Any, batch: int, length: int) -> torch.Tensor | 
     if is_sink_mask(attention_mask):  # built by transformers through the sink mask function: carries the padding
         return new_token_validity(attention_mask, length)
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
-        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        shape = (
+            tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        )
         raise ValueError(
             f"sink_s2attn/sink_sfattn build their own visibility and take only a 2D padding mask [batch, seq_len]; "
             f"got {shape}. Pass attention_mask as a [batch, seq_len] 0/1 tensor (not a 4D mask)."
@@ -226,7 +228,10 @@ def shifted_sparse_attention(
     """
     batch, heads, length, head_dim = query.shape
     if key.shape[2] != length:
-        raise ValueError(f"shifted-sparse attention needs keys for exactly the queries; got {key.shape[2]} keys for {length} queries.")
+        raise ValueError(
+            f"shifted-sparse attention needs keys for exactly the queries; "
+            f"got {key.shape[2]} keys for {length} queries."
+        )
     if heads % key.shape[1]:
         raise ValueError(f"{heads} query heads are not a multiple of {key.shape[1]} key/value heads.")
     check_int("group_size", group_size, 2)
@@ -254,9 +259,17 @@ def shifted_sparse_attention(
         from .shifted_sparse_kernel import shifted_sparse_attention as fused
 
         out, _ = fused(
-            query, key, value, length + length % 2 if dense else group_size, num_sink_tokens, scaling, sink_logits,
-            valid_end=valid.sum(1).to(torch.int32), first_shifted_head=heads if dense else split,
-            sliding_window=sliding_window, backend="auto" if backend == "auto" else "triton",
+            query,
+            key,
+            value,
+            length + length % 2 if dense else group_size,
+            num_sink_tokens,
+            scaling,
+            sink_logits,
+            valid_end=valid.sum(1).to(torch.int32),
+            first_shifted_head=heads if dense else split,
+            sliding_window=sliding_window,
+            backend="auto" if backend == "auto" else "triton",
         )
         if order is not None:
             out = torch.empty_like(out).scatter(2, order[:, None, :, None].expand_as(out), out)
@@ -274,7 +287,18 @@ def shifted_sparse_attention(
         logits = None if sink_logits is None else sink_logits[h0:h1]
         outs.append(
             _grouped_attention(
-                query[:, h0:h1], k, v, valid, size, offset, num_sink_tokens, logits, sliding_window, scaling, dropout, gqa
+                query[:, h0:h1],
+                k,
+                v,
+                valid,
+                size,
+                offset,
+                num_sink_tokens,
+                logits,
+                sliding_window,
+                scaling,
+                dropout,
+                gqa,
             )
         )
     out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
@@ -314,13 +338,17 @@ def _make(name: str, sinks: bool):
         if layer_of(key, SinkCacheLayer) is not None:  # a SinkCache: the streaming path (learned logits too)
             from .functions import sink_sdpa_attention_forward
 
-            return sink_sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+            return sink_sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
 
         scaling = default_scaling(query, scaling)
         if not module.training or key.shape[2] != query.shape[2]:  # inference or a cache: plain causal attention
             from .functions import without_sink_cache
 
-            return without_sink_cache(module, query, key, value, attention_mask, dropout, scaling, sink_logits, **kwargs)
+            return without_sink_cache(
+                module, query, key, value, attention_mask, dropout, scaling, sink_logits, **kwargs
+            )
 
         length = query.shape[2]
         out = shifted_sparse_attention(

@@ -30,9 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import triton as _triton
-
 from ..kernels.shifted_sparse_checks import check_inputs
+from . import triton as _triton
 
 KERNELS_MODULE = "hf_sinks.kernels.shifted_sparse_attention"
 #: Scores per chunk of query half-groups in the PyTorch fallback (bounds the temporaries of one step).
@@ -115,24 +114,35 @@ def shifted_sparse_attention(
     Returns:
         ``(out [B, H, T, Dv] in q.dtype, lse [B, H, T] fp32)``.
     """
-    check_inputs(q, k, v, group_size, num_sink_tokens, sink_logits, valid_start, valid_end, first_shifted_head,
-                 sliding_window)
+    check_inputs(
+        q, k, v, group_size, num_sink_tokens, sink_logits, valid_start, valid_end, first_shifted_head, sliding_window
+    )
     if key_padding_mask is not None:
         if valid_start is not None or valid_end is not None:
             raise ValueError("give either key_padding_mask or valid_start/valid_end, not both")
         if tuple(key_padding_mask.shape) != (q.shape[0], q.shape[2]):
-            raise ValueError(f"key_padding_mask must be [B, T] = {(q.shape[0], q.shape[2])}; "
-                             f"got {tuple(key_padding_mask.shape)}")
+            raise ValueError(
+                f"key_padding_mask must be [B, T] = {(q.shape[0], q.shape[2])}; got {tuple(key_padding_mask.shape)}"
+            )
         valid_start, valid_end = padding_bounds(key_padding_mask)
-    args = (q, k, v, group_size, num_sink_tokens, scaling, sink_logits, valid_start, valid_end, first_shifted_head,
-            sliding_window)
+    args = (
+        q,
+        k,
+        v,
+        group_size,
+        num_sink_tokens,
+        scaling,
+        sink_logits,
+        valid_start,
+        valid_end,
+        first_shifted_head,
+        sliding_window,
+    )
     if select_backend(q.device, backend) == "triton":
         from hf_sinks.kernels.shifted_sparse_attention import shifted_sparse_attention as triton_attention
 
         return triton_attention(*args)
     return shifted_sparse_attention_torch(*args)
-
-
 
 
 # ------------------------------------------------------------------------------------------ PyTorch twin
@@ -151,8 +161,9 @@ def shifted_sparse_attention_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The PyTorch twin of ``hf_sinks.kernels.shifted_sparse_attention.shifted_sparse_attention`` (same arguments,
     same results; softmax in fp32, or the input dtype if wider). See the module docstring for the blocking."""
-    check_inputs(q, k, v, group_size, num_sink_tokens, sink_logits, valid_start, valid_end, first_shifted_head,
-                 sliding_window)
+    check_inputs(
+        q, k, v, group_size, num_sink_tokens, sink_logits, valid_start, valid_end, first_shifted_head, sliding_window
+    )
     batch, heads, length, head_dim = q.shape
     heads_kv = k.shape[1]
     groups = heads // heads_kv
@@ -164,8 +175,14 @@ def shifted_sparse_attention_torch(
     g = group_size
     p = g // 2
 
-    start = torch.zeros(batch, dtype=torch.long, device=device) if valid_start is None else valid_start.to(device).long()
-    end = torch.full((batch,), length, dtype=torch.long, device=device) if valid_end is None else valid_end.to(device).long()
+    start = (
+        torch.zeros(batch, dtype=torch.long, device=device) if valid_start is None else valid_start.to(device).long()
+    )
+    end = (
+        torch.full((batch,), length, dtype=torch.long, device=device)
+        if valid_end is None
+        else valid_end.to(device).long()
+    )
     real_len = (end - start).clamp(min=0)  # real tokens of each row, aligned to column 0 below
     aligned = bool((start != 0).any())
     if aligned:  # move each row's real tokens to the front (differentiable gathers), put them back at the end
@@ -206,8 +223,11 @@ def shifted_sparse_attention_torch(
         parts = [scores]
         if sinks:  # sinks before the local half-groups (a sink among the local keys is counted there)
             j = torch.arange(sinks, device=device)
-            sink_vis = (j[None, :] < (blocks[:, None] * p - p))[None, :, None, :] & q_ok[..., None] \
-                & (j < real_len[:, None])[:, None, None, :]  # [B, n, P, S]
+            sink_vis = (
+                (j[None, :] < (blocks[:, None] * p - p))[None, :, None, :]
+                & q_ok[..., None]
+                & (j < real_len[:, None])[:, None, None, :]
+            )  # [B, n, P, S]
             s_sink = torch.einsum("bkgnpd,bksd->bkgnps", q_c, k_sink) * scaling
             s_sink = s_sink.reshape(batch, heads, n1 - n0, p, sinks).masked_fill(~sink_vis[:, None], float("-inf"))
             parts.append(s_sink)

@@ -28,7 +28,9 @@ def sink_logits_of(module: torch.nn.Module, num_heads: int) -> torch.Tensor | No
         logits = logits()
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (num_heads,):
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"{type(module).__name__}.{SINK_LOGITS_ATTRIBUTE} must be a [{num_heads}] tensor, got {shape}.")
+        raise ValueError(
+            f"{type(module).__name__}.{SINK_LOGITS_ATTRIBUTE} must be a [{num_heads}] tensor, got {shape}."
+        )
     return logits
 
 

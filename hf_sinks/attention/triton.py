@@ -26,6 +26,7 @@ import importlib
 import importlib.util
 import os
 import sys
+
 import torch
 
 from .functions import _stock_sdpa, make_sink_attention_forward, prepare_chunk, prepare_decode
@@ -59,7 +60,10 @@ def triton_unavailable_reason(device: torch.device | str, kernels_module: str = 
 
 
 def select_backend(
-    device: torch.device | str, backend: str = "auto", kernels_module: str = KERNELS_MODULE, what: str = "sink attention"
+    device: torch.device | str,
+    backend: str = "auto",
+    kernels_module: str = KERNELS_MODULE,
+    what: str = "sink attention",
 ) -> str:
     """``"triton"`` or ``"torch"`` for tensors on ``device`` (the kernels of ``kernels_module``, named ``what``).
 
@@ -101,8 +105,20 @@ def dispatch_sink_attention(
 
     Returns ``(out [B, H, Tq, Dv], lse [B, H, Tq])``.
     """
-    args = (q, k, v, q_real, k_real, q_shift, num_sink_tokens, window_length, inv_freq, rotary_dim, scaling,
-            sink_logits)
+    args = (
+        q,
+        k,
+        v,
+        q_real,
+        k_real,
+        q_shift,
+        num_sink_tokens,
+        window_length,
+        inv_freq,
+        rotary_dim,
+        scaling,
+        sink_logits,
+    )
     if select_backend(q.device, backend) == "triton":
         from hf_sinks.kernels.sink_attention import sink_attention as triton_sink_attention
 
@@ -117,13 +133,25 @@ def _decode(layer, query, key, value, positions, kernel, scaling, dropout, want_
     k_real = layer.real_idx[:, : layer.filled]
     q_real = real[:, None].expand(query.shape[0], query.shape[2])
     out, _ = dispatch_sink_attention(
-        query, key, value, q_real, k_real, None, layer.num_sink_tokens, layer.window_length, None, 0, scaling,
+        query,
+        key,
+        value,
+        q_real,
+        k_real,
+        None,
+        layer.num_sink_tokens,
+        layer.window_length,
+        None,
+        0,
+        scaling,
         sink_logits,
     )
     return out, None
 
 
-def _chunk(layer, query, key, value, positions, valid, rotary, kernel, scaling, dropout, want_weights, sink_logits=None):
+def _chunk(
+    layer, query, key, value, positions, valid, rotary, kernel, scaling, dropout, want_weights, sink_logits=None
+):
     refuse_dropout(dropout, "sink_triton", "use sink_sdpa or sink_eager for it")
     if rotary is not None and rotary.interleaved:
         raise ValueError(
@@ -133,8 +161,18 @@ def _chunk(layer, query, key, value, positions, valid, rotary, kernel, scaling, 
     info = prepare_chunk(layer, key, positions, valid)
     inv_freq, rotary_dim = (None, 0) if rotary is None else (rotary.inv_freq, rotary.rotary_dim)
     out, _ = dispatch_sink_attention(
-        query, key, value, info.q_real, info.k_real, info.shift, layer.num_sink_tokens, layer.window_length,
-        inv_freq, rotary_dim, scaling, sink_logits,
+        query,
+        key,
+        value,
+        info.q_real,
+        info.k_real,
+        info.shift,
+        layer.num_sink_tokens,
+        layer.window_length,
+        inv_freq,
+        rotary_dim,
+        scaling,
+        sink_logits,
     )
     layer.commit(valid, info.positions)
     return out, None

@@ -33,7 +33,9 @@ from .options import (
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``bench`` to ``hf-sinks``'s subparsers (``func=cmd_bench``)."""
-    p = subparsers.add_parser("bench", help="decode ms/token and KV memory vs stream length: sink vs dense vs recompute")
+    p = subparsers.add_parser(
+        "bench", help="decode ms/token and KV memory vs stream length: sink vs dense vs recompute"
+    )
     add_model_options(p)
     add_sink_options(p, window_length=1020)
     add_no_progress(p)
@@ -46,8 +48,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=512, help="chunk size used to advance the streams (untimed)")
     p.add_argument("--recompute-max-length", type=int, default=2048, help="recompute only at lengths <= this")
     p.add_argument("--recompute-steps", type=int, default=3, help="timed recompute steps per length (default 3)")
-    p.add_argument("--compile", action="store_true",
-                   help="sink mode: StaticSinkCache with a torch.compile'd (fullgraph) decode step; compiles untimed")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="sink mode: StaticSinkCache with a torch.compile'd (fullgraph) decode step; compiles untimed",
+    )
     add_output_options(p, "hf_sinks_bench")
     p.set_defaults(func=cmd_bench)
     return p
@@ -69,13 +74,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model, tokenizer, ids = model_and_tokens(args)
     needed = max(lengths) + args.steps + args.warmup
     if ids.shape[1] < needed:
-        print(f"note: the text has {ids.shape[1]} tokens, fewer than the {needed} needed; it is repeated "
-              f"(decode cost does not depend on the content)", file=sys.stderr)
-    rows = decode_benchmark(model, ids, lengths=lengths, modes=modes, num_sink_tokens=args.num_sink_tokens,
-                            window_length=args.window_length, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
-                            prefill_chunk=args.prefill_chunk, recompute_max_length=args.recompute_max_length,
-                            recompute_steps=args.recompute_steps, progress=not args.no_progress,
-                            compile=args.compile)
+        print(
+            f"note: the text has {ids.shape[1]} tokens, fewer than the {needed} needed; it is repeated "
+            f"(decode cost does not depend on the content)",
+            file=sys.stderr,
+        )
+    rows = decode_benchmark(
+        model,
+        ids,
+        lengths=lengths,
+        modes=modes,
+        num_sink_tokens=args.num_sink_tokens,
+        window_length=args.window_length,
+        steps=args.steps,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        prefill_chunk=args.prefill_chunk,
+        recompute_max_length=args.recompute_max_length,
+        recompute_steps=args.recompute_steps,
+        progress=not args.no_progress,
+        compile=args.compile,
+    )
     summary = summarize(rows, args.num_sink_tokens, args.window_length)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -90,21 +109,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
         try:
             from ..eval.plots import plot_bench
 
-            png = plot_bench(rows, out_dir / "bench.png",
-                             title=f"{model_name(args.model)}: decode cost vs stream length; {machine()}")
+            png = plot_bench(
+                rows,
+                out_dir / "bench.png",
+                title=f"{model_name(args.model)}: decode cost vs stream length; {machine()}",
+            )
         except ImportError as e:
             print(f"warning: no plot ({e})", file=sys.stderr)
-    table = [[r["label"], r["stream_length"], f"{r['ms_per_token']:.1f}", f"{r['ms_min']:.1f}", f"{r['ms_max']:.1f}",
-              f"{r['tokens_per_second']:.2f}", mib(r["kv_cache_bytes"]), r["resident_tokens"]] for r in rows]
+    table = [
+        [
+            r["label"],
+            r["stream_length"],
+            f"{r['ms_per_token']:.1f}",
+            f"{r['ms_min']:.1f}",
+            f"{r['ms_max']:.1f}",
+            f"{r['tokens_per_second']:.2f}",
+            mib(r["kv_cache_bytes"]),
+            r["resident_tokens"],
+        ]
+        for r in rows
+    ]
     print(format_table(table, ["mode", "streamed", "ms/token", "min", "max", "tokens/s", "KV MiB", "resident"]))
     print()
     for mode, s in summary["modes"].items():
-        print(f"{mode}: {s['ms_shortest']:.1f} ms/token at {s['shortest']} tokens -> {s['ms_longest']:.1f} ms/token at "
-              f"{s['longest']} tokens (ratio {s['ratio']:.2f}); KV {mib(s['kv_shortest'])} -> {mib(s['kv_longest'])} MiB")
+        print(
+            f"{mode}: {s['ms_shortest']:.1f} ms/token at {s['shortest']} tokens -> {s['ms_longest']:.1f} ms/token at "
+            f"{s['longest']} tokens (ratio {s['ratio']:.2f}); KV {mib(s['kv_shortest'])} -> {mib(s['kv_longest'])} MiB"
+        )
     sp = summary.get("speedup_vs_recompute")
     if sp:
-        print(f"speedup of the sink cache over sliding-window recompute at cache {sp['cache']}: {sp['speedup']:.1f}x "
-              f"({sp['recompute_ms']:.1f} vs {sp['sink_ms']:.1f} ms/token at stream lengths {sp['lengths']})")
+        print(
+            f"speedup of the sink cache over sliding-window recompute at cache {sp['cache']}: {sp['speedup']:.1f}x "
+            f"({sp['recompute_ms']:.1f} vs {sp['sink_ms']:.1f} ms/token at stream lengths {sp['lengths']})"
+        )
     print(f"wrote {csv_path}" + (f" and {png}" if png else ""))
     return 0
 

@@ -54,27 +54,45 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _pattern_output(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--output", required=True,
-                   help=f"the pattern FILE to write (.safetensors or .json; its folder is created){what}")
+    p.add_argument(
+        "--output",
+        required=True,
+        help=f"the pattern FILE to write (.safetensors or .json; its folder is created){what}",
+    )
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``duo`` and its subcommands ``identify``, ``score``, ``bench``, ``passkey`` to ``hf-sinks``'s subparsers
     (``func`` is the subcommand's, ``command_name`` e.g. ``"duo bench"``)."""
-    p = subparsers.add_parser("duo", help="DuoAttention: identify retrieval heads, score heads, bench, passkey",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "duo",
+        help="DuoAttention: identify retrieval heads, score heads, bench, passkey",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="duo_command", required=True, metavar="{" + ",".join(DUO_COMMANDS) + "}")
 
-    ident = sub.add_parser("identify", help="find retrieval heads by gate optimisation (DuoAttention §3.2); "
-                                            "also under accelerate launch -m hf_sinks.cli duo identify")
+    ident = sub.add_parser(
+        "identify",
+        help="find retrieval heads by gate optimisation (DuoAttention §3.2); "
+        "also under accelerate launch -m hf_sinks.cli duo identify",
+    )
     _model_flags(ident)
     _pattern_output(ident, "")
     ident.add_argument("--steps", type=int, default=2000, help="optimisation steps (default 2000)")
     ident.add_argument("--lr", type=float, default=0.02, help="learning rate of the gates (default 0.02)")
-    ident.add_argument("--reg-weight", type=float, default=0.05, help="weight of the mean |alpha| penalty (default 0.05)")
+    ident.add_argument(
+        "--reg-weight", type=float, default=0.05, help="weight of the mean |alpha| penalty (default 0.05)"
+    )
     add_sink_options(ident, num_sink_tokens=128, window_length=256)
-    ident.add_argument("--context-length", type=int, nargs=2, default=[1000, 8000], metavar=("MIN", "MAX"),
-                       help="length range of the synthetic passkey examples (default 1000 8000)")
+    ident.add_argument(
+        "--context-length",
+        type=int,
+        nargs=2,
+        default=[1000, 8000],
+        metavar=("MIN", "MAX"),
+        help="length range of the synthetic passkey examples (default 1000 8000)",
+    )
     ident.add_argument("--sparsity", type=float, default=0.5, help="fraction of streaming KV heads (default 0.5)")
     ident.add_argument("--seed", type=int, default=0)
     ident.set_defaults(func=cmd_identify, command_name="duo identify")
@@ -82,12 +100,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="a head pattern from a no-training heuristic (--source text or passkey)")
     _model_flags(score)
     _pattern_output(score, "; a .png of the pattern is written beside it unless --no-plot")
-    score.add_argument("--source", choices=("text", "passkey"), default="passkey",
-                       help="passkey: answer queries of synthetic passkey prompts (default); text: every query of "
-                            "--text-file")
+    score.add_argument(
+        "--source",
+        choices=("text", "passkey"),
+        default="passkey",
+        help="passkey: answer queries of synthetic passkey prompts (default); text: every query of --text-file",
+    )
     add_text_file(score, help="UTF-8 text for --source text (default: the bundled evaluation text)")
-    score.add_argument("--context-length", type=int, default=2048,
-                       help="tokens per passkey prompt, or of the text (default 2048)")
+    score.add_argument(
+        "--context-length", type=int, default=2048, help="tokens per passkey prompt, or of the text (default 2048)"
+    )
     score.add_argument("--examples", type=int, default=2, help="passkey prompts to average (--source passkey)")
     add_sink_options(score, num_sink_tokens=64, window_length=256)
     score.add_argument("--sparsity", type=float, default=0.5, help="fraction of streaming KV heads (default 0.5)")
@@ -98,10 +120,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="streaming perplexity: dense vs DuoCache vs SinkCache at the same memory")
     _model_flags(bench)
     add_text_file(bench, help="UTF-8 text (default: the bundled evaluation text)")
-    add_output_options(bench, DUO_OUTPUT_DIR, help=f"folder for perplexity.csv/png and pattern.json/png "
-                                                  f"(default {DUO_OUTPUT_DIR})")
-    bench.add_argument("--pattern", default=None, help="saved HeadPattern with scores (default: the attention-mass "
-                                                       "heuristic on the first --score-tokens of the text)")
+    add_output_options(
+        bench, DUO_OUTPUT_DIR, help=f"folder for perplexity.csv/png and pattern.json/png (default {DUO_OUTPUT_DIR})"
+    )
+    bench.add_argument(
+        "--pattern",
+        default=None,
+        help="saved HeadPattern with scores (default: the attention-mass "
+        "heuristic on the first --score-tokens of the text)",
+    )
     add_num_tokens(bench, 4096, "tokens of the text to stream (default 4096)")
     bench.add_argument("--score-tokens", type=int, default=2048, help="tokens the heuristic scores on (default 2048)")
     add_sink_options(bench, num_sink_tokens=64, window_length=256)
@@ -118,8 +145,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     passkey.add_argument("--trials", type=int, default=2, help="prompts per (length, depth), each with its own key")
     add_sink_options(passkey, num_sink_tokens=64, window_length=256)
     add_chunk_size(passkey, 512, "prompt tokens per forward (default 512)")
-    passkey.add_argument("--modes", default=",".join(PASSKEY_METHODS),
-                         help="comma-separated: dense,duo,sink (default all three)")
+    passkey.add_argument(
+        "--modes", default=",".join(PASSKEY_METHODS), help="comma-separated: dense,duo,sink (default all three)"
+    )
     passkey.add_argument("--csv-name", default="passkey.csv", help="CSV file name inside --output-dir")
     passkey.add_argument("--append", action="store_true", help="append rows to an existing CSV")
     passkey.set_defaults(func=cmd_passkey, command_name="duo passkey")
@@ -170,9 +198,16 @@ def cmd_identify(args: argparse.Namespace) -> int:
     _check_pattern_output(args.output)
     model, tokenizer = _load(args)
     result = identify_heads(
-        model, tokenizer, num_steps=args.steps, lr=args.lr, reg_weight=args.reg_weight,
-        num_sink_tokens=args.num_sink_tokens, window_length=args.window_length, context_length=(lo, hi),
-        sparsity=args.sparsity, seed=args.seed,
+        model,
+        tokenizer,
+        num_steps=args.steps,
+        lr=args.lr,
+        reg_weight=args.reg_weight,
+        num_sink_tokens=args.num_sink_tokens,
+        window_length=args.window_length,
+        context_length=(lo, hi),
+        sparsity=args.sparsity,
+        seed=args.seed,
     )
     from accelerate import PartialState
 
@@ -205,7 +240,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     pattern = HeadPattern.from_scores(scores, sparsity=args.sparsity, metadata=meta)
     path = pattern.save(args.output)
     if not args.no_plot:
-        plot_head_pattern(pattern, Path(args.output).with_suffix(".png"), title=f"{source}, {args.sparsity:.0%} streaming")
+        plot_head_pattern(
+            pattern, Path(args.output).with_suffix(".png"), title=f"{source}, {args.sparsity:.0%} streaming"
+        )
     print(f"{pattern} -> {path}")
     return 0
 
@@ -245,19 +282,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     pattern.save(out / "pattern.json")
     name = model_name(args.model)
     if not args.no_plot:
-        plot_head_pattern(pattern, out / "pattern.png", title=f"{name} head pattern: {source}, {args.sparsity:.0%} streaming")
+        plot_head_pattern(
+            pattern, out / "pattern.png", title=f"{name} head pattern: {source}, {args.sparsity:.0%} streaming"
+        )
     inverted = HeadPattern.from_scores(-scores, sparsity=args.sparsity, metadata={**meta, "inverted": True})
     layers, kv_heads = _kv_shape(model.config)
     head_dim = model.config.hidden_size // model.config.num_attention_heads
     per_token = layers * kv_heads * head_dim * 2 * next(model.parameters()).element_size()  # K + V, all heads
 
-    runs = [("dense", lambda: streaming_perplexity(model, ids, "dense", chunk_size=chunk, progress=False), "-", None),
-            (f"duo {args.sparsity:.0%} streaming",
-             lambda: streaming_perplexity(model, ids, chunk_size=chunk, progress=False, cache=DuoCache(pattern, s, w)),
-             "heuristic", pattern.streaming_fraction),
-            (f"duo {args.sparsity:.0%} streaming, inverted pattern",
-             lambda: streaming_perplexity(model, ids, chunk_size=chunk, progress=False, cache=DuoCache(inverted, s, w)),
-             "inverted heuristic", inverted.streaming_fraction)]
+    runs = [
+        ("dense", lambda: streaming_perplexity(model, ids, "dense", chunk_size=chunk, progress=False), "-", None),
+        (
+            f"duo {args.sparsity:.0%} streaming",
+            lambda: streaming_perplexity(model, ids, chunk_size=chunk, progress=False, cache=DuoCache(pattern, s, w)),
+            "heuristic",
+            pattern.streaming_fraction,
+        ),
+        (
+            f"duo {args.sparsity:.0%} streaming, inverted pattern",
+            lambda: streaming_perplexity(model, ids, chunk_size=chunk, progress=False, cache=DuoCache(inverted, s, w)),
+            "inverted heuristic",
+            inverted.streaming_fraction,
+        ),
+    ]
     rows, curves, duo_peak = [], [], None
     for label, run_one, pattern_name, fraction in runs:
         result = run_one()
@@ -265,31 +312,62 @@ def cmd_bench(args: argparse.Namespace) -> int:
             duo_peak = int(result.cache_bytes.max())
         rows.append((label, pattern_name, fraction, result))
         curves.append((label, result.nll, result.cache_bytes))
-        print(f"{label}: ppl {result.perplexity:.3f}, peak KV {int(result.cache_bytes.max()) / 2**20:.1f} MiB, "
-              f"{result.elapsed_seconds:.0f} s", flush=True)
+        print(
+            f"{label}: ppl {result.perplexity:.3f}, peak KV {int(result.cache_bytes.max()) / 2**20:.1f} MiB, "
+            f"{result.elapsed_seconds:.0f} s",
+            flush=True,
+        )
     # SinkCache holding as many tokens (every head) as the DuoCache's peak holds on average per head
     same_w = duo_peak // per_token - s
     for label, window in ((f"sink S={s} W={same_w} (same peak KV as duo)", same_w), (f"sink S={s} W={w}", w)):
         result = streaming_perplexity(model, ids, "sink", s, window, chunk_size=chunk, progress=False)
         rows.append((label, "-", None, result))
         curves.append((label, result.nll, result.cache_bytes))
-        print(f"{label}: ppl {result.perplexity:.3f}, peak KV {int(result.cache_bytes.max()) / 2**20:.1f} MiB", flush=True)
+        print(
+            f"{label}: ppl {result.perplexity:.3f}, peak KV {int(result.cache_bytes.max()) / 2**20:.1f} MiB", flush=True
+        )
 
     with open(out / "perplexity.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "pattern", "streaming_fraction", "num_sink_tokens", "window_length", "num_tokens",
-                         "chunk_size", "perplexity", "peak_kv_bytes", "mean_kv_bytes", "final_kv_bytes",
-                         "tokens_per_second"])
+        writer.writerow(
+            [
+                "method",
+                "pattern",
+                "streaming_fraction",
+                "num_sink_tokens",
+                "window_length",
+                "num_tokens",
+                "chunk_size",
+                "perplexity",
+                "peak_kv_bytes",
+                "mean_kv_bytes",
+                "final_kv_bytes",
+                "tokens_per_second",
+            ]
+        )
         for label, pattern_name, fraction, r in rows:
-            writer.writerow([label, pattern_name, "" if fraction is None else f"{fraction:.3f}",
-                             r.num_sink_tokens if r.num_sink_tokens is not None else "",
-                             r.window_length if r.window_length is not None else "", r.num_tokens, r.chunk_size,
-                             f"{r.perplexity:.4f}", int(r.cache_bytes.max()), int(r.cache_bytes.double().mean()),
-                             int(r.cache_bytes[-1]), f"{r.tokens_per_second:.1f}"])
+            writer.writerow(
+                [
+                    label,
+                    pattern_name,
+                    "" if fraction is None else f"{fraction:.3f}",
+                    r.num_sink_tokens if r.num_sink_tokens is not None else "",
+                    r.window_length if r.window_length is not None else "",
+                    r.num_tokens,
+                    r.chunk_size,
+                    f"{r.perplexity:.4f}",
+                    int(r.cache_bytes.max()),
+                    int(r.cache_bytes.double().mean()),
+                    int(r.cache_bytes[-1]),
+                    f"{r.tokens_per_second:.1f}",
+                ]
+            )
     written = [out / "perplexity.csv", out / "pattern.json"]
     if not args.no_plot:
-        title = (f"{name}, {ids.numel()} tokens: DuoCache ({args.sparsity:.0%} streaming KV heads, S={s}, W={w}; "
-                 f"pattern: {source}) vs SinkCache vs dense")
+        title = (
+            f"{name}, {ids.numel()} tokens: DuoCache ({args.sparsity:.0%} streaming KV heads, S={s}, W={w}; "
+            f"pattern: {source}) vs SinkCache vs dense"
+        )
         plot_perplexity(curves, out / "perplexity.png", title=title, smooth=min(512, ids.numel() // 4))
         written += [out / "perplexity.png", out / "pattern.png"]
     print("wrote " + ", ".join(str(p) for p in written))
@@ -327,11 +405,12 @@ def cmd_passkey(args: argparse.Namespace) -> int:
         rows += passkey_accuracy(model, tokenizer, mode="dense", progress=False, **common)
     if "duo" in methods:
         rows += duo_passkey_accuracy(model, tokenizer, pattern, s, w, **common)
-        for row in rows[-len(lengths) * len(depths):]:
+        for row in rows[-len(lengths) * len(depths) :]:
             row["label"] += f" ({pattern.metadata.get('source', args.pattern)})"
     if "sink" in methods:
-        rows += passkey_accuracy(model, tokenizer, mode="sink", num_sink_tokens=s, window_length=same - s,
-                                 progress=False, **common)
+        rows += passkey_accuracy(
+            model, tokenizer, mode="sink", num_sink_tokens=s, window_length=same - s, progress=False, **common
+        )
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / args.csv_name

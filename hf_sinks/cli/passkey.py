@@ -34,7 +34,9 @@ from .options import (
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``passkey`` to ``hf-sinks``'s subparsers (``func=cmd_passkey``)."""
-    p = subparsers.add_parser("passkey", help="passkey retrieval accuracy vs context length: dense vs sink cache (CSV + PNG)")
+    p = subparsers.add_parser(
+        "passkey", help="passkey retrieval accuracy vs context length: dense vs sink cache (CSV + PNG)"
+    )
     add_model_options(p)
     add_sink_options(p, window_length=1020)
     add_no_progress(p)
@@ -59,9 +61,13 @@ def cmd_passkey(args: argparse.Namespace) -> int:
     modes = parse_modes(args.modes, PASSKEY_MODES)
     lengths = int_list(args.lengths, "--lengths", minimum=16)
     depths = float_list(args.depths, "--depths")
-    for name, value, minimum in (("--trials", args.trials, 1), ("--window-length", args.window_length, 1),
-                                 ("--num-sink-tokens", args.num_sink_tokens, 0), ("--chunk-size", args.chunk_size, 1),
-                                 ("--max-new-tokens", args.max_new_tokens, 1)):
+    for name, value, minimum in (
+        ("--trials", args.trials, 1),
+        ("--window-length", args.window_length, 1),
+        ("--num-sink-tokens", args.num_sink_tokens, 0),
+        ("--chunk-size", args.chunk_size, 1),
+        ("--max-new-tokens", args.max_new_tokens, 1),
+    ):
         if value < minimum:
             raise CLIError(f"{name}={value} must be >= {minimum}")
     if "h2o" in modes and (args.heavy_budget is None or args.heavy_budget < 0):
@@ -90,10 +96,21 @@ def cmd_passkey(args: argparse.Namespace) -> int:
     rows = []
     for mode in modes:
         extra = {"heavy_budget": args.heavy_budget} if mode == "h2o" else {"pattern": pattern} if mode == "duo" else {}
-        rows += passkey_accuracy(model, tokenizer, context_lengths=lengths, depths=depths, trials=args.trials, mode=mode,
-                                 num_sink_tokens=args.num_sink_tokens, window_length=args.window_length,
-                                 chunk_size=args.chunk_size, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                 progress=not args.no_progress, **extra)
+        rows += passkey_accuracy(
+            model,
+            tokenizer,
+            context_lengths=lengths,
+            depths=depths,
+            trials=args.trials,
+            mode=mode,
+            num_sink_tokens=args.num_sink_tokens,
+            window_length=args.window_length,
+            chunk_size=args.chunk_size,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+            progress=not args.no_progress,
+            **extra,
+        )
     csv_path = out_dir / "passkey.csv"
     with csv_path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -101,8 +118,12 @@ def cmd_passkey(args: argparse.Namespace) -> int:
         writer.writerows(rows)
     png = None
     if not args.no_plot:
-        png = plot_passkey(rows, out_dir / "passkey.png", title=f"Passkey retrieval, {model_name(args.model)} "
-                           f"({args.trials} trials x {len(depths)} depths); {machine()}")
+        png = plot_passkey(
+            rows,
+            out_dir / "passkey.png",
+            title=f"Passkey retrieval, {model_name(args.model)} "
+            f"({args.trials} trials x {len(depths)} depths); {machine()}",
+        )
     labels = list(dict.fromkeys(r["label"] for r in rows))
     table = []
     for n in lengths:

@@ -37,10 +37,15 @@ from .options import (
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``perplexity`` to ``hf-sinks``'s subparsers (``func=cmd_perplexity``)."""
-    p = subparsers.add_parser("perplexity", help="streaming perplexity over a long text: dense vs window vs sink (CSV + PNG)")
+    p = subparsers.add_parser(
+        "perplexity", help="streaming perplexity over a long text: dense vs window vs sink (CSV + PNG)"
+    )
     add_model_options(p)
-    add_sink_options(p, window_length="1020",
-                     window_help="window W, or a comma-separated list (each runs window and sink; dense runs once)")
+    add_sink_options(
+        p,
+        window_length="1020",
+        window_help="window W, or a comma-separated list (each runs window and sink; dense runs once)",
+    )
     add_no_progress(p)
     add_text_file(p)
     add_num_tokens(p, 4096, "tokens of the text to stream (default 4096)")
@@ -75,42 +80,82 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     plan = [("dense", windows[0])] if "dense" in modes else []  # dense once, then every mode per window length
     plan += [(mode, w) for w in windows for mode in modes if mode != "dense"]
     for mode, w in plan:
-        result = streaming_perplexity(model, ids, mode=mode, num_sink_tokens=args.num_sink_tokens, window_length=w,
-                                      chunk_size=args.chunk_size, progress=not args.no_progress)
+        result = streaming_perplexity(
+            model,
+            ids,
+            mode=mode,
+            num_sink_tokens=args.num_sink_tokens,
+            window_length=w,
+            chunk_size=args.chunk_size,
+            progress=not args.no_progress,
+        )
         label = mode if mode == "dense" else f"{mode} {result.num_sink_tokens}+{result.window_length}"
         runs.append((label, result))
-        print(f"{label}: ppl {result.perplexity:.3f}, {result.tokens_per_second:.1f} tokens/s", file=sys.stderr, flush=True)
+        print(
+            f"{label}: ppl {result.perplexity:.3f}, {result.tokens_per_second:.1f} tokens/s",
+            file=sys.stderr,
+            flush=True,
+        )
 
     csv_path = out_dir / "perplexity.csv"
     with csv_path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["mode", "label", "num_sink_tokens", "window_length", "token_index", "nll", "cumulative_log_ppl",
-                         "kv_cache_bytes", "memory_delta_bytes", "memory_kind"])
+        writer.writerow(
+            [
+                "mode",
+                "label",
+                "num_sink_tokens",
+                "window_length",
+                "token_index",
+                "nll",
+                "cumulative_log_ppl",
+                "kv_cache_bytes",
+                "memory_delta_bytes",
+                "memory_kind",
+            ]
+        )
         for label, r in runs:
             cum = r.cumulative_log_perplexity()
             every = max(1, args.csv_every)
             for k in range(0, r.nll.numel(), every):
-                writer.writerow([r.mode, label, "" if r.num_sink_tokens is None else r.num_sink_tokens,
-                                 "" if r.window_length is None else r.window_length, k + 1, f"{float(r.nll[k]):.6f}",
-                                 f"{float(cum[k]):.6f}", int(r.cache_bytes[k]), int(r.rss_bytes[k]), r.memory_kind])
+                writer.writerow(
+                    [
+                        r.mode,
+                        label,
+                        "" if r.num_sink_tokens is None else r.num_sink_tokens,
+                        "" if r.window_length is None else r.window_length,
+                        k + 1,
+                        f"{float(r.nll[k]):.6f}",
+                        f"{float(cum[k]):.6f}",
+                        int(r.cache_bytes[k]),
+                        int(r.rss_bytes[k]),
+                        r.memory_kind,
+                    ]
+                )
 
     split = train_len if train_len and args.num_tokens > train_len + 1 else None
     kind = runs[0][1].memory_kind
     mem_header = "peak alloc MiB" if kind.startswith("cuda") else "RSS growth MiB"
-    header = ["mode", "ppl"] + ([f"ppl<{split}", f"ppl>={split}"] if split else []) + ["tokens/s", "peak KV MiB", mem_header]
+    header = (
+        ["mode", "ppl"] + ([f"ppl<{split}", f"ppl>={split}"] if split else []) + ["tokens/s", "peak KV MiB", mem_header]
+    )
     table = []
     for label, r in runs:
         row = [label, f"{r.perplexity:.3f}"]
         if split:
             # token_index k predicts token k+1: predictions of tokens at positions < split vs >= split
-            row += [f"{math.exp(float(r.nll[: split - 1].double().mean())):.3f}",
-                    f"{math.exp(float(r.nll[split - 1 :].double().mean())):.3f}"]
+            row += [
+                f"{math.exp(float(r.nll[: split - 1].double().mean())):.3f}",
+                f"{math.exp(float(r.nll[split - 1 :].double().mean())):.3f}",
+            ]
         row += [f"{r.tokens_per_second:.1f}", mib(r.peak_cache_bytes), mib(r.peak_memory_bytes)]
         table.append(row)
     summary = format_table(table, header)
     with (out_dir / "perplexity_summary.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["label"] + list(runs[0][1].summary()) + (["ppl_below_train_len", "ppl_from_train_len"] if split else []))
+        writer.writerow(
+            ["label"] + list(runs[0][1].summary()) + (["ppl_below_train_len", "ppl_from_train_len"] if split else [])
+        )
         for (label, r), row in zip(runs, table):
             writer.writerow([label] + list(r.summary().values()) + (row[2:4] if split else []))
 
@@ -119,17 +164,29 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         try:
             from ..eval.plots import plot_perplexity
 
-            title = (f"{model_name(args.model)}: {args.num_tokens} tokens of {text_name(args.text_file)}, "
-                     f"chunk {args.chunk_size}; {machine()}")
-            png = plot_perplexity([(label, r.nll, r.cache_bytes) for label, r in runs], out_dir / "perplexity.png",
-                                  title=title, smooth=args.smooth, training_length=train_len if split else None)
+            title = (
+                f"{model_name(args.model)}: {args.num_tokens} tokens of {text_name(args.text_file)}, "
+                f"chunk {args.chunk_size}; {machine()}"
+            )
+            png = plot_perplexity(
+                [(label, r.nll, r.cache_bytes) for label, r in runs],
+                out_dir / "perplexity.png",
+                title=title,
+                smooth=args.smooth,
+                training_length=train_len if split else None,
+            )
         except ImportError as e:
             print(f"warning: no plot ({e})", file=sys.stderr)
     print(summary)
-    print("(peak KV: exact bytes of the cache tensors; "
-          + ("peak alloc: CUDA max allocated minus allocated at the start)" if kind.startswith("cuda") else
-             "RSS growth: peak process RSS over its value at the start of the run, sampled after each forward; "
-             "indicative only, the allocator reuses memory freed by earlier runs)"))
+    print(
+        "(peak KV: exact bytes of the cache tensors; "
+        + (
+            "peak alloc: CUDA max allocated minus allocated at the start)"
+            if kind.startswith("cuda")
+            else "RSS growth: peak process RSS over its value at the start of the run, sampled after each forward; "
+            "indicative only, the allocator reuses memory freed by earlier runs)"
+        )
+    )
     print(f"wrote {csv_path}" + (f" and {png}" if png else ""))
     return 0
 

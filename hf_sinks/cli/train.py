@@ -38,8 +38,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_model(p, help="'default' (SmolLM2-135M GGUF), an HF model dir or a .gguf")
     p.add_argument("--recipe", default="sinklora", choices=RECIPES, help="PEFT recipe (default sinklora)")
     add_text_file(p, help="training text, UTF-8 (default: the Shakespeare text)")
-    p.add_argument("--held-out-tokens", type=int, default=0,
-                   help="leave the last N tokens of the text out of training (for a later evaluation)")
+    p.add_argument(
+        "--held-out-tokens",
+        type=int,
+        default=0,
+        help="leave the last N tokens of the text out of training (for a later evaluation)",
+    )
     add_output_options(p, "hf_sinks_finetune", help="adapter, recipe, tokenizer, loss.csv/png", plot=False)
     p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default 16)")
@@ -48,11 +52,19 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-train-embeddings", action="store_true", help="freeze embeddings (sink_token: the sink row)")
     p.add_argument("--no-train-norms", action="store_true", help="freeze the normalisation layers")
     p.add_argument("--learned-sink-logits", action="store_true", help="add and train per-head learned sink logits")
-    p.add_argument("--attn-implementation", default="auto",
-                   help="attention to train with (default auto: sink_sfattn / sink_s2attn when registered; "
-                        "none: keep the model's)")
-    add_sink_options(p, num_sink_tokens=None, window_length=1020, sink_help="sinks to stream with afterwards (recipe default)",
-                     window_help="window to stream with afterwards (default 1020)")
+    p.add_argument(
+        "--attn-implementation",
+        default="auto",
+        help="attention to train with (default auto: sink_sfattn / sink_s2attn when registered; "
+        "none: keep the model's)",
+    )
+    add_sink_options(
+        p,
+        num_sink_tokens=None,
+        window_length=1020,
+        sink_help="sinks to stream with afterwards (recipe default)",
+        window_help="window to stream with afterwards (default 1020)",
+    )
     p.add_argument("--rope-scaling-type", default=None, choices=KNOWN_ROPE_TYPES, help="RoPE interpolation type")
     p.add_argument("--rope-scaling-factor", type=float, default=None, help="RoPE interpolation factor")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per training sequence (default 512)")
@@ -60,7 +72,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--lr-scheduler-type", default="constant_with_warmup")
-    p.add_argument("--per-device-train-batch-size", "--batch-size", dest="per_device_train_batch_size", type=int, default=1)
+    p.add_argument(
+        "--per-device-train-batch-size", "--batch-size", dest="per_device_train_batch_size", type=int, default=1
+    )
     p.add_argument("--gradient-accumulation-steps", type=int, default=1)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
@@ -77,8 +91,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``train`` subcommand on ``subparsers`` (from ``parser.add_subparsers``); sets ``func=cmd_train``."""
     p = subparsers.add_parser(
-        "train", help="sink-aware LoRA fine-tuning (SinkLoRA / LongLoRA / a dedicated sink token)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "train",
+        help="sink-aware LoRA fine-tuning (SinkLoRA / LongLoRA / a dedicated sink token)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
@@ -99,10 +115,20 @@ def check_train_args(args: argparse.Namespace) -> None:
     """Every ``hf-sinks train`` flag checked before the model loads (``ValueError``/``OSError`` naming the value)."""
     import math
 
-    minimums = (("--r", 1), ("--lora-alpha", 1), ("--seq-len", 3 if args.recipe == "sink_token" else 2),
-                ("--max-steps", 1), ("--warmup-steps", 0), ("--per-device-train-batch-size", 1),
-                ("--gradient-accumulation-steps", 1), ("--logging-steps", 1), ("--max-rows", 1),
-                ("--held-out-tokens", 0), ("--num-sink-tokens", 0), ("--window-length", 1))
+    minimums = (
+        ("--r", 1),
+        ("--lora-alpha", 1),
+        ("--seq-len", 3 if args.recipe == "sink_token" else 2),
+        ("--max-steps", 1),
+        ("--warmup-steps", 0),
+        ("--per-device-train-batch-size", 1),
+        ("--gradient-accumulation-steps", 1),
+        ("--logging-steps", 1),
+        ("--max-rows", 1),
+        ("--held-out-tokens", 0),
+        ("--num-sink-tokens", 0),
+        ("--window-length", 1),
+    )
     for flag, minimum in minimums:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None and value < minimum:
@@ -127,7 +153,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..training.data import split_token_ids, tokenize_text
     from ..training.finetune import finetune
 
-    if args.text_file is not None and str(args.text_file).lower() != "default" and not Path(args.text_file).expanduser().is_file():
+    if (
+        args.text_file is not None
+        and str(args.text_file).lower() != "default"
+        and not Path(args.text_file).expanduser().is_file()
+    ):
         raise FileNotFoundError(f"text file {args.text_file!r} does not exist (omit --text-file for the default text)")
     check_train_args(args)
     if args.threads:
@@ -147,34 +177,64 @@ def cmd_train(args: argparse.Namespace) -> int:
     attn = args.attn_implementation
     t0 = time.perf_counter()
     result = finetune(
-        model, tokenizer, args.recipe, ids,
-        seq_len=args.seq_len, max_steps=args.max_steps, learning_rate=args.learning_rate,
-        output_dir=args.output_dir, per_device_train_batch_size=args.per_device_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, warmup_steps=args.warmup_steps,
-        lr_scheduler_type=args.lr_scheduler_type, logging_steps=args.logging_steps, seed=args.seed,
-        max_rows=args.max_rows, progress=not args.no_progress, plot=not args.no_plot, training_args=training_args,
-        r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        target_modules=[t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else None,
-        train_embeddings=not args.no_train_embeddings, train_norms=not args.no_train_norms,
-        learned_sink_logits=args.learned_sink_logits, rope_scaling=rope_scaling,
+        model,
+        tokenizer,
+        args.recipe,
+        ids,
+        seq_len=args.seq_len,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type=args.lr_scheduler_type,
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+        max_rows=args.max_rows,
+        progress=not args.no_progress,
+        plot=not args.no_plot,
+        training_args=training_args,
+        r=args.r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=[t.strip() for t in args.target_modules.split(",") if t.strip()]
+        if args.target_modules
+        else None,
+        train_embeddings=not args.no_train_embeddings,
+        train_norms=not args.no_train_norms,
+        learned_sink_logits=args.learned_sink_logits,
+        rope_scaling=rope_scaling,
         attn_implementation=None if attn.lower() == "none" else attn,
-        num_sink_tokens=args.num_sink_tokens, window_length=args.window_length,
+        num_sink_tokens=args.num_sink_tokens,
+        window_length=args.window_length,
     )
     losses = result.losses
     recipe = result.recipe
     print(
         f"trained {args.recipe} for {args.max_steps} steps in {time.perf_counter() - t0:.1f} s "
         f"(attention {recipe.attn_implementation or model.config._attn_implementation}); "
-        f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no loss logged"
+        f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+        if losses
+        else "no loss logged"
     )
     print(f"saved to {result.output_dir}/ (adapter_model.safetensors, hf_sinks_recipe.json, tokenizer, loss.csv)")
     sinks = recipe.sink_config
     hint = f"; prepend {recipe.sink_token!r} (id {recipe.sink_token_id}) to every stream" if recipe.sink_token else ""
-    print(f"stream it with {sinks.num_sink_tokens} sink token(s) + window {sinks.window_length}{hint}: "
-          f"hf_sinks.training.load_finetuned(base_model, {str(result.output_dir)!r}) then hf_sinks.apply(model)")
+    print(
+        f"stream it with {sinks.num_sink_tokens} sink token(s) + window {sinks.window_length}{hint}: "
+        f"hf_sinks.training.load_finetuned(base_model, {str(result.output_dir)!r}) then hf_sinks.apply(model)"
+    )
     return 0
 
 
 add_parser = add_train_parser
 
-__all__ = ["add_parser", "add_train_arguments", "add_train_parser", "check_train_args", "cmd_train", "rope_scaling_from_args"]
+__all__ = [
+    "add_parser",
+    "add_train_arguments",
+    "add_train_parser",
+    "check_train_args",
+    "cmd_train",
+    "rope_scaling_from_args",
+]

@@ -3,7 +3,8 @@
 Every (layer, KV head) is either a **retrieval head** (full KV, grows with the text) or a **streaming head**
 (``num_sink_tokens`` first tokens + the ``window_length`` most recent, bounded). Which is which is a
 :class:`HeadPattern`, identified by optimisation (:func:`identify_heads`, DuoAttention §3.2) or by a heuristic
-(:func:`attention_mass_scores`, :func:`passkey_retrieval_scores`). GQA groups stay together: the pattern is per *KV* head.
+(:func:`attention_mass_scores`, :func:`passkey_retrieval_scores`). GQA groups stay together: the pattern is per
+*KV* head.
 
 Semantics (what the tests check against a per-head full-sequence reference):
 
@@ -54,8 +55,20 @@ from .identify import (
 from .pattern import HeadPattern
 
 __all__ = [
-    "DUO_ATTENTION", "DUO_GATE_ATTENTION", "DuoCache", "DuoCacheLayer", "HeadPattern", "IdentificationResult",
-    "PasskeyExample", "attention_mass_scores", "duo_gate_attention_forward",
-    "duo_sdpa_attention_forward", "gated_attention", "identify_heads", "make_passkey_example",
-    "passkey_retrieval_scores", "register", "visibility_mask",
+    "DUO_ATTENTION",
+    "DUO_GATE_ATTENTION",
+    "DuoCache",
+    "DuoCacheLayer",
+    "HeadPattern",
+    "IdentificationResult",
+    "PasskeyExample",
+    "attention_mass_scores",
+    "duo_gate_attention_forward",
+    "duo_sdpa_attention_forward",
+    "gated_attention",
+    "identify_heads",
+    "make_passkey_example",
+    "passkey_retrieval_scores",
+    "register",
+    "visibility_mask",
 ]

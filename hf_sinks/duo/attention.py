@@ -1,4 +1,4 @@
-"""The registered ``duo_sdpa`` (inference, with a :class:`DuoCache`) and ``duo_gate`` (head identification) attentions."""
+"""The registered attentions ``duo_sdpa`` (inference, with a :class:`DuoCache`) and ``duo_gate`` (identification)."""
 
 from __future__ import annotations
 
@@ -85,7 +85,9 @@ def duo_gate_attention_forward(
         full = F.scaled_dot_product_attention(query, key, value, attn_mask=causal, scale=scaling, enable_gqa=gqa)
     rule = visibility_mask(qi, kj, s, w)
     stream = F.scaled_dot_product_attention(query, key, value, attn_mask=rule, scale=scaling, enable_gqa=gqa)
-    gate = alpha[module.layer_idx].to(query.dtype).repeat_interleave(query.shape[1] // key.shape[1])[None, :, None, None]
+    gate = (
+        alpha[module.layer_idx].to(query.dtype).repeat_interleave(query.shape[1] // key.shape[1])[None, :, None, None]
+    )
     out = gate * full + (1 - gate) * stream
     return to_model_layout(out), None
 

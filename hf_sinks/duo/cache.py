@@ -96,7 +96,9 @@ class DuoCacheLayer(RowStateLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self.refuse_unattended_pending(
-            "DuoCache", DUO_ATTENTION, "duo",
+            "DuoCache",
+            DUO_ATTENTION,
+            "duo",
             "consume the cache (a stock attention cannot attend heads over keys of different lengths)",
         )
         if not self.is_initialized:
@@ -206,7 +208,9 @@ class DuoCache(Cache):
         config: optional model config to :meth:`HeadPattern.validate` the pattern against now.
     """
 
-    def __init__(self, pattern: HeadPattern, num_sink_tokens: int = 64, window_length: int = 256, *, config: Any = None):
+    def __init__(
+        self, pattern: HeadPattern, num_sink_tokens: int = 64, window_length: int = 256, *, config: Any = None
+    ):
         if not isinstance(pattern, HeadPattern):
             raise SinkTypeError(
                 f"pattern={type(pattern).__name__}(...) is invalid: must be a HeadPattern (HeadPattern.load(path), "
@@ -224,14 +228,18 @@ class DuoCache(Cache):
         self.window_length = window_length
 
     @classmethod
-    def from_model(cls, model: Any, pattern: HeadPattern, num_sink_tokens: int = 64, window_length: int = 256) -> "DuoCache":
+    def from_model(
+        cls, model: Any, pattern: HeadPattern, num_sink_tokens: int = 64, window_length: int = 256
+    ) -> "DuoCache":
         """Build for ``model`` (validates the pattern against its config)."""
         return cls(pattern, num_sink_tokens, window_length, config=model.config)
 
     def __repr__(self) -> str:
-        return (f"DuoCache(num_sink_tokens={self.num_sink_tokens}, window_length={self.window_length}, "
-                f"streaming_fraction={self.pattern.streaming_fraction:.3f}, layers={len(self.layers)}, "
-                f"seen={self.get_seq_length()})")
+        return (
+            f"DuoCache(num_sink_tokens={self.num_sink_tokens}, window_length={self.window_length}, "
+            f"streaming_fraction={self.pattern.streaming_fraction:.3f}, layers={len(self.layers)}, "
+            f"seen={self.get_seq_length()})"
+        )
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if layer_idx >= self.pattern.num_layers:
@@ -262,7 +270,9 @@ class DuoCache(Cache):
         total = 0
         for layer in self.layers:
             if layer.is_initialized:
-                total += sum(getattr(layer, n).numel() * getattr(layer, n).element_size() for n in DuoCacheLayer._ROW_STATE)
+                total += sum(
+                    getattr(layer, n).numel() * getattr(layer, n).element_size() for n in DuoCacheLayer._ROW_STATE
+                )
         return total
 
     def crop(self, max_length: int) -> None:

@@ -32,9 +32,20 @@ def duo_passkey_accuracy(
     from ..eval.passkey import passkey_accuracy
 
     return passkey_accuracy(
-        model, tokenizer, context_lengths, depths, trials, mode="duo", num_sink_tokens=num_sink_tokens,
-        window_length=window_length, chunk_size=chunk_size, max_new_tokens=max_new_tokens, digits=digits, seed=seed,
-        progress=False, pattern=pattern,
+        model,
+        tokenizer,
+        context_lengths,
+        depths,
+        trials,
+        mode="duo",
+        num_sink_tokens=num_sink_tokens,
+        window_length=window_length,
+        chunk_size=chunk_size,
+        max_new_tokens=max_new_tokens,
+        digits=digits,
+        seed=seed,
+        progress=False,
+        pattern=pattern,
     )
 
 

@@ -10,9 +10,9 @@ from typing import Any, Iterator
 
 import torch
 
+from ..validation import check_int
 from .attention import gated_attention, register
 from .cache import visibility_mask
-from ..validation import check_int
 from .pattern import HeadPattern, _kv_shape
 
 #: Filler sentences of the synthetic passkey haystack (text mode).
@@ -44,6 +44,7 @@ def make_passkey_example(
     check_int("context_length", context_length, 4)
     check_int("key_length", key_length, 1)
     if tokenizer is not None:
+
         def ids(text: str) -> list[int]:
             return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -64,7 +65,7 @@ def make_passkey_example(
     before = round(rng.uniform(0.05, 0.95) * len(filler))
     tokens = filler[:before] + needle + filler[before:] + question + answer
     mask = torch.zeros(len(tokens), dtype=torch.bool)
-    mask[len(tokens) - len(answer):] = True
+    mask[len(tokens) - len(answer) :] = True
     return PasskeyExample(torch.tensor(tokens, dtype=torch.long), mask)
 
 
@@ -167,7 +168,9 @@ def identify_heads(
         return make_passkey_example(rng.randint(*lengths), rng, tokenizer, vocab, key_length)
 
     history = []
-    bar = tqdm(range(num_steps), desc="duo heads", disable=not (progress and accelerator.is_local_main_process), leave=False)
+    bar = tqdm(
+        range(num_steps), desc="duo heads", disable=not (progress and accelerator.is_local_main_process), leave=False
+    )
     start = time.perf_counter()
     with ExitStack() as stack:
         stack.enter_context(routed_through_interface(model))
@@ -191,7 +194,13 @@ def identify_heads(
             scheduler.step()
             with torch.no_grad():
                 alpha.clamp_(0.0, 1.0)
-            record = {"step": step, "loss": loss.item(), "distill": distill.item(), "reg": reg.item(), "tokens": ids.shape[1]}
+            record = {
+                "step": step,
+                "loss": loss.item(),
+                "distill": distill.item(),
+                "reg": reg.item(),
+                "tokens": ids.shape[1],
+            }
             history.append(record)
             bar.set_postfix(distill=f"{record['distill']:.3g}", alpha=f"{record['reg']:.3f}", refresh=False)
     bar.close()
@@ -200,9 +209,15 @@ def identify_heads(
         p.requires_grad_(True)
     scores = alpha.detach().float().cpu()
     metadata = {
-        "method": "duo_attention_optimisation", "num_steps": num_steps, "lr": lr, "reg_weight": reg_weight,
-        "num_sink_tokens": num_sink_tokens, "window_length": window_length, "context_length": list(lengths),
-        "seed": seed, "seconds": round(time.perf_counter() - start, 2),
+        "method": "duo_attention_optimisation",
+        "num_steps": num_steps,
+        "lr": lr,
+        "reg_weight": reg_weight,
+        "num_sink_tokens": num_sink_tokens,
+        "window_length": window_length,
+        "context_length": list(lengths),
+        "seed": seed,
+        "seconds": round(time.perf_counter() - start, 2),
         "data": "passkey_text" if tokenizer is not None else "passkey_tokens",
     }
     return IdentificationResult(HeadPattern.from_scores(scores, sparsity=sparsity, metadata=metadata), scores, history)
@@ -233,8 +248,10 @@ def attention_mass_scores(
     ids = input_ids.reshape(1, -1).to(next(model.parameters()).device)
     t = ids.shape[1]
     if t <= num_sink_tokens + window_length:
-        raise ValueError(f"input_ids has {t} tokens: need more than num_sink_tokens + window_length = "
-                         f"{num_sink_tokens + window_length} to measure mass outside the window.")
+        raise ValueError(
+            f"input_ids has {t} tokens: need more than num_sink_tokens + window_length = "
+            f"{num_sink_tokens + window_length} to measure mass outside the window."
+        )
     if query_positions is None:
         rows = torch.arange(num_sink_tokens + window_length, t)
     else:

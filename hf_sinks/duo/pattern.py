@@ -11,7 +11,6 @@ import torch
 
 from ..validation import check_number
 
-
 #: Format tag written into saved patterns.
 PATTERN_FORMAT = "hf_sinks.HeadPattern"
 
@@ -93,10 +92,14 @@ class HeadPattern:
             threshold: heads with ``score >= threshold`` are retrieval heads.
         """
         if (sparsity is None) == (threshold is None):
-            raise ValueError(f"Give exactly one of sparsity= or threshold= (got sparsity={sparsity!r}, threshold={threshold!r}).")
+            raise ValueError(
+                f"Give exactly one of sparsity= or threshold= (got sparsity={sparsity!r}, threshold={threshold!r})."
+            )
         scores = torch.as_tensor(scores, dtype=torch.float32).detach().cpu()
         if scores.dim() != 2 or scores.numel() == 0:
-            raise ValueError(f"scores must be a non-empty [num_layers, num_key_value_heads] tensor, got {tuple(scores.shape)}.")
+            raise ValueError(
+                f"scores must be a non-empty [num_layers, num_key_value_heads] tensor, got {tuple(scores.shape)}."
+            )
         _check_finite("scores", scores)
         if sparsity is not None:
             check_number("sparsity", sparsity, 0, 1, hint="the fraction of streaming heads")
@@ -114,7 +117,9 @@ class HeadPattern:
         return cls(retrieval, scores, meta)
 
     @classmethod
-    def from_duo_attention(cls, path: str | Path, sparsity: float | None = 0.5, threshold: float | None = None) -> "HeadPattern":
+    def from_duo_attention(
+        cls, path: str | Path, sparsity: float | None = 0.5, threshold: float | None = None
+    ) -> "HeadPattern":
         """Read a pattern of the DuoAttention repository: ``full_attention_heads.tsv`` (``num_layers`` rows of
         ``num_kv_heads`` tab-separated gates; ``path`` may be the file or its folder, whose ``config.json`` sink/recent
         sizes go into ``metadata``), binarised like :meth:`from_scores` (give ``sparsity=None`` with a threshold)."""
@@ -169,8 +174,10 @@ class HeadPattern:
         return self
 
     def __repr__(self) -> str:
-        return (f"HeadPattern(layers={self.num_layers}, kv_heads={self.num_key_value_heads}, "
-                f"streaming_fraction={self.streaming_fraction:.3f}, scores={self.scores is not None})")
+        return (
+            f"HeadPattern(layers={self.num_layers}, kv_heads={self.num_key_value_heads}, "
+            f"streaming_fraction={self.streaming_fraction:.3f}, scores={self.scores is not None})"
+        )
 
     # ---------------------------------------------------------------------------------- storage
     def to_dict(self) -> dict:
@@ -190,8 +197,11 @@ class HeadPattern:
         if "retrieval" not in data:
             raise ValueError("A saved HeadPattern needs a 'retrieval' table; this one has none.")
         scores = data.get("scores")
-        return cls(_table("retrieval", data["retrieval"]), None if scores is None else _table("scores", scores),
-                   data.get("metadata") or {})
+        return cls(
+            _table("retrieval", data["retrieval"]),
+            None if scores is None else _table("scores", scores),
+            data.get("metadata") or {},
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write to ``*.safetensors`` (tensors + JSON metadata in the header) or ``*.json``, by extension."""
@@ -206,7 +216,9 @@ class HeadPattern:
                 tensors["scores"] = self.scores.contiguous()
             save_file(tensors, str(path), metadata={"format": PATTERN_FORMAT, "metadata": json.dumps(self.metadata)})
         else:
-            raise ValueError(f"Unknown pattern file extension {path.suffix!r} in {str(path)!r}; use .safetensors or .json.")
+            raise ValueError(
+                f"Unknown pattern file extension {path.suffix!r} in {str(path)!r}; use .safetensors or .json."
+            )
         return path
 
     @classmethod
@@ -220,10 +232,13 @@ class HeadPattern:
         """
         path = Path(path)
         if path.suffix not in (".json", ".safetensors"):
-            raise ValueError(f"Unknown pattern file extension {path.suffix!r} in {str(path)!r}; use .safetensors or .json.")
+            raise ValueError(
+                f"Unknown pattern file extension {path.suffix!r} in {str(path)!r}; use .safetensors or .json."
+            )
         if not path.is_file():
             raise FileNotFoundError(
-                f"HeadPattern file {str(path)!r} does not exist" + (" (it is a directory)" if path.is_dir() else "")
+                f"HeadPattern file {str(path)!r} does not exist"
+                + (" (it is a directory)" if path.is_dir() else "")
                 + "; make one with `hf-sinks duo score` or HeadPattern.save."
             )
         try:
@@ -293,8 +308,7 @@ def _check_finite(name: str, scores: torch.Tensor) -> None:
     if bool(bad.any()):
         index = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(
-            f"{name} must be finite (no NaN or inf), but {name}[{', '.join(map(str, index))}] = "
-            f"{scores[index].item()}."
+            f"{name} must be finite (no NaN or inf), but {name}[{', '.join(map(str, index))}] = {scores[index].item()}."
         )
 
 
@@ -304,6 +318,9 @@ def _pattern_json(data: dict) -> str:
     def table(rows):
         return "null" if rows is None else "[\n" + ",\n".join("  " + json.dumps(row) for row in rows) + "\n ]"
 
-    parts = [f" {json.dumps(k)}: " + (table(v) if k in ("retrieval", "scores") else json.dumps(v, indent=1).replace("\n", "\n "))
-             for k, v in data.items()]
+    parts = [
+        f" {json.dumps(k)}: "
+        + (table(v) if k in ("retrieval", "scores") else json.dumps(v, indent=1).replace("\n", "\n "))
+        for k, v in data.items()
+    ]
     return "{\n" + ",\n".join(parts) + "\n}\n"

@@ -91,8 +91,13 @@ def decode_benchmark(
     lengths = sorted(set(int(n) for n in lengths))
     if not lengths or lengths[0] < 1:
         raise ValueError(f"lengths={lengths!r} must be positive stream lengths.")
-    for name, value in (("steps", steps), ("rounds", rounds), ("prefill_chunk", prefill_chunk),
-                        ("window_length", window_length), ("recompute_steps", recompute_steps)):
+    for name, value in (
+        ("steps", steps),
+        ("rounds", rounds),
+        ("prefill_chunk", prefill_chunk),
+        ("window_length", window_length),
+        ("recompute_steps", recompute_steps),
+    ):
         if value < 1:
             raise ValueError(f"{name}={value!r} must be >= 1.")
     if num_sink_tokens < 0 or warmup < 0:
@@ -102,8 +107,11 @@ def decode_benchmark(
     if ids.numel() < 2:
         raise ValueError(f"The token source has {ids.numel()} token(s); need at least 2.")
 
-    streams = {m: {"cache": make_cache(model, m, num_sink_tokens, window_length), "pos": 0, "step": model}
-               for m in modes if m in ("sink", "dense")}
+    streams = {
+        m: {"cache": make_cache(model, m, num_sink_tokens, window_length), "pos": 0, "step": model}
+        for m in modes
+        if m in ("sink", "dense")
+    }
     if compile and "sink" in streams:
         from ..static_cache import StaticSinkCache
 
@@ -120,8 +128,12 @@ def decode_benchmark(
                 bar.set_description(f"bench {mode}: prefill to {length}")
                 while state["pos"] < length:
                     n = min(prefill_chunk, length - state["pos"])
-                    model(input_ids=_tokens(ids, state["pos"], n)[None], **cache_kwargs(state["cache"]), use_cache=True,
-                          logits_to_keep=1)
+                    model(
+                        input_ids=_tokens(ids, state["pos"], n)[None],
+                        **cache_kwargs(state["cache"]),
+                        use_cache=True,
+                        logits_to_keep=1,
+                    )
                     state["pos"] += n
                 at[mode] = state["pos"]
                 _decode_steps(model, ids, state, warmup, device)
@@ -131,14 +143,18 @@ def decode_benchmark(
             for mode in order:
                 bar.set_description(f"bench {mode}: decode at {at[mode]} (round {r + 1}/{rounds})")
                 with _attention_for(model, mode):
-                    times[mode] += _decode_steps(model, ids, streams[mode], min(per_round, steps - len(times[mode])), device)
+                    times[mode] += _decode_steps(
+                        model, ids, streams[mode], min(per_round, steps - len(times[mode])), device
+                    )
             order.reverse()
         for mode in modes:
             if mode == "recompute":
                 if length > recompute_max_length:
                     continue
                 bar.set_description(f"bench recompute at {length}")
-                mode_times = _time_recompute(model, ids, length, num_sink_tokens, window_length, recompute_steps, device)
+                mode_times = _time_recompute(
+                    model, ids, length, num_sink_tokens, window_length, recompute_steps, device
+                )
                 kv, resident, pos = 0, 0, length
             else:
                 cache = streams[mode]["cache"]
@@ -146,19 +162,21 @@ def decode_benchmark(
                 kv = cache_bytes(cache)
                 resident = cache.get_stored_length() if mode == "sink" else cache.get_seq_length()
             median = statistics.median(mode_times)
-            rows.append({
-                "mode": mode,
-                "label": _label(mode, num_sink_tokens, window_length, compile),
-                "stream_length": pos,
-                "ms_per_token": median,
-                "ms_min": min(mode_times),
-                "ms_max": max(mode_times),
-                "tokens_per_second": 1e3 / median if median > 0 else float("inf"),
-                "steps": len(mode_times),
-                "kv_cache_bytes": kv,
-                "resident_tokens": resident,
-                "rss_bytes": rss_bytes(),
-            })
+            rows.append(
+                {
+                    "mode": mode,
+                    "label": _label(mode, num_sink_tokens, window_length, compile),
+                    "stream_length": pos,
+                    "ms_per_token": median,
+                    "ms_min": min(mode_times),
+                    "ms_max": max(mode_times),
+                    "tokens_per_second": 1e3 / median if median > 0 else float("inf"),
+                    "steps": len(mode_times),
+                    "kv_cache_bytes": kv,
+                    "resident_tokens": resident,
+                    "rss_bytes": rss_bytes(),
+                }
+            )
             bar.update(1)
     bar.close()
     return rows
@@ -207,10 +225,13 @@ def summarize(rows: Sequence[dict], num_sink_tokens: int, window_length: int) ->
     for mode in dict.fromkeys(r["mode"] for r in rows):
         sel = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["stream_length"])
         out["modes"][mode] = {
-            "shortest": sel[0]["stream_length"], "longest": sel[-1]["stream_length"],
-            "ms_shortest": sel[0]["ms_per_token"], "ms_longest": sel[-1]["ms_per_token"],
+            "shortest": sel[0]["stream_length"],
+            "longest": sel[-1]["stream_length"],
+            "ms_shortest": sel[0]["ms_per_token"],
+            "ms_longest": sel[-1]["ms_per_token"],
             "ratio": sel[-1]["ms_per_token"] / sel[0]["ms_per_token"],
-            "kv_shortest": sel[0]["kv_cache_bytes"], "kv_longest": sel[-1]["kv_cache_bytes"],
+            "kv_shortest": sel[0]["kv_cache_bytes"],
+            "kv_longest": sel[-1]["kv_cache_bytes"],
         }
     rec = [r for r in rows if r["mode"] == "recompute"]
     sink = {r["stream_length"]: r for r in rows if r["mode"] == "sink"}
@@ -225,7 +246,11 @@ def summarize(rows: Sequence[dict], num_sink_tokens: int, window_length: int) ->
 
         sink_ms = statistics.median(nearest(n)["ms_per_token"] for n in lengths)
         out["speedup_vs_recompute"] = {
-            "cache": capacity, "lengths": lengths, "recompute_ms": rec_ms, "sink_ms": sink_ms, "speedup": rec_ms / sink_ms,
+            "cache": capacity,
+            "lengths": lengths,
+            "recompute_ms": rec_ms,
+            "sink_ms": sink_ms,
+            "speedup": rec_ms / sink_ms,
         }
     return out
 

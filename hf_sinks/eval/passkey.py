@@ -144,13 +144,15 @@ def answer_passkey(
 
     ``heavy_budget`` is the ``"h2o"`` mode's ``H``, ``pattern`` the ``"duo"`` mode's :class:`~hf_sinks.duo.HeadPattern`.
     """
-    return _answer_passkey(model, input_ids, mode, num_sink_tokens, window_length, chunk_size, max_new_tokens,
-                           heavy_budget, pattern)[0]
+    return _answer_passkey(
+        model, input_ids, mode, num_sink_tokens, window_length, chunk_size, max_new_tokens, heavy_budget, pattern
+    )[0]
 
 
 @torch.no_grad()
-def _answer_passkey(model, input_ids, mode, num_sink_tokens, window_length, chunk_size, max_new_tokens,
-                    heavy_budget=None, pattern=None) -> tuple[list[int], int]:
+def _answer_passkey(
+    model, input_ids, mode, num_sink_tokens, window_length, chunk_size, max_new_tokens, heavy_budget=None, pattern=None
+) -> tuple[list[int], int]:
     """:func:`answer_passkey` and the cache's bytes at the end of the prompt."""
     from .memory import cache_bytes
 
@@ -160,7 +162,9 @@ def _answer_passkey(model, input_ids, mode, num_sink_tokens, window_length, chun
         cache = _passkey_cache(model, stack, mode, num_sink_tokens, window_length, heavy_budget, pattern)
         logits = None
         for begin in range(0, ids.shape[1], chunk_size):
-            out = model(input_ids=ids[:, begin : begin + chunk_size], **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
+            out = model(
+                input_ids=ids[:, begin : begin + chunk_size], **cache_kwargs(cache), use_cache=True, logits_to_keep=1
+            )
             logits = out.logits[:, -1]
         kv_bytes = cache_bytes(cache)
         answer: list[int] = []
@@ -240,7 +244,9 @@ def passkey_accuracy(
     prefix = torch.tensor([int(i) for i in (prefix_ids or ())], dtype=torch.long)
     sinks, window = (None, None) if mode == "dense" else (num_sink_tokens, window_length)
     label = _label(mode, num_sink_tokens, window_length, heavy_budget, pattern)
-    bar = tqdm(total=len(context_lengths) * len(depths) * trials, desc=f"passkey {label}", disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(context_lengths) * len(depths) * trials, desc=f"passkey {label}", disable=not progress, leave=False
+    )
     rows = []
     for length in context_lengths:
         for depth in depths:
@@ -249,8 +255,17 @@ def passkey_accuracy(
                 key = random_key(random.Random(f"{seed}-{length}-{depth}-{trial}"), digits)
                 prompt = make_passkey_prompt(tokenizer, length, depth, key)
                 input_ids = torch.cat([prefix, prompt.input_ids])
-                ids, kv = _answer_passkey(model, input_ids, mode, num_sink_tokens, window_length, chunk_size,
-                                          max_new_tokens, heavy_budget, pattern)
+                ids, kv = _answer_passkey(
+                    model,
+                    input_ids,
+                    mode,
+                    num_sink_tokens,
+                    window_length,
+                    chunk_size,
+                    max_new_tokens,
+                    heavy_budget,
+                    pattern,
+                )
                 kv_bytes = max(kv_bytes, kv)
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 correct += is_correct(text, key)
@@ -291,8 +306,10 @@ def _check_cache_arguments(model, mode: str, heavy_budget: Any, pattern: Any) ->
         from ..duo.pattern import HeadPattern
 
         if not isinstance(pattern, HeadPattern):
-            raise ValueError(f"mode 'duo' needs pattern, a HeadPattern (got {type(pattern).__name__}); "
-                             "e.g. HeadPattern.load('docs/benchmarks/duo_attention_smollm2/pattern_passkey.json').")
+            raise ValueError(
+                f"mode 'duo' needs pattern, a HeadPattern (got {type(pattern).__name__}); "
+                "e.g. HeadPattern.load('docs/benchmarks/duo_attention_smollm2/pattern_passkey.json')."
+            )
         pattern.validate(model.config)
     elif pattern is not None:
         raise ValueError(f"pattern is only used by mode 'duo' (mode is {mode!r}).")

@@ -122,7 +122,9 @@ def _as_stream(input_ids) -> torch.Tensor:
     ids = torch.as_tensor(input_ids)
     if ids.dim() == 2:
         if ids.shape[0] != 1:
-            raise ValueError(f"input_ids has batch size {ids.shape[0]}; streaming perplexity takes one sequence ([T] or [1, T]).")
+            raise ValueError(
+                f"input_ids has batch size {ids.shape[0]}; streaming perplexity takes one sequence ([T] or [1, T])."
+            )
         ids = ids[0]
     if ids.dim() != 1:
         raise ValueError(f"input_ids must be [T] or [1, T], got shape {tuple(ids.shape)}.")
@@ -166,7 +168,8 @@ def streaming_perplexity(
 
     * :class:`~hf_sinks.SinkCache`: mode ``"sink"`` (``"window"`` with no sinks), run with a ``sink_*`` attention as
       ``mode="sink"`` is;
-    * :class:`~hf_sinks.H2OCache`: mode ``"h2o"``, run with ``h2o_sdpa``; ``extra={"heavy_budget": H, "positions": ...}``
+    * :class:`~hf_sinks.H2OCache`: mode ``"h2o"``, run with ``h2o_sdpa``;
+      ``extra={"heavy_budget": H, "positions": ...}``
       (``h2o_sdpa`` evicts query by query inside a chunk, so every chunk size gives the token-by-token result);
     * :class:`~hf_sinks.DuoCache`: mode ``"duo"``, run with ``duo_sdpa``; ``extra={"streaming_fraction": f}``;
     * ``DynamicCache``: mode ``"dense"``; any other ``transformers.Cache``: mode ``"custom"``, the model's attention.
@@ -238,13 +241,23 @@ def _cache_route(model: torch.nn.Module, cache) -> tuple[str, Any, int | None, i
         return mode, use_sink_attention(model), cache.num_sink_tokens, cache.window_length, {}
     if isinstance(cache, H2OCache):
         register_h2o()
-        return ("h2o", use_attention(model, H2O_ATTENTION, route=True), cache.num_sink_tokens, cache.window_length,
-                {"heavy_budget": cache.heavy_budget, "positions": cache.positions})
+        return (
+            "h2o",
+            use_attention(model, H2O_ATTENTION, route=True),
+            cache.num_sink_tokens,
+            cache.window_length,
+            {"heavy_budget": cache.heavy_budget, "positions": cache.positions},
+        )
     if isinstance(cache, DuoCache):
         cache.pattern.validate(model.config)
         register_duo()
-        return ("duo", use_attention(model, DUO_ATTENTION, route=True), cache.num_sink_tokens, cache.window_length,
-                {"streaming_fraction": cache.pattern.streaming_fraction})
+        return (
+            "duo",
+            use_attention(model, DUO_ATTENTION, route=True),
+            cache.num_sink_tokens,
+            cache.window_length,
+            {"streaming_fraction": cache.pattern.streaming_fraction},
+        )
     return ("dense" if isinstance(cache, DynamicCache) else "custom"), nullcontext(), None, None, {}
 
 
@@ -253,16 +266,28 @@ def _cache_perplexity(model, input_ids, cache, attn_implementation, chunk_size, 
     from transformers.cache_utils import Cache
 
     if not isinstance(cache, Cache):
-        raise TypeError(f"cache={cache!r} is invalid: must be a transformers Cache (SinkCache, H2OCache, DuoCache, "
-                        f"DynamicCache, ...), not {type(cache).__name__}.")
+        raise TypeError(
+            f"cache={cache!r} is invalid: must be a transformers Cache (SinkCache, H2OCache, DuoCache, "
+            f"DynamicCache, ...), not {type(cache).__name__}."
+        )
     ids = _as_stream(input_ids)
     validate("sink", 0, 1, chunk_size, ids.numel())
     check_token_ids(ids, model)
     mode, context, sinks, window, extra = _cache_route(model, cache)
     if attn_implementation is not None:
         context = use_attention(model, attn_implementation, route=True)
-    return _measure(model, ids, mode, lambda stream: _cached_steps(model, stream, cache, chunk_size), context,
-                    sinks, window, chunk_size, progress, extra)
+    return _measure(
+        model,
+        ids,
+        mode,
+        lambda stream: _cached_steps(model, stream, cache, chunk_size),
+        context,
+        sinks,
+        window,
+        chunk_size,
+        progress,
+        extra,
+    )
 
 
 def _measure(model, ids, mode, steps, context, sinks, window, chunk_size, progress, extra=None) -> StreamingResult:

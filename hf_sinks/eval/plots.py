@@ -35,8 +35,7 @@ def _style(label: str, colors) -> dict:
     mode = label.split()[0]
     if mode == "dense":
         return {"color": "black", "linewidth": 1.0, "zorder": 5}
-    return {"color": next(colors), "linewidth": 1.3,
-            "linestyle": {"window": "--", "recompute": ":"}.get(mode, "-")}
+    return {"color": next(colors), "linewidth": 1.3, "linestyle": {"window": "--", "recompute": ":"}.get(mode, "-")}
 
 
 def plot_perplexity(

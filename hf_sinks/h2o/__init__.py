@@ -1,4 +1,4 @@
-"""H2O (Zhang et al. 2023) like :mod:`hf_sinks.duo`: `H2OCache`, attention sinks + a recent window + heavy hitters (H2O, Zhang et al. 2023), per layer and KV head.
+"""H2O (Zhang et al. 2023): `H2OCache`, attention sinks + a recent window + heavy hitters, per layer and KV head.
 
 Semantics (the contract the tests check against a naive full-attention-matrix reference):
 
@@ -27,8 +27,9 @@ Semantics (the contract the tests check against a naive full-attention-matrix re
     their stored originals (angles in fp64: no drift; O(C) per step and KV head).
 
 The scores need the attention probabilities, which no fused kernel returns: use the registered ``h2o_sdpa``
-attention (:func:`register`, in ``attention``). It processes a multi-token chunk (prompt, chunked streaming) in blocks of queries and,
-inside a block, query by query for the softmax and eviction (the logits and ``P @ V`` are batched), so a chunk gives
+attention (:func:`register`, in ``attention``). It processes a multi-token chunk (prompt, chunked streaming) in
+blocks of queries and, inside a block, query by query for the softmax and eviction (the logits and ``P @ V`` are
+batched), so a chunk gives
 *exactly* what token-by-token decoding gives, with memory bounded by ``heads x block x (C + block)``.
 
 ::
@@ -46,6 +47,10 @@ from .attention import h2o_sdpa_attention_forward, register
 from .cache import H2O_ATTENTION, POSITION_MODES, H2OCache, H2OCacheLayer
 
 __all__ = [
-    "H2OCache", "H2OCacheLayer", "H2O_ATTENTION", "POSITION_MODES", "h2o_sdpa_attention_forward",
+    "H2OCache",
+    "H2OCacheLayer",
+    "H2O_ATTENTION",
+    "POSITION_MODES",
+    "h2o_sdpa_attention_forward",
     "register",
 ]

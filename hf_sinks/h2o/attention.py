@@ -1,4 +1,4 @@
-"""The registered ``h2o_sdpa`` attention: H2O attention with an :class:`~hf_sinks.h2o.H2OCache`, stock SDPA without one."""
+"""The registered ``h2o_sdpa``: H2O attention with an :class:`~hf_sinks.h2o.H2OCache`, stock SDPA without one."""
 
 from __future__ import annotations
 

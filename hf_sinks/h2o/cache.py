@@ -1,4 +1,4 @@
-"""`H2OCache` / `H2OCacheLayer`: sinks + recent window + heavy hitters per layer and KV head (semantics: :mod:`hf_sinks.h2o`)."""
+"""`H2OCache` / `H2OCacheLayer`: sinks + window + heavy hitters per layer and KV head (see :mod:`hf_sinks.h2o`)."""
 
 from __future__ import annotations
 
@@ -128,8 +128,11 @@ class H2OCacheLayer(RowStateLayer):
         outs = []
         for b0 in range(0, q, QUERY_BLOCK):
             b1 = min(q, b0 + QUERY_BLOCK)
-            outs.append(self._attend_block(query[:, :, b0:b1], new_keys[:, :, b0:b1], new_values[:, :, b0:b1],
-                                           first + b0, scaling))
+            outs.append(
+                self._attend_block(
+                    query[:, :, b0:b1], new_keys[:, :, b0:b1], new_values[:, :, b0:b1], first + b0, scaling
+                )
+            )
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _evict(self, scores, index, held, nxt):
@@ -151,8 +154,10 @@ class H2OCacheLayer(RowStateLayer):
         from ..rope import shift_rotary
 
         if self.cache.rotary is None:
-            raise ValueError("H2OCache(positions='cache') needs the model's rotary parameters; pass rotary="
-                             "RotaryParams.from_model(model) (the h2o_sdpa attention sets them from the model config).")
+            raise ValueError(
+                "H2OCache(positions='cache') needs the model's rotary parameters; pass rotary="
+                "RotaryParams.from_model(model) (the h2o_sdpa attention sets them from the model config)."
+            )
         shift = ranks - index + (query_index - (visible - 1))
         return shift_rotary(keys.to(dtype), shift, self.cache.rotary)
 
@@ -165,7 +170,9 @@ class H2OCacheLayer(RowStateLayer):
         keys, values = self.keys[:, :, :n], self.values[:, :, :n]
         if self.cache.positions == "cache":
             index = self.token_index[:, :, :n]
-            ranks = torch.empty_like(index).scatter_(-1, index.argsort(-1), torch.arange(n, device=self.device).expand_as(index))
+            ranks = torch.empty_like(index).scatter_(
+                -1, index.argsort(-1), torch.arange(n, device=self.device).expand_as(index)
+            )
             keys = self._reposition(keys, ranks, index, n, self.seen - 1, compute)
         p = torch.softmax(torch.matmul(q, keys.to(compute).transpose(-1, -2)) * scaling, dim=-1)  # [B, KVH, g, n]
         self.scores[:, :, :n] += p.sum(2, dtype=torch.float64)
@@ -285,8 +292,9 @@ class H2OCache(Cache):
         check_int("num_sink_tokens", num_sink_tokens, 0)
         check_int("window_length", window_length, 1)
         check_int("heavy_budget", heavy_budget, 0)
-        check_cache_size("H2OCache", num_sink_tokens=num_sink_tokens, window_length=window_length,
-                         heavy_budget=heavy_budget)
+        check_cache_size(
+            "H2OCache", num_sink_tokens=num_sink_tokens, window_length=window_length, heavy_budget=heavy_budget
+        )
         check_choice("positions", positions, POSITION_MODES)
         from ..rope import RotaryParams
 
@@ -308,9 +316,11 @@ class H2OCache(Cache):
         return self.num_sink_tokens + self.window_length + self.heavy_budget
 
     def __repr__(self) -> str:
-        return (f"H2OCache(num_sink_tokens={self.num_sink_tokens}, window_length={self.window_length}, "
-                f"heavy_budget={self.heavy_budget}, positions={self.positions!r}, layers={len(self.layers)}, "
-                f"seen={self.get_seq_length()})")
+        return (
+            f"H2OCache(num_sink_tokens={self.num_sink_tokens}, window_length={self.window_length}, "
+            f"heavy_budget={self.heavy_budget}, positions={self.positions!r}, layers={len(self.layers)}, "
+            f"seen={self.get_seq_length()})"
+        )
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         layer = grow_layers(self.layers, layer_idx, lambda _: H2OCacheLayer(self))

@@ -64,7 +64,8 @@ class FinetuneResult:
 def _loss_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {k: row.get(k) for k in ("step", "epoch", "loss", "learning_rate", "grad_norm")}
-        for row in log_history if "loss" in row
+        for row in log_history
+        if "loss" in row
     ]
 
 
@@ -79,7 +80,9 @@ def write_loss_csv(log_history: list[dict[str, Any]], path: str | os.PathLike) -
     return path
 
 
-def plot_loss(log_history: list[dict[str, Any]], path: str | os.PathLike, title: str = "training loss", smooth: int = 20) -> Path | None:
+def plot_loss(
+    log_history: list[dict[str, Any]], path: str | os.PathLike, title: str = "training loss", smooth: int = 20
+) -> Path | None:
     """Loss-curve PNG (raw per-step loss and a running mean over ``smooth`` steps). ``None`` without matplotlib."""
     try:
         import matplotlib
@@ -98,7 +101,9 @@ def plot_loss(log_history: list[dict[str, Any]], path: str | os.PathLike, title:
     ax.plot(steps, losses, lw=0.8, alpha=0.4, label="loss")
     if len(losses) >= 2 and smooth > 1:
         window = min(smooth, len(losses))
-        running = [sum(losses[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(losses))]
+        running = [
+            sum(losses[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(losses))
+        ]
         ax.plot(steps, running, lw=2, label=f"running mean ({window} logs)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
@@ -223,7 +228,9 @@ def finetune(
             raise ValueError(f"recipe keyword arguments {sorted(recipe_kwargs)} only apply when recipe is a name.")
         peft_model = recipe.apply(model)
 
-    dataset = PackedDataset(tokenize_text(tokenizer, text), seq_len, sink_token_id=recipe.sink_token_id, max_rows=max_rows)
+    dataset = PackedDataset(
+        tokenize_text(tokenizer, text), seq_len, sink_token_id=recipe.sink_token_id, max_rows=max_rows
+    )
     trainer = Trainer(
         model=peft_model,
         args=training_arguments,
@@ -240,7 +247,9 @@ def finetune(
     peft_model.eval()
     history = list(trainer.state.log_history)
     save_finetuned(trainer, tokenizer, recipe, output_dir, history, plot=plot)
-    return FinetuneResult(model=peft_model, recipe=recipe, output_dir=output_dir, log_history=history, train_rows=len(dataset))
+    return FinetuneResult(
+        model=peft_model, recipe=recipe, output_dir=output_dir, log_history=history, train_rows=len(dataset)
+    )
 
 
 def accelerator_available() -> bool:
@@ -256,20 +265,24 @@ class DistributedSetupError(RuntimeError):
 
 
 def check_world_size(got: int, expected: int) -> None:
-    """Raise :class:`DistributedSetupError` when the processes that train together (``got``) are not the ``expected`` number."""
+    """Raise :class:`DistributedSetupError` unless ``got`` (the processes training together) is ``expected``."""
     check_int("expected_world_size", expected, 1)
     if got == expected:
         return
     env = {k: os.environ[k] for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_CPU") if k in os.environ}
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched == expected:
-        why = (f"the launcher started {launched} processes but they do not train as one group: without a GPU they "
-               "join a gloo group only with TrainingArguments(use_cpu=True), which finetune() sets when no "
-               "accelerator is visible; check training_args and the accelerate config.")
+        why = (
+            f"the launcher started {launched} processes but they do not train as one group: without a GPU they "
+            "join a gloo group only with TrainingArguments(use_cpu=True), which finetune() sets when no "
+            "accelerator is visible; check training_args and the accelerate config."
+        )
     else:
-        why = ("`accelerate launch --cpu --num_processes N` and a config with `distributed_type: MULTI_CPU` start ONE "
-               "process unless an MPI hostfile is given; on CPU launch with `torchrun --nproc_per_node N` or "
-               "`accelerate launch --config_file examples/accelerate_configs/multi_cpu.yaml`.")
+        why = (
+            "`accelerate launch --cpu --num_processes N` and a config with `distributed_type: MULTI_CPU` start ONE "
+            "process unless an MPI hostfile is given; on CPU launch with `torchrun --nproc_per_node N` or "
+            "`accelerate launch --config_file examples/accelerate_configs/multi_cpu.yaml`."
+        )
     raise DistributedSetupError(
         f"hf_sinks: expected a world of {expected} training process(es), got {got} "
         f"(launcher environment: {env or 'none'}). {why}"
@@ -290,8 +303,16 @@ def check_engine(trainer: Any, training_args: dict[str, Any]) -> None:
         return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 
     for engine, asked, enabled in (
-        ("FSDP", flag("ACCELERATE_USE_FSDP") or bool(training_args.get("fsdp")), getattr(trainer, "is_fsdp_enabled", False)),
-        ("DeepSpeed", flag("ACCELERATE_USE_DEEPSPEED") or bool(training_args.get("deepspeed")), getattr(trainer, "is_deepspeed_enabled", False)),
+        (
+            "FSDP",
+            flag("ACCELERATE_USE_FSDP") or bool(training_args.get("fsdp")),
+            getattr(trainer, "is_fsdp_enabled", False),
+        ),
+        (
+            "DeepSpeed",
+            flag("ACCELERATE_USE_DEEPSPEED") or bool(training_args.get("deepspeed")),
+            getattr(trainer, "is_deepspeed_enabled", False),
+        ),
     ):
         if asked and not enabled:
             distributed_type = trainer.accelerator.state.distributed_type
@@ -317,15 +338,19 @@ def _TimeBudget(seconds: float):
 
         def on_step_end(self, args, state, control, **kwargs):
             if time.perf_counter() - self.start > seconds:
-                logger.warning("hf_sinks: time budget of %.0f s reached at step %d; stopping.", seconds, state.global_step)
+                logger.warning(
+                    "hf_sinks: time budget of %.0f s reached at step %d; stopping.", seconds, state.global_step
+                )
                 control.should_training_stop = True
             return control
 
     return TimeBudget()
 
 
-def save_finetuned(trainer: Any, tokenizer: Any, recipe: SinkRecipe, output_dir: Path, log_history: list[dict], plot: bool = True) -> None:
-    """Adapter (safetensors, via ``trainer.save_model``: shard-gathering, main process only), recipe, tokenizer, loss."""
+def save_finetuned(
+    trainer: Any, tokenizer: Any, recipe: SinkRecipe, output_dir: Path, log_history: list[dict], plot: bool = True
+) -> None:
+    """Adapter (safetensors, ``trainer.save_model``: shard-gathering, main process only), recipe, tokenizer, loss."""
     output_dir.mkdir(parents=True, exist_ok=True)
     trainer.save_model(str(output_dir))
     if not trainer.is_world_process_zero():
@@ -342,7 +367,9 @@ def load_recipe(path: str | os.PathLike) -> SinkRecipe:
     """The :class:`SinkRecipe` saved by :func:`finetune` in ``path`` (its ``lora_config`` is ``None``)."""
     file = Path(path) / RECIPE_FILE
     if not file.is_file():
-        raise FileNotFoundError(f"{str(file)!r} not found: {str(path)!r} is not an hf_sinks fine-tune output directory.")
+        raise FileNotFoundError(
+            f"{str(file)!r} not found: {str(path)!r} is not an hf_sinks fine-tune output directory."
+        )
     with open(file, encoding="utf-8") as f:
         return SinkRecipe.from_dict(json.load(f))
 
@@ -399,4 +426,19 @@ def load_finetuned(
     return model.eval()
 
 
-__all__ = ["FinetuneResult", "LOSS_CSV", "LOSS_PNG", "RECIPE_FILE", "DistributedSetupError", "accelerator_available", "check_engine", "check_world_size", "finetune", "load_finetuned", "load_recipe", "plot_loss", "save_finetuned", "write_loss_csv"]
+__all__ = [
+    "FinetuneResult",
+    "LOSS_CSV",
+    "LOSS_PNG",
+    "RECIPE_FILE",
+    "DistributedSetupError",
+    "accelerator_available",
+    "check_engine",
+    "check_world_size",
+    "finetune",
+    "load_finetuned",
+    "load_recipe",
+    "plot_loss",
+    "save_finetuned",
+    "write_loss_csv",
+]

@@ -40,7 +40,9 @@ class AttentionSinkLogits(nn.Module):
 
         check_int("num_heads", num_heads, 1)
         check_number("init_value", init_value)
-        self.weight = nn.Parameter(torch.full((num_heads,), float(init_value), dtype=dtype or torch.float32, device=device))
+        self.weight = nn.Parameter(
+            torch.full((num_heads,), float(init_value), dtype=dtype or torch.float32, device=device)
+        )
 
     def forward(self) -> torch.Tensor:
         return self.weight
@@ -57,7 +59,9 @@ def _num_heads(module: nn.Module, config) -> int:
     value = getattr(config, "num_attention_heads", None)
     if isinstance(value, int):
         return value
-    raise ValueError(f"Cannot tell how many heads {type(module).__name__} has (no num_heads / config.num_attention_heads).")
+    raise ValueError(
+        f"Cannot tell how many heads {type(module).__name__} has (no num_heads / config.num_attention_heads)."
+    )
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -66,7 +70,8 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     Same criterion as ``hf_sinks.apply`` (Llama, Mistral, GPT-NeoX, Falcon all match).
     """
     found = [
-        (name, m) for name, m in model.named_modules()
+        (name, m)
+        for name, m in model.named_modules()
         if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")
     ]
     if not found:
@@ -103,7 +108,8 @@ def add_learned_sinks(model: nn.Module, init_value: float = DEFAULT_INIT) -> int
             continue
         ref = next(module.parameters(), None)
         sink = AttentionSinkLogits(
-            _num_heads(module, config), init_value,
+            _num_heads(module, config),
+            init_value,
             dtype=ref.dtype if ref is not None and ref.is_floating_point() else None,
             device=ref.device if ref is not None else None,
         )

@@ -53,14 +53,18 @@ ARCHITECTURES: dict[str, ArchitectureTargets] = {
     "mistral": ArchitectureTargets(("q_proj", "k_proj", "v_proj", "o_proj"), "embed_tokens", ("norm",)),
     # `.dense` is attention.dense only (PEFT matches `endswith(".dense")`; dense_h_to_4h etc. are not hit).
     "gpt_neox": ArchitectureTargets(("query_key_value", "dense"), "embed_in", ("layernorm", "final_layer_norm")),
-    "falcon": ArchitectureTargets(("query_key_value", "dense"), "word_embeddings", ("layernorm", "ln_attn", "ln_mlp", "ln_f")),
+    "falcon": ArchitectureTargets(
+        ("query_key_value", "dense"), "word_embeddings", ("layernorm", "ln_attn", "ln_mlp", "ln_f")
+    ),
 }
 
 
 def architecture_targets(model_type: str | None) -> ArchitectureTargets:
     targets = ARCHITECTURES.get(model_type)  # type: ignore[arg-type]
     if targets is None:
-        raise ValueError(f"No LoRA recipe for model_type={model_type!r}; supported model types: {sorted(ARCHITECTURES)}.")
+        raise ValueError(
+            f"No LoRA recipe for model_type={model_type!r}; supported model types: {sorted(ARCHITECTURES)}."
+        )
     return targets
 
 
@@ -103,7 +107,9 @@ def _tied(model: torch.nn.Module) -> bool:
     if out is None:
         return False
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return bool(getattr(text_config, "tie_word_embeddings", False)) and out.weight is model.get_input_embeddings().weight
+    return (
+        bool(getattr(text_config, "tie_word_embeddings", False)) and out.weight is model.get_input_embeddings().weight
+    )
 
 
 @dataclass
@@ -269,7 +275,11 @@ def lora_recipe(
             if preferred is not None:
                 logger.warning(
                     "hf_sinks: %r is not registered (or %s bypasses the attention interface); recipe %r trains with "
-                    "the model's attention %r instead.", preferred, model_type, recipe, model.config._attn_implementation,
+                    "the model's attention %r instead.",
+                    preferred,
+                    model_type,
+                    recipe,
+                    model.config._attn_implementation,
                 )
             attn_implementation = None
     elif attn_implementation is not None and not attention_is_registered(attn_implementation):
@@ -287,7 +297,9 @@ def lora_recipe(
     tied = _tied(model)
     if recipe == "sink_token":
         if tokenizer is None:
-            raise ValueError("recipe='sink_token' needs the tokenizer (the sink token is added to it); pass tokenizer=.")
+            raise ValueError(
+                "recipe='sink_token' needs the tokenizer (the sink token is added to it); pass tokenizer=."
+            )
         sink_token_id = add_sink_token(tokenizer, sink_token)
         if train_embeddings:
             # Only the sink row trains; with tied embeddings PEFT ties lm_head's row to it.

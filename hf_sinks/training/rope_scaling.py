@@ -108,7 +108,10 @@ def set_rope_scaling(model: torch.nn.Module, rope_scaling: dict[str, Any] | floa
                     setattr(module, name, getattr(fresh, name))
             rebuilt += 1
     if rebuilt == 0:
-        raise ValueError(f"{type(model).__name__} has no rotary embedding module (no `inv_freq` buffer); rope scaling does not apply.")
+        raise ValueError(
+            f"{type(model).__name__} has no rotary embedding module (no `inv_freq` buffer); "
+            "rope scaling does not apply."
+        )
     return scaling
 
 

@@ -50,8 +50,9 @@ def test_matches_eager_attention_matrices(sink_tokens):
     model = tiny_model("llama", attn_implementation="sdpa", layers=2, heads=4, kv_heads=2)
     ids = random_ids(1, 40)[0]
     attns, _ = eager_attentions(model, ids)
-    result = analyze(model, ids, num_tokens=None, sink_tokens=sink_tokens, min_distance=4, progress=False,
-                     query_block=16)  # several query blocks
+    result = analyze(
+        model, ids, num_tokens=None, sink_tokens=sink_tokens, min_distance=4, progress=False, query_block=16
+    )  # several query blocks
     assert model.config._attn_implementation == "sdpa"  # restored
     for layer, attn in enumerate(attns):
         scores, received, ratio = reference_statistics(attn, sink_tokens, 4)
@@ -104,8 +105,9 @@ def attention_model(sink_heads=(0, 1, 2, 3), magnet_token=5, strength=10.0):
     q is a constant bias on the lowest-frequency rotary channel (it barely rotates over 64 positions); k is
     non-zero only for ``magnet_token``, whose embedding alone has hidden dim 0 set.
     """
-    model = tiny_model("llama", attn_implementation="sdpa", layers=1, heads=4, kv_heads=2, head_dim=16,
-                       attention_bias=True)
+    model = tiny_model(
+        "llama", attn_implementation="sdpa", layers=1, heads=4, kv_heads=2, head_dim=16, attention_bias=True
+    )
     attn = model.model.layers[0].self_attn
     d, c = 16, 7  # channel 7 pairs with 15: the lowest RoPE frequency, 10000 ** (-14 / 16)
     with torch.no_grad():
@@ -144,7 +146,9 @@ def test_attention_forced_to_first_token():
     result = analyze(model, ids, num_tokens=None, progress=False)
     assert result.sink_scores[0, 0] > 1 - 1e-4 and result.sink_scores[0, 2] > 1 - 1e-4
     uniform = sum(1.0 / (i + 1) for i in range(1, 64)) / 63
-    torch.testing.assert_close(result.sink_scores[0, [1, 3]], torch.full((2,), uniform, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        result.sink_scores[0, [1, 3]], torch.full((2,), uniform, dtype=torch.float64), atol=1e-6, rtol=0
+    )
     assert result.is_sink.tolist() == [[True, False, True, False]]
     assert result.sink_heads() == [(0, 0), (0, 2)]
     assert result.sink_ratio == 0.5
@@ -201,8 +205,9 @@ def test_secondary_sinks_on_a_constructed_attention_pattern():
     found = _secondary_sinks(ratio, received, ids, [], factor=20.0, min_heads=2)
     assert [(s.token_index, s.heads) for s in found] == [(20, [(0, 0), (0, 1)])]
     assert not bool((ratio[0, 2] > 20).any())  # the local head flags nothing: near queries do not count
-    assert found[0].max_received == pytest.approx(0.5 + 0.5 * float(torch.tensor(
-        [1.0 / (i + 1) for i in range(20 + d, length)]).mean()), rel=1e-4)
+    assert found[0].max_received == pytest.approx(
+        0.5 + 0.5 * float(torch.tensor([1.0 / (i + 1) for i in range(20 + d, length)]).mean()), rel=1e-4
+    )
     assert _secondary_sinks(ratio, received, ids, [], factor=20.0, min_heads=3) == []
 
 
@@ -278,8 +283,24 @@ def test_cli_parser_and_command(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="hf-sinks")
     add_analyze_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "out"
-    args = parser.parse_args(["analyze", "--model", str(model_dir), "--text-file", str(text_file), "--num-tokens", "64",
-                              "--epsilon", "0.2", "--output-dir", str(out), "--no-progress", "--threads", "1"])
+    args = parser.parse_args(
+        [
+            "analyze",
+            "--model",
+            str(model_dir),
+            "--text-file",
+            str(text_file),
+            "--num-tokens",
+            "64",
+            "--epsilon",
+            "0.2",
+            "--output-dir",
+            str(out),
+            "--no-progress",
+            "--threads",
+            "1",
+        ]
+    )
     assert args.func is cmd_analyze
     assert args.func(args) == 0
     printed = capsys.readouterr().out

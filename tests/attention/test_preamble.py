@@ -16,8 +16,11 @@ MODULE = types.SimpleNamespace(is_causal=True, training=False, num_key_value_gro
 
 def _qkv(q_len=3):
     gen = torch.Generator().manual_seed(0)
-    return (torch.randn(1, 4, q_len, 8, generator=gen), torch.randn(1, 2, q_len, 8, generator=gen),
-            torch.randn(1, 2, q_len, 8, generator=gen))
+    return (
+        torch.randn(1, 4, q_len, 8, generator=gen),
+        torch.randn(1, 2, q_len, 8, generator=gen),
+        torch.randn(1, 2, q_len, 8, generator=gen),
+    )
 
 
 def _padded_mask(q_len=3):

@@ -64,7 +64,9 @@ def test_sink_logits_equal_gpt_oss_eager_attention():
     positions = torch.arange(length)
     module = types.SimpleNamespace(num_key_value_groups=heads // kv_heads, training=False, sinks=sinks)
     causal = torch.full((length, length), float("-inf"), dtype=torch.float64).triu(1)[None, None]
-    expected, _ = gpt_oss_eager(module, apply_rotary(q, positions, ROTARY), apply_rotary(k, positions, ROTARY), v, causal, scaling=0.25)
+    expected, _ = gpt_oss_eager(
+        module, apply_rotary(q, positions, ROTARY), apply_rotary(k, positions, ROTARY), v, causal, scaling=0.25
+    )
     expected = expected.transpose(1, 2)
     out = reference_sink_attention(q, k, v, 2, length, ROTARY, scaling=0.25, sink_logits=sinks)
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)

@@ -1,4 +1,4 @@
-"""sink_s2attn / sink_sfattn (training-time S²-Attn and SF-Attn) vs the fp64 dense-mask spec, causality, models, PEFT."""
+"""sink_s2attn / sink_sfattn (training S²-Attn and SF-Attn) vs the fp64 dense-mask spec, causality, models, PEFT."""
 
 import types
 
@@ -8,8 +8,11 @@ from helpers import random_ids, sink_mask, tiny_model
 from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
 
 import hf_sinks
-from hf_sinks.attention.reference import reference_shifted_sparse_attention, shifted_sparse_group, shifted_sparse_visible
-from hf_sinks.training.learned_sinks import AttentionSinkLogits
+from hf_sinks.attention.reference import (
+    reference_shifted_sparse_attention,
+    shifted_sparse_group,
+    shifted_sparse_visible,
+)
 from hf_sinks.attention.shifted_sparse import (
     group_size_for,
     num_sink_tokens_for,
@@ -18,6 +21,7 @@ from hf_sinks.attention.shifted_sparse import (
     sink_sfattn_attention_forward,
 )
 from hf_sinks.compat import cache_kwargs, enable_activation_checkpointing
+from hf_sinks.training.learned_sinks import AttentionSinkLogits
 
 NAMES = ("sink_s2attn", "sink_sfattn")
 FUNCTIONS = {"sink_s2attn": sink_s2attn_attention_forward, "sink_sfattn": sink_sfattn_attention_forward}
@@ -145,7 +149,9 @@ def roll_s2attn(q, k, v, group_size):
     def groups(x):
         return x.unflatten(2, (t // group_size, group_size))
 
-    out = torch.nn.functional.scaled_dot_product_attention(groups(shift(q)), groups(shift(k)), groups(shift(v)), is_causal=True)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        groups(shift(q)), groups(shift(k)), groups(shift(v)), is_causal=True
+    )
     out = out.flatten(2, 3)
     return torch.cat([out[:, : h - h // 2], out[:, h - h // 2 :].roll(half, dims=2)], dim=1)
 
@@ -235,7 +241,10 @@ def test_config_defaults_and_sources():
     assert group_size_for(types.SimpleNamespace(s2attn_group_size=64), 100) == 64
     assert num_sink_tokens_for(cfg) == 4
     assert num_sink_tokens_for(types.SimpleNamespace(attention_sinks={"num_sink_tokens": 2, "window_length": 8})) == 2
-    assert num_sink_tokens_for(types.SimpleNamespace(sfattn_num_sink_tokens=0, attention_sinks={"num_sink_tokens": 2})) == 0
+    assert (
+        num_sink_tokens_for(types.SimpleNamespace(sfattn_num_sink_tokens=0, attention_sinks={"num_sink_tokens": 2}))
+        == 0
+    )
 
 
 @pytest.mark.parametrize(
@@ -298,8 +307,16 @@ def test_from_config_train_eval_and_switching(arch):
         model.set_attn_implementation(name)
         assert model.config._attn_implementation == name
     model.eval()
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, **cache_kwargs(DynamicCache(config=model.config)))
-    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, **cache_kwargs(DynamicCache(config=reference.config)))
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=4, do_sample=False, **cache_kwargs(DynamicCache(config=model.config))
+    )
+    expected = reference.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=4,
+        do_sample=False,
+        **cache_kwargs(DynamicCache(config=reference.config)),
+    )
     assert torch.equal(out, expected)
 
 
@@ -310,7 +327,9 @@ def test_with_a_sink_cache_it_streams_like_sink_sdpa():
         model = tiny_model("llama", name)
         cache = hf_sinks.SinkCache(2, 6)
         with torch.no_grad():
-            logits.append(torch.cat([model(ids[:, i : i + 5], **cache_kwargs(cache)).logits for i in range(0, 20, 5)], 1))
+            logits.append(
+                torch.cat([model(ids[:, i : i + 5], **cache_kwargs(cache)).logits for i in range(0, 20, 5)], 1)
+            )
     torch.testing.assert_close(logits[0], logits[1])
 
 
@@ -402,10 +421,13 @@ def test_fused_kernel_backend_matches_the_spec(batch, heads, kv_heads, length, g
     results = []
     for backend in ("triton", "spec"):
         if backend == "spec":
-            out = reference_shifted_sparse_attention(q.double(), k.double(), v.double(), group, sinks, mask, scaling=0.4,
-                                                     sink_logits=logits.double())
+            out = reference_shifted_sparse_attention(
+                q.double(), k.double(), v.double(), group, sinks, mask, scaling=0.4, sink_logits=logits.double()
+            )
         else:
-            out = shifted_sparse_attention(q, k, v, group, sinks, mask, scaling=0.4, sink_logits=logits, backend=backend)
+            out = shifted_sparse_attention(
+                q, k, v, group, sinks, mask, scaling=0.4, sink_logits=logits, backend=backend
+            )
         grads = torch.autograd.grad((out * weight.to(out.dtype)).sum(), [q, k, v, logits])
         results.append((real_rows(out.detach().float(), mask), [g.float() for g in grads]))
     (out_k, grads_k), (out_s, grads_s) = results

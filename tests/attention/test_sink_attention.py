@@ -8,10 +8,10 @@ import types
 
 import pytest
 import torch
+from helpers import sink_mask
 
 from hf_sinks import SinkCache
 from hf_sinks.attention import functions
-from helpers import sink_mask
 from hf_sinks.attention.reference import reference_sink_attention
 from hf_sinks.rope import RotaryParams, apply_rotary
 
@@ -67,7 +67,11 @@ CASES = [
 @pytest.mark.parametrize("sinks,window,chunks", CASES)
 @pytest.mark.parametrize(
     "heads,kv_heads,head_dim,rotary_dim",
-    [pytest.param(4, 2, 16, 16, id="gqa2"), pytest.param(4, 1, 12, 12, id="mqa-d12"), pytest.param(2, 2, 20, 8, id="partial-rotary")],
+    [
+        pytest.param(4, 2, 16, 16, id="gqa2"),
+        pytest.param(4, 1, 12, 12, id="mqa-d12"),
+        pytest.param(2, 2, 20, 8, id="partial-rotary"),
+    ],
 )
 def test_matches_spec(name, sinks, window, chunks, heads, kv_heads, head_dim, rotary_dim):
     torch.manual_seed(0)
@@ -82,7 +86,9 @@ def test_matches_spec(name, sinks, window, chunks, heads, kv_heads, head_dim, ro
 
 
 @pytest.mark.parametrize("name", sorted(KERNELS))
-@pytest.mark.parametrize("chunks", [pytest.param([14, 1, 1, 1, 6], id="padded-prompt"), pytest.param([5, 9, 1, 1], id="padded-split")])
+@pytest.mark.parametrize(
+    "chunks", [pytest.param([14, 1, 1, 1, 6], id="padded-prompt"), pytest.param([5, 9, 1, 1], id="padded-split")]
+)
 def test_left_padding_rows_match_their_own_stream(name, chunks):
     torch.manual_seed(1)
     sinks, window, length, pads = 3, 5, sum(chunks), [0, 4, 9]
@@ -92,7 +98,15 @@ def test_left_padding_rows_match_their_own_stream(name, chunks):
     rotary = rotary_for(16, 16)
     out = run_stream(KERNELS[name], q, k, v, sinks, window, chunks, rotary, pads=pads)
     for row, pad in enumerate(pads):
-        expected = reference_sink_attention(q[row : row + 1, :, pad:], k[row : row + 1, :, pad:], v[row : row + 1, :, pad:], sinks, window, rotary, scaling=0.3)
+        expected = reference_sink_attention(
+            q[row : row + 1, :, pad:],
+            k[row : row + 1, :, pad:],
+            v[row : row + 1, :, pad:],
+            sinks,
+            window,
+            rotary,
+            scaling=0.3,
+        )
         torch.testing.assert_close(out[row : row + 1, :, pad:], expected, atol=1e-10, rtol=0)
 
 
@@ -124,7 +138,9 @@ def test_eager_returns_attention_weights_on_request():
     cache = SinkCache(2, 4, rotary=rotary)
     k = torch.randn(1, 1, 9, 16)
     keys, values = cache.update(k, k.clone(), 0)
-    out, weights = functions.sink_eager_attention_forward(MODULE, torch.randn(1, 2, 9, 16), keys, values, None, position_ids=torch.arange(9)[None], output_attentions=True)
+    out, weights = functions.sink_eager_attention_forward(
+        MODULE, torch.randn(1, 2, 9, 16), keys, values, None, position_ids=torch.arange(9)[None], output_attentions=True
+    )
     assert weights.shape == (1, 2, 9, 9)
     torch.testing.assert_close(weights.sum(-1), torch.ones(1, 2, 9))
     assert (weights[0, :, 8, 2:5] == 0).all()  # tokens 2..4 are out of query 8's window and are not sinks
@@ -158,8 +174,15 @@ def test_learned_sink_logits_stream_like_the_spec(name, sinks, window, chunks):
             pos = torch.arange(start, start + size)[None].expand(2, -1)
             keys, values = cache.update(apply_rotary(k[:, :, sl], pos[:, None], rotary), v[:, :, sl], 0)
             mask = sink_mask(torch.ones(2, start + size, dtype=torch.bool), size)
-            out, _ = attention(module, apply_rotary(q[:, :, sl], pos[:, None], rotary), keys, values, mask,
-                               scaling=0.3, position_ids=pos)
+            out, _ = attention(
+                module,
+                apply_rotary(q[:, :, sl], pos[:, None], rotary),
+                keys,
+                values,
+                mask,
+                scaling=0.3,
+                position_ids=pos,
+            )
             outs.append(out.transpose(1, 2))
             start += size
         return torch.cat(outs, dim=2)

@@ -9,10 +9,39 @@ from hf_sinks.cli import main
 
 def test_bench(model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "bench"
-    assert main(["bench", "--model", str(model_dir), "--text-file", str(text_file), "--lengths", "16,48,96",
-                 "--num-sink-tokens", "2", "--window-length", "14", "--steps", "3", "--warmup", "1",
-                 "--prefill-chunk", "32", "--recompute-max-length", "48", "--recompute-steps", "2",
-                 "--output-dir", str(out), "--no-progress", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                str(model_dir),
+                "--text-file",
+                str(text_file),
+                "--lengths",
+                "16,48,96",
+                "--num-sink-tokens",
+                "2",
+                "--window-length",
+                "14",
+                "--steps",
+                "3",
+                "--warmup",
+                "1",
+                "--prefill-chunk",
+                "32",
+                "--recompute-max-length",
+                "48",
+                "--recompute-steps",
+                "2",
+                "--output-dir",
+                str(out),
+                "--no-progress",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     rows = read_csv(out / "bench.csv")
     by_mode = {}
     for r in rows:

@@ -9,8 +9,23 @@ from hf_sinks.cli import main
 
 
 def test_generate_one_shot(model_dir, capsys):
-    code = main(["generate", "--model", str(model_dir), "--prompt", "the king is", "--max-new-tokens", "40",
-                 "--ignore-eos", "--num-sink-tokens", "2", "--window-length", "12", "--no-progress"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--prompt",
+            "the king is",
+            "--max-new-tokens",
+            "40",
+            "--ignore-eos",
+            "--num-sink-tokens",
+            "2",
+            "--window-length",
+            "12",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     err = capsys.readouterr().err
     m = re.search(r"\[(\d+) new tokens .* tokens/s .*seen (\d+) tokens, resident (\d+) \(capacity 14", err)
@@ -35,10 +50,42 @@ def test_generate_and_the_demo_warn_nothing(model_dir, capsys, caplog):
         logging.Logger.warning_once.cache_clear()
     with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
-        assert main(["generate", "--model", str(model_dir), "--prompt", "the king is", "--max-new-tokens", "20",
-                     "--ignore-eos", "--num-sink-tokens", "2", "--window-length", "8", "--no-progress"]) == 0
-        demo.main(["--model", str(model_dir), "--prompt", "the king", "--raw-prompt", "--max-new-tokens", "20",
-                   "--num-sink-tokens", "2", "--window-length", "8", "--greedy"])
+        assert (
+            main(
+                [
+                    "generate",
+                    "--model",
+                    str(model_dir),
+                    "--prompt",
+                    "the king is",
+                    "--max-new-tokens",
+                    "20",
+                    "--ignore-eos",
+                    "--num-sink-tokens",
+                    "2",
+                    "--window-length",
+                    "8",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
+        demo.main(
+            [
+                "--model",
+                str(model_dir),
+                "--prompt",
+                "the king",
+                "--raw-prompt",
+                "--max-new-tokens",
+                "20",
+                "--num-sink-tokens",
+                "2",
+                "--window-length",
+                "8",
+                "--greedy",
+            ]
+        )
     assert "bounded" in capsys.readouterr().out
     deprecations = [str(r.message) for r in records if issubclass(r.category, (FutureWarning, DeprecationWarning))]
     assert deprecations == []
@@ -49,8 +96,23 @@ def test_generate_and_the_demo_warn_nothing(model_dir, capsys, caplog):
 def test_chat_reuses_one_cache(request, monkeypatch, capsys, fixture):
     path = request.getfixturevalue(fixture)
     monkeypatch.setattr("sys.stdin", io.StringIO("the king is dead\nlong live the queen\n\n"))
-    assert main(["chat", "--model", str(path), "--max-new-tokens", "20", "--ignore-eos", "--num-sink-tokens", "2",
-                 "--window-length", "16"]) == 0
+    assert (
+        main(
+            [
+                "chat",
+                "--model",
+                str(path),
+                "--max-new-tokens",
+                "20",
+                "--ignore-eos",
+                "--num-sink-tokens",
+                "2",
+                "--window-length",
+                "16",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     seen = [int(s) for s in re.findall(r"seen (\d+) tokens", err)]
     resident = [int(s) for s in re.findall(r"resident (\d+)", err)]
@@ -65,8 +127,23 @@ def test_generate_errors(model_dir, capsys):
 
 def test_generate_compile_matches_eager(model_dir, capsys):
     """`--compile`: StaticSinkCache + generate's compile path (forced on CPU); greedy text identical to eager."""
-    args = ["generate", "--model", str(model_dir), "--prompt", "the king is", "--max-new-tokens", "30",
-            "--ignore-eos", "--num-sink-tokens", "2", "--window-length", "6", "--no-progress", "--threads", "1"]
+    args = [
+        "generate",
+        "--model",
+        str(model_dir),
+        "--prompt",
+        "the king is",
+        "--max-new-tokens",
+        "30",
+        "--ignore-eos",
+        "--num-sink-tokens",
+        "2",
+        "--window-length",
+        "6",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     assert main(args) == 0
     eager = capsys.readouterr()
     assert main(args + ["--compile"]) == 0

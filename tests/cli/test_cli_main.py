@@ -23,8 +23,12 @@ def test_duo_subcommands_share_the_flag_names():
     --text as abbreviations of --output-dir/--output and --text-file, which mean the same)."""
     parser = build_parser()
     assert "duo" in COMMANDS
-    required = {"identify": ["--output", "p.json"], "score": ["--output", "p.json"], "bench": [],
-                "passkey": ["--pattern", "p.json"]}
+    required = {
+        "identify": ["--output", "p.json"],
+        "score": ["--output", "p.json"],
+        "bench": [],
+        "passkey": ["--pattern", "p.json"],
+    }
     for sub, extra in required.items():
         args = parser.parse_args(["duo", sub, "--num-sink-tokens", "3", "--window-length", "7", *extra])
         assert (args.command, args.duo_command, args.command_name) == ("duo", sub, f"duo {sub}")
@@ -44,7 +48,9 @@ def test_python_m_hf_sinks_cli_runs_duo(tmp_path):
     user error is one line and exit status 2."""
     proc = subprocess.run(
         [sys.executable, "-m", "hf_sinks.cli", "duo", "identify", "--output", str(tmp_path / "pattern.txt")],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"},
     )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr

@@ -11,9 +11,28 @@ from hf_sinks.cli import main
 
 def test_perplexity(model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["perplexity", "--model", str(model_dir), "--text-file", str(text_file), "--num-tokens", "120",
-                 "--modes", "dense,window,sink", "--num-sink-tokens", "2", "--window-length", "10,20",
-                 "--chunk-size", "16", "--output-dir", str(out), "--no-progress"])
+    code = main(
+        [
+            "perplexity",
+            "--model",
+            str(model_dir),
+            "--text-file",
+            str(text_file),
+            "--num-tokens",
+            "120",
+            "--modes",
+            "dense,window,sink",
+            "--num-sink-tokens",
+            "2",
+            "--window-length",
+            "10,20",
+            "--chunk-size",
+            "16",
+            "--output-dir",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     rows = read_csv(out / "perplexity.csv")
     labels = list(dict.fromkeys(r["label"] for r in rows))
@@ -35,9 +54,30 @@ def test_perplexity(model_dir, text_file, tmp_path, capsys):
 
 def test_perplexity_csv_every_and_recompute(model_dir, text_file, tmp_path):
     out = tmp_path / "out"
-    assert main(["perplexity", "--model", str(model_dir), "--text-file", str(text_file), "--num-tokens", "40",
-                 "--modes", "recompute,sink", "--window-length", "8", "--csv-every", "5", "--output-dir", str(out),
-                 "--no-progress", "--no-plot"]) == 0
+    assert (
+        main(
+            [
+                "perplexity",
+                "--model",
+                str(model_dir),
+                "--text-file",
+                str(text_file),
+                "--num-tokens",
+                "40",
+                "--modes",
+                "recompute,sink",
+                "--window-length",
+                "8",
+                "--csv-every",
+                "5",
+                "--output-dir",
+                str(out),
+                "--no-progress",
+                "--no-plot",
+            ]
+        )
+        == 0
+    )
     rows = read_csv(out / "perplexity.csv")
     assert [int(r["token_index"]) for r in rows if r["mode"] == "recompute"] == list(range(1, 40, 5))
     assert not (out / "perplexity.png").exists()
@@ -56,8 +96,19 @@ def test_perplexity_csv_every_and_recompute(model_dir, text_file, tmp_path):
     ],
 )
 def test_perplexity_errors(model_dir, text_file, tmp_path, capsys, extra, message):
-    args = ["perplexity", "--model", str(model_dir), "--text-file", str(text_file), "--num-tokens", "50",
-            "--output-dir", str(tmp_path), "--no-progress", "--no-plot"]
+    args = [
+        "perplexity",
+        "--model",
+        str(model_dir),
+        "--text-file",
+        str(text_file),
+        "--num-tokens",
+        "50",
+        "--output-dir",
+        str(tmp_path),
+        "--no-progress",
+        "--no-plot",
+    ]
     # later occurrences of an option win in argparse
     assert main(args + extra) == 2
     err = capsys.readouterr().err

@@ -15,13 +15,13 @@ from transformers.masking_utils import sdpa_mask
 
 import hf_sinks
 from hf_sinks import duo
-from hf_sinks.duo import eval as duo_eval
+from hf_sinks.attention import use_attention
+from hf_sinks.compat import cache_kwargs
 from hf_sinks.duo import DuoCache, HeadPattern
+from hf_sinks.duo import eval as duo_eval
 from hf_sinks.eval import streaming_perplexity
 from hf_sinks.eval.memory import cache_bytes
-from hf_sinks.attention import use_attention
 from hf_sinks.rope import RotaryParams
-from hf_sinks.compat import cache_kwargs
 
 duo.register()
 
@@ -185,8 +185,17 @@ def test_pattern_from_scores_sparsity_and_threshold():
     assert half.streaming_fraction == 0.5 and half.metadata["sparsity"] == 0.5
     assert HeadPattern.from_scores(scores, sparsity=0.0).retrieval.all()
     assert not HeadPattern.from_scores(scores, sparsity=1.0).retrieval.any()
-    assert HeadPattern.from_scores(scores, threshold=0.5).retrieval.tolist() == [[True, False, True], [False, True, False]]
-    for bad in (dict(), dict(sparsity=0.5, threshold=0.5), dict(sparsity=1.5), dict(sparsity=-0.1), dict(threshold=float("nan"))):
+    assert HeadPattern.from_scores(scores, threshold=0.5).retrieval.tolist() == [
+        [True, False, True],
+        [False, True, False],
+    ]
+    for bad in (
+        dict(),
+        dict(sparsity=0.5, threshold=0.5),
+        dict(sparsity=1.5),
+        dict(sparsity=-0.1),
+        dict(threshold=float("nan")),
+    ):
         with pytest.raises(ValueError):
             HeadPattern.from_scores(scores, **bad)
     with pytest.raises(ValueError, match="finite"):
@@ -281,8 +290,17 @@ def test_passkey_examples():
 
 def _train(model, reg_weight, steps=6, initial=0.5):
     return duo.identify_heads(
-        model, num_steps=steps, lr=0.05, reg_weight=reg_weight, num_sink_tokens=2, window_length=4,
-        context_length=(24, 32), initial_value=initial, key_length=3, seed=0, progress=False,
+        model,
+        num_steps=steps,
+        lr=0.05,
+        reg_weight=reg_weight,
+        num_sink_tokens=2,
+        window_length=4,
+        context_length=(24, 32),
+        initial_value=initial,
+        key_length=3,
+        seed=0,
+        progress=False,
     )
 
 
@@ -343,7 +361,12 @@ def test_pattern_from_duo_attention_tsv(tmp_path):
     assert pattern.retrieval.tolist() == [[True, False], [False, True]]
     assert pattern.scores[1, 1] == 1.0  # clipped to [0, 1] as the DuoAttention loader does
     assert pattern.metadata["sink_size"] == 64 and pattern.metadata["recent_size"] == 256
-    assert HeadPattern.from_duo_attention(tmp_path / "full_attention_heads.tsv", sparsity=None, threshold=0.5).retrieval.sum() == 2
+    assert (
+        HeadPattern.from_duo_attention(
+            tmp_path / "full_attention_heads.tsv", sparsity=None, threshold=0.5
+        ).retrieval.sum()
+        == 2
+    )
     (tmp_path / "bad.tsv").write_text("0.9\tx\n")
     with pytest.raises(ValueError, match="table of numbers"):
         HeadPattern.from_duo_attention(tmp_path / "bad.tsv")

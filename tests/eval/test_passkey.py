@@ -33,7 +33,9 @@ def tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tok.train_from_iterator([INSTRUCTION, FILLER * 3, NEEDLE.format(key="12345"), QUESTION], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
@@ -61,10 +63,15 @@ def test_prompt_shorter_than_its_fixed_parts_has_no_filler(tokenizer):
     assert tokenizer.decode(p.input_ids.tolist()) == INSTRUCTION + NEEDLE.format(key=42) + QUESTION
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"depth": 1.5}, r"depth=1.5"), ({"depth": -0.1}, r"depth=-0.1"), ({"context_length": 0}, r"context_length=0"),
-    ({"key": "12a"}, r"key='12a'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"depth": 1.5}, r"depth=1.5"),
+        ({"depth": -0.1}, r"depth=-0.1"),
+        ({"context_length": 0}, r"context_length=0"),
+        ({"key": "12a"}, r"key='12a'"),
+    ],
+)
 def test_bad_prompt_arguments(tokenizer, kwargs, match):
     args = {"context_length": 100, "depth": 0.5, "key": "123", **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -107,7 +114,17 @@ class KeyReader(torch.nn.Module):
 def test_accuracy_counts_correct_and_wrong_answers(tokenizer):
     wrong = lambda key: int(key) % 3 == 0  # noqa: E731
     lengths, depths, trials = (200, 300), (0.0, 0.5, 1.0), 4
-    rows = passkey_accuracy(KeyReader(tokenizer, wrong), tokenizer, lengths, depths, trials, mode="dense", max_new_tokens=8, seed=7, progress=False)
+    rows = passkey_accuracy(
+        KeyReader(tokenizer, wrong),
+        tokenizer,
+        lengths,
+        depths,
+        trials,
+        mode="dense",
+        max_new_tokens=8,
+        seed=7,
+        progress=False,
+    )
     assert [(r["context_length"], r["depth"]) for r in rows] == [(n, d) for n in lengths for d in depths]
     total_wrong = 0
     for r in rows:
@@ -155,10 +172,16 @@ def test_prefix_ids_are_prepended_to_the_same_prompts(tokenizer):
     assert prefixed[1]["needle_depth"] != plain[1]["needle_depth"]
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"mode": "window"}, r"mode 'window'.*dense, sink"), ({"trials": 0}, r"trials=0"), ({"chunk_size": 0}, r"chunk_size=0"),
-    ({"window_length": 0}, r"window_length=0"), ({"context_lengths": ()}, r"must not be empty"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"mode": "window"}, r"mode 'window'.*dense, sink"),
+        ({"trials": 0}, r"trials=0"),
+        ({"chunk_size": 0}, r"chunk_size=0"),
+        ({"window_length": 0}, r"window_length=0"),
+        ({"context_lengths": ()}, r"must not be empty"),
+    ],
+)
 def test_bad_accuracy_arguments(tokenizer, kwargs, match):
     with pytest.raises(ValueError, match=match):
         passkey_accuracy(KeyReader(tokenizer, lambda k: False), tokenizer, **{"progress": False, **kwargs})
@@ -167,7 +190,9 @@ def test_bad_accuracy_arguments(tokenizer, kwargs, match):
 # ------------------------------------------------------------------------------------ end to end, tiny model
 def test_both_modes_end_to_end_and_sink_without_eviction_equals_dense(tokenizer):
     model = tiny_model("llama", vocab_size=VOCAB)
-    grid = dict(context_lengths=(160, 220), depths=(0.0, 1.0), trials=1, chunk_size=32, max_new_tokens=3, progress=False)
+    grid = dict(
+        context_lengths=(160, 220), depths=(0.0, 1.0), trials=1, chunk_size=32, max_new_tokens=3, progress=False
+    )
     dense = passkey_accuracy(model, tokenizer, mode="dense", **grid)
     roomy = passkey_accuracy(model, tokenizer, mode="sink", num_sink_tokens=2, window_length=400, **grid)
     tight = passkey_accuracy(model, tokenizer, mode="sink", num_sink_tokens=2, window_length=16, **grid)
@@ -177,8 +202,10 @@ def test_both_modes_end_to_end_and_sink_without_eviction_equals_dense(tokenizer)
         assert 0.0 <= r["accuracy"] <= 1.0
     assert model.config._attn_implementation == "sink_sdpa"
     # a prefix (e.g. a sink token) kept as the only sink, nothing evicted: the same computation as dense with it
-    prefixed = [passkey_accuracy(model, tokenizer, mode=mode, num_sink_tokens=1, window_length=400, prefix_ids=[7], **grid)
-                for mode in ("dense", "sink")]
+    prefixed = [
+        passkey_accuracy(model, tokenizer, mode=mode, num_sink_tokens=1, window_length=400, prefix_ids=[7], **grid)
+        for mode in ("dense", "sink")
+    ]
     assert [r["answers"] for r in prefixed[0]] == [r["answers"] for r in prefixed[1]]
     assert [r["prompt_tokens"] for r in prefixed[1]] == [161, 161, 221, 221]
 
@@ -223,7 +250,11 @@ def test_h2o_and_duo_modes_use_their_cache_and_attention(tokenizer):
     dense = passkey_accuracy(model, tokenizer, mode="dense", **grid)
     assert set(seen) == {("DynamicCache", "sdpa")}
     assert h2o[0]["label"] == "h2o 2+16+8" and h2o[0]["heavy_budget"] == 8 and h2o[0]["mode"] == "h2o"
-    assert duo[0]["label"] == "duo 100% streaming 2+16" and duo[0]["heavy_budget"] is None and dense[0]["heavy_budget"] is None
+    assert (
+        duo[0]["label"] == "duo 100% streaming 2+16"
+        and duo[0]["heavy_budget"] is None
+        and dense[0]["heavy_budget"] is None
+    )
     # bounded caches hold fewer bytes at the end of the prompt than the dense one
     assert 0 < h2o[0]["kv_bytes"] < dense[0]["kv_bytes"] and 0 < duo[0]["kv_bytes"] < dense[0]["kv_bytes"]
 
@@ -232,16 +263,28 @@ def test_roomy_h2o_and_all_retrieval_duo_give_the_dense_answers(tokenizer):
     from hf_sinks.duo import HeadPattern
 
     model = tiny_model("llama", attn_implementation="sdpa", vocab_size=VOCAB)
-    grid = dict(context_lengths=(160, 220), depths=(0.0, 1.0), trials=1, chunk_size=32, max_new_tokens=4, progress=False)
+    grid = dict(
+        context_lengths=(160, 220), depths=(0.0, 1.0), trials=1, chunk_size=32, max_new_tokens=4, progress=False
+    )
     dense = passkey_accuracy(model, tokenizer, mode="dense", **grid)
     assert len({r["answers"].split("->")[1] for r in dense}) > 1  # the answers depend on the prompt
-    full = passkey_accuracy(model, tokenizer, mode="duo", num_sink_tokens=2, window_length=8,
-                            pattern=HeadPattern.full(model.config), **grid)
-    roomy = passkey_accuracy(model, tokenizer, mode="h2o", num_sink_tokens=2, window_length=200, heavy_budget=30, **grid)
+    full = passkey_accuracy(
+        model, tokenizer, mode="duo", num_sink_tokens=2, window_length=8, pattern=HeadPattern.full(model.config), **grid
+    )
+    roomy = passkey_accuracy(
+        model, tokenizer, mode="h2o", num_sink_tokens=2, window_length=200, heavy_budget=30, **grid
+    )
     assert [r["answers"] for r in full] == [r["answers"] for r in dense]  # every head keeps everything
     assert [r["answers"] for r in roomy] == [r["answers"] for r in dense]  # S + W + H >= prompt + answer: no eviction
-    streaming = passkey_accuracy(model, tokenizer, mode="duo", num_sink_tokens=2, window_length=8,
-                                 pattern=HeadPattern.streaming(model.config), **grid)
+    streaming = passkey_accuracy(
+        model,
+        tokenizer,
+        mode="duo",
+        num_sink_tokens=2,
+        window_length=8,
+        pattern=HeadPattern.streaming(model.config),
+        **grid,
+    )
     assert all(s["kv_bytes"] < f["kv_bytes"] for s, f in zip(streaming, full))
 
 
@@ -253,19 +296,23 @@ def test_duo_passkey_accuracy_is_the_duo_mode(tokenizer):
     pattern = HeadPattern.from_scores(torch.rand(2, 2), sparsity=0.5)
     grid = dict(context_lengths=(120,), depths=(0.0, 1.0), trials=1, chunk_size=32, max_new_tokens=3)
     wrapped = duo_passkey_accuracy(model, tokenizer, pattern, 2, 16, **grid)
-    direct = passkey_accuracy(model, tokenizer, mode="duo", num_sink_tokens=2, window_length=16, pattern=pattern,
-                              progress=False, **grid)
+    direct = passkey_accuracy(
+        model, tokenizer, mode="duo", num_sink_tokens=2, window_length=16, pattern=pattern, progress=False, **grid
+    )
     assert wrapped == direct
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"mode": "duo"}, r"mode 'duo' needs pattern"),
-    ({"mode": "h2o"}, r"mode 'h2o' needs heavy_budget"),
-    ({"mode": "h2o", "heavy_budget": -1}, r"mode 'h2o' needs heavy_budget.*-1"),
-    ({"mode": "sink", "heavy_budget": 4}, r"heavy_budget=4 is only used by mode 'h2o'"),
-    ({"mode": "dense", "pattern": "full"}, r"pattern is only used by mode 'duo'"),
-    ({"mode": "duo", "pattern": "wrong shape"}, r"KV heads|layers"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"mode": "duo"}, r"mode 'duo' needs pattern"),
+        ({"mode": "h2o"}, r"mode 'h2o' needs heavy_budget"),
+        ({"mode": "h2o", "heavy_budget": -1}, r"mode 'h2o' needs heavy_budget.*-1"),
+        ({"mode": "sink", "heavy_budget": 4}, r"heavy_budget=4 is only used by mode 'h2o'"),
+        ({"mode": "dense", "pattern": "full"}, r"pattern is only used by mode 'duo'"),
+        ({"mode": "duo", "pattern": "wrong shape"}, r"KV heads|layers"),
+    ],
+)
 def test_bad_cache_arguments(tokenizer, kwargs, match):
     from hf_sinks.duo import HeadPattern
 

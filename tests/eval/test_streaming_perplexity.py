@@ -65,8 +65,9 @@ def test_dense_equals_full_forward(model, ids):
 @pytest.mark.parametrize("mode", ["sink", "window", "recompute"])
 def test_window_covering_the_stream_equals_dense(model, ids, mode):
     dense = dense_nll(model, ids)
-    r = streaming_perplexity(model, ids, mode=mode, num_sink_tokens=4, window_length=ids.shape[1], chunk_size=16,
-                             progress=False)
+    r = streaming_perplexity(
+        model, ids, mode=mode, num_sink_tokens=4, window_length=ids.shape[1], chunk_size=16, progress=False
+    )
     torch.testing.assert_close(r.nll, dense, atol=1e-4, rtol=0)
 
 
@@ -92,8 +93,12 @@ def test_chunked_equals_token_by_token_other_archs(arch):
 
 
 def test_sinks_differ_from_window(model, ids):
-    sink = streaming_perplexity(model, ids, mode="sink", num_sink_tokens=S, window_length=W, chunk_size=8, progress=False)
-    window = streaming_perplexity(model, ids, mode="window", num_sink_tokens=S, window_length=W, chunk_size=8, progress=False)
+    sink = streaming_perplexity(
+        model, ids, mode="sink", num_sink_tokens=S, window_length=W, chunk_size=8, progress=False
+    )
+    window = streaming_perplexity(
+        model, ids, mode="window", num_sink_tokens=S, window_length=W, chunk_size=8, progress=False
+    )
     capacity = S + W
     # identical until the first eviction, different afterwards
     torch.testing.assert_close(sink.nll[:capacity], window.nll[:capacity], atol=1e-4, rtol=0)
@@ -151,9 +156,12 @@ def test_batch_refused(model):
 
 
 def test_accepts_1d_and_lists(model):
-    a = streaming_perplexity(model, random_ids(1, 20)[0], mode="sink", num_sink_tokens=S, window_length=W, progress=False)
-    b = streaming_perplexity(model, random_ids(1, 20)[0].tolist(), mode="sink", num_sink_tokens=S, window_length=W,
-                             progress=False)
+    a = streaming_perplexity(
+        model, random_ids(1, 20)[0], mode="sink", num_sink_tokens=S, window_length=W, progress=False
+    )
+    b = streaming_perplexity(
+        model, random_ids(1, 20)[0].tolist(), mode="sink", num_sink_tokens=S, window_length=W, progress=False
+    )
     torch.testing.assert_close(a.nll, b.nll)
 
 
@@ -179,7 +187,10 @@ def test_load_token_ids_limits(tmp_path):
 
 
 def test_strip_gutenberg():
-    text = "licence\r\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\r\nTo be.\r\n*** END OF THE PROJECT GUTENBERG EBOOK X ***\r\nmore"
+    text = (
+        "licence\r\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\r\nTo be.\r\n"
+        "*** END OF THE PROJECT GUTENBERG EBOOK X ***\r\nmore"
+    )
     assert strip_gutenberg(text) == "To be."
     assert strip_gutenberg("  plain text \n") == "plain text"
 
@@ -224,8 +235,11 @@ def test_cache_argument_gives_the_mode_results(model, ids, chunk):
 
     before = model.config._attn_implementation
     common = dict(chunk_size=chunk, progress=False)
-    for mode, cache in (("sink", SinkCache.from_model(model, S, W)), ("window", SinkCache.from_model(model, 0, S + W)),
-                        ("dense", DynamicCache())):
+    for mode, cache in (
+        ("sink", SinkCache.from_model(model, S, W)),
+        ("window", SinkCache.from_model(model, 0, S + W)),
+        ("dense", DynamicCache()),
+    ):
         by_mode = streaming_perplexity(model, ids, mode, S, W, **common)
         by_cache = streaming_perplexity(model, ids, cache=cache, **common)
         assert by_cache.mode == mode
@@ -240,8 +254,14 @@ def test_cache_argument_with_attention(model, ids):
     from hf_sinks import SinkCache
 
     before = model.config._attn_implementation
-    eager = streaming_perplexity(model, ids, chunk_size=1, progress=False, cache=SinkCache.from_model(model, S, W),
-                                 attn_implementation="sink_eager")
+    eager = streaming_perplexity(
+        model,
+        ids,
+        chunk_size=1,
+        progress=False,
+        cache=SinkCache.from_model(model, S, W),
+        attn_implementation="sink_eager",
+    )
     sdpa = streaming_perplexity(model, ids, "sink", S, W, chunk_size=1, progress=False)
     torch.testing.assert_close(eager.nll, sdpa.nll, atol=1e-4, rtol=1e-4)
     assert model.config._attn_implementation == before

@@ -8,13 +8,13 @@ from helpers import random_ids, tiny_model
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
+from hf_sinks.attention import use_attention
 from hf_sinks.attention.reference import visible_indices
+from hf_sinks.compat import cache_kwargs
 from hf_sinks.eval import streaming_perplexity
 from hf_sinks.h2o import H2O_ATTENTION, H2OCache, register
-from hf_sinks.attention import use_attention
 from hf_sinks.oracle import reference_logits
 from hf_sinks.rope import RotaryParams, apply_rotary, shift_rotary
-from hf_sinks.compat import cache_kwargs
 
 register()
 
@@ -87,7 +87,7 @@ def stream(model, ids, cache, chunk, record=False):
             out = model(input_ids=ids[None, b : b + chunk], **cache_kwargs(cache), use_cache=True)
             logits.append(out.logits[0])
             if record:
-                kept.append([cache.kept_token_indices(l)[0].tolist() for l in range(len(cache.layers))])
+                kept.append([cache.kept_token_indices(layer_idx)[0].tolist() for layer_idx in range(len(cache.layers))])
     return torch.cat(logits), kept
 
 
@@ -172,7 +172,8 @@ def _visibility_attention(module, query, key, value, attention_mask, scaling=Non
     for i in range(length):
         mask[i, visible_indices(i, s, w)] = True
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -222,8 +223,9 @@ def test_generate():
     """Greedy generate with an H2OCache picks, at every step, the argmax of the reference logits."""
     model = tiny_model("llama", attn_implementation=H2O_ATTENTION, layers=2)
     cache = H2OCache(2, 4, 4)
-    out = model.generate(random_ids(1, 12), **cache_kwargs(cache), max_new_tokens=20, min_new_tokens=20,
-                         do_sample=False, pad_token_id=0)
+    out = model.generate(
+        random_ids(1, 12), **cache_kwargs(cache), max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0
+    )
     assert out.shape == (1, 32)
     assert cache.get_seq_length() == 31 and cache.get_stored_length() == 9
     ref_logits, _, _, _ = reference(model, out[0], 2, 4, 4)
@@ -285,8 +287,15 @@ def test_beam_search_reorders_rows():
     """Beam search reorders/repeats the cache rows; every beam still holds S + W + H - 1 tokens per KV head."""
     model = tiny_model("llama", attn_implementation=H2O_ATTENTION, layers=2)
     cache = H2OCache(1, 3, 3)
-    out = model.generate(random_ids(1, 10), **cache_kwargs(cache), max_new_tokens=8, min_new_tokens=8,
-                         num_beams=2, do_sample=False, pad_token_id=0)
+    out = model.generate(
+        random_ids(1, 10),
+        **cache_kwargs(cache),
+        max_new_tokens=8,
+        min_new_tokens=8,
+        num_beams=2,
+        do_sample=False,
+        pad_token_id=0,
+    )
     assert out.shape == (1, 18)
     assert cache.kept_token_indices(0).shape[:1] == (2,) and cache.get_stored_length() == 6
 

@@ -52,8 +52,13 @@ def test_in_a_subprocess():
         pytest.fail(IN_PROCESS_PROBLEM)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                            cwd=root, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
 
 
@@ -87,8 +92,19 @@ def visibility_mask(length, heads, group_size, num_sink_tokens, first_shifted_he
     return mask
 
 
-def reference(q, k, v, group_size, num_sink_tokens, scaling, sink_logits=None, starts=None, ends=None,
-              first_shifted_head=None, sliding_window=None):
+def reference(
+    q,
+    k,
+    v,
+    group_size,
+    num_sink_tokens,
+    scaling,
+    sink_logits=None,
+    starts=None,
+    ends=None,
+    first_shifted_head=None,
+    sliding_window=None,
+):
     """fp64 S²/SF-Attn: out ``[B, H, T, Dv]`` and lse ``[B, H, T]``; row b's real tokens are ``[starts[b], ends[b])``
     (zeros and ``-inf`` elsewhere). Differentiable."""
     batch, heads, length, _ = q.shape
@@ -191,8 +207,9 @@ def run(backend, *args, **kwargs):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype,ratio", DTYPES)
 @pytest.mark.parametrize("B,H,H_kv,T,D,G,S,with_sink_logits,starts,ends", CASES)
-def test_forward_and_gradients_match_spec(backend, dtype, ratio, B, H, H_kv, T, D, G, S, with_sink_logits, starts,
-                                          ends):
+def test_forward_and_gradients_match_spec(
+    backend, dtype, ratio, B, H, H_kv, T, D, G, S, with_sink_logits, starts, ends
+):
     torch.manual_seed(0)
     q = torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True)
     k = torch.randn(B, H_kv, T, D, dtype=torch.float64, requires_grad=True)
@@ -205,8 +222,11 @@ def test_forward_and_gradients_match_spec(backend, dtype, ratio, B, H, H_kv, T, 
     grads_ref = torch.autograd.grad((out_ref * do).sum(), leaves)
 
     cast = lambda t: None if t is None else t.to(device=DEVICE, dtype=dtype)  # noqa: E731
-    bounds = {} if starts is None else dict(valid_start=torch.tensor(starts, device=DEVICE),
-                                            valid_end=torch.tensor(ends, device=DEVICE))
+    bounds = (
+        {}
+        if starts is None
+        else dict(valid_start=torch.tensor(starts, device=DEVICE), valid_end=torch.tensor(ends, device=DEVICE))
+    )
     out, lse = run(backend, cast(q), cast(k), cast(v), G, S, 0.3, cast(sink_logits), **bounds)
     grads = torch.autograd.grad((out.double().cpu() * do).sum(), leaves)
 
@@ -226,8 +246,7 @@ def test_first_shifted_head_and_sliding_window(backend):
     do = torch.randn(1, 3, 22, 16, dtype=torch.float64)
     out_ref, _ = reference(q, k, v, 8, 2, 0.3, first_shifted_head=2, sliding_window=5)
     grads_ref = torch.autograd.grad((out_ref * do).sum(), [q, k, v])
-    out, _ = run(backend, *(x.float().to(DEVICE) for x in (q, k, v)), 8, 2, 0.3, first_shifted_head=2,
-                 sliding_window=5)
+    out, _ = run(backend, *(x.float().to(DEVICE) for x in (q, k, v)), 8, 2, 0.3, first_shifted_head=2, sliding_window=5)
     grads = torch.autograd.grad((out.double().cpu() * do).sum(), [q, k, v])
     assert_close("out", out_ref, out, 2e-5)
     for name, ref, got in zip(["dq", "dk", "dv"], grads_ref, grads):
@@ -285,8 +304,7 @@ def test_dispatcher_key_padding_mask_and_chunked_fallback(monkeypatch):
     mask = torch.ones(2, 17, dtype=torch.bool)
     mask[0, :4] = False  # left padding
     mask[1, 15:] = False  # right padding
-    out_ref, _ = reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), 4, 1, 16**-0.5, None, [4, 0],
-                           [17, 15])
+    out_ref, _ = reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), 4, 1, 16**-0.5, None, [4, 0], [17, 15])
     for backend in ("triton", "torch"):
         out, _ = dispatch.shifted_sparse_attention(q, k, v, 4, 1, key_padding_mask=mask.to(DEVICE), backend=backend)
         assert_close(f"out ({backend})", out_ref, out, 2e-5)
@@ -332,8 +350,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
         pytest.skip("on a GPU the other tests compile the kernels")
     root = Path(__file__).resolve().parents[2]
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], cwd=root, env=env, capture_output=True,
-                            text=True)
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], cwd=root, env=env, capture_output=True, text=True)
     if result.returncode and "ptxas" in result.stderr and "not found" in result.stderr.lower():
         pytest.skip("no ptxas in this triton install")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
@@ -348,15 +365,26 @@ BAD = [
     pytest.param(dict(num_sink_tokens=-1), r"num_sink_tokens must be an int >= 0; got -1", id="S-negative"),
     pytest.param(dict(k=torch.randn(1, 2, 9, 16)), r"k \(1, 2, 9, 16\).*do not match q \(1, 4, 8, 16\)", id="T-k"),
     pytest.param(dict(v=torch.randn(1, 2, 8, 16, 1)), r"must be \[B, H, T, D\]", id="v-5d"),
-    pytest.param(dict(k=torch.randn(1, 3, 8, 16), v=torch.randn(1, 3, 8, 16)),
-                 r"query heads \(4\) must be a multiple of key/value heads \(3\)", id="heads"),
+    pytest.param(
+        dict(k=torch.randn(1, 3, 8, 16), v=torch.randn(1, 3, 8, 16)),
+        r"query heads \(4\) must be a multiple of key/value heads \(3\)",
+        id="heads",
+    ),
     pytest.param(dict(sink_logits=torch.zeros(3)), r"sink_logits must be \[H\] = \[4\]; got \(3,\)", id="sinks"),
-    pytest.param(dict(valid_start=torch.zeros(2, dtype=torch.long)), r"valid_start must be \[B\] = \[1\]",
-                 id="valid-start"),
-    pytest.param(dict(valid_end=torch.tensor([9])), r"valid_end <= T = 8 in every row; got valid_start \[0\], "
-                 r"valid_end \[9\]", id="valid-end-past-T"),
-    pytest.param(dict(valid_start=torch.tensor([3]), valid_end=torch.tensor([2])), r"valid_start <= valid_end",
-                 id="valid-start-after-end"),
+    pytest.param(
+        dict(valid_start=torch.zeros(2, dtype=torch.long)), r"valid_start must be \[B\] = \[1\]", id="valid-start"
+    ),
+    pytest.param(
+        dict(valid_end=torch.tensor([9])),
+        r"valid_end <= T = 8 in every row; got valid_start \[0\], "
+        r"valid_end \[9\]",
+        id="valid-end-past-T",
+    ),
+    pytest.param(
+        dict(valid_start=torch.tensor([3]), valid_end=torch.tensor([2])),
+        r"valid_start <= valid_end",
+        id="valid-start-after-end",
+    ),
     pytest.param(dict(first_shifted_head=5), r"first_shifted_head must be an int in \[0, 4\]; got 5", id="first"),
 ]
 
@@ -364,12 +392,20 @@ BAD = [
 @pytest.mark.parametrize("entry", ["kernel", "dispatcher", "fallback"])
 @pytest.mark.parametrize("override,message", BAD)
 def test_bad_arguments_name_the_value(entry, override, message):
-    args = dict(q=torch.randn(1, 4, 8, 16), k=torch.randn(1, 2, 8, 16), v=torch.randn(1, 2, 8, 16), group_size=4,
-                num_sink_tokens=1)
+    args = dict(
+        q=torch.randn(1, 4, 8, 16),
+        k=torch.randn(1, 2, 8, 16),
+        v=torch.randn(1, 2, 8, 16),
+        group_size=4,
+        num_sink_tokens=1,
+    )
     args.update(override)
     args = {name: value.to(DEVICE) if isinstance(value, torch.Tensor) else value for name, value in args.items()}
-    fn = {"kernel": K.shifted_sparse_attention, "dispatcher": dispatch.shifted_sparse_attention,
-          "fallback": dispatch.shifted_sparse_attention_torch}[entry]
+    fn = {
+        "kernel": K.shifted_sparse_attention,
+        "dispatcher": dispatch.shifted_sparse_attention,
+        "fallback": dispatch.shifted_sparse_attention_torch,
+    }[entry]
     with pytest.raises(ValueError, match=message):
         fn(**args)
 

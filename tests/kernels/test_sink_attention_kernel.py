@@ -38,11 +38,11 @@ import hf_sinks  # noqa: E402
 from hf_sinks.attention import kernel_fallback  # noqa: E402
 from hf_sinks.attention import triton as sink_triton  # noqa: E402
 from hf_sinks.attention.reference import reference_sink_attention  # noqa: E402
+from hf_sinks.compat import cache_kwargs
 from hf_sinks.kernels import sink_attention as K  # noqa: E402
 from hf_sinks.oracle import reference_logits  # noqa: E402
 from hf_sinks.rope import RotaryParams, apply_rotary  # noqa: E402
 from hf_sinks.visibility import sink_visible  # noqa: E402
-from hf_sinks.compat import cache_kwargs
 
 #: Why the kernels cannot run in this process (None: they can).
 IN_PROCESS_PROBLEM = K.unavailable_reason(torch.device(DEVICE))
@@ -64,8 +64,13 @@ def test_in_a_subprocess():
         pytest.fail(IN_PROCESS_PROBLEM)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                            cwd=root, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
 
 
@@ -115,8 +120,9 @@ def _stream_kernel_inputs(q, k, rotary, sinks, window, pads):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype,ratio", DTYPES)
 @pytest.mark.parametrize("B,H,H_kv,T,D,rotary_dim,S,W,pads,with_sink_logits,num_splits", CASES)
-def test_forward_and_gradients_match_spec(backend, dtype, ratio, B, H, H_kv, T, D, rotary_dim, S, W, pads,
-                                          with_sink_logits, num_splits):
+def test_forward_and_gradients_match_spec(
+    backend, dtype, ratio, B, H, H_kv, T, D, rotary_dim, S, W, pads, with_sink_logits, num_splits
+):
     torch.manual_seed(0)
     rotary = rotary_for(rotary_dim)
     q = torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True)
@@ -130,16 +136,36 @@ def test_forward_and_gradients_match_spec(backend, dtype, ratio, B, H, H_kv, T, 
     out_ref = torch.zeros(B, H, T, D, dtype=torch.float64)
     loss = 0
     for row, pad in enumerate(pads):
-        r = reference_sink_attention(q[row : row + 1, :, pad:], k[row : row + 1, :, pad:], v[row : row + 1, :, pad:],
-                                     S, W, rotary, scaling=0.3, sink_logits=sink_logits)
+        r = reference_sink_attention(
+            q[row : row + 1, :, pad:],
+            k[row : row + 1, :, pad:],
+            v[row : row + 1, :, pad:],
+            S,
+            W,
+            rotary,
+            scaling=0.3,
+            sink_logits=sink_logits,
+        )
         out_ref[row, :, pad:] = r[0].detach()
         loss = loss + (r * do[row : row + 1, :, pad:]).sum()
     grads_ref = torch.autograd.grad(loss, leaves)
 
     qr, kr, real, shift = _stream_kernel_inputs(q, k, rotary, S, W, pads)
     cast = lambda t: t.to(device=DEVICE, dtype=dtype)  # noqa: E731
-    args = (cast(qr), cast(kr), cast(v), real.to(DEVICE), real.to(DEVICE), shift.to(DEVICE), S, W,
-            rotary.inv_freq.to(DEVICE), rotary_dim, 0.3, None if sink_logits is None else cast(sink_logits))
+    args = (
+        cast(qr),
+        cast(kr),
+        cast(v),
+        real.to(DEVICE),
+        real.to(DEVICE),
+        shift.to(DEVICE),
+        S,
+        W,
+        rotary.inv_freq.to(DEVICE),
+        rotary_dim,
+        0.3,
+        None if sink_logits is None else cast(sink_logits),
+    )
     if backend == "triton":
         out, lse = K.sink_attention(*args, num_splits=num_splits)
     else:
@@ -161,8 +187,20 @@ def test_lse_is_the_log_partition_function():
     q, k, v = torch.randn(1, 1, 5, 16), torch.randn(1, 1, 5, 16), torch.randn(1, 1, 5, 16)
     real = torch.arange(5)[None]
     sink = torch.tensor([0.7])
-    _, lse = K.sink_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), real.to(DEVICE), real.to(DEVICE), None, 1, 2,
-                              None, 0, 0.5, sink_logits=sink.to(DEVICE))
+    _, lse = K.sink_attention(
+        q.to(DEVICE),
+        k.to(DEVICE),
+        v.to(DEVICE),
+        real.to(DEVICE),
+        real.to(DEVICE),
+        None,
+        1,
+        2,
+        None,
+        0,
+        0.5,
+        sink_logits=sink.to(DEVICE),
+    )
     for i in range(5):
         cols = [j for j in range(i + 1) if j < 1 or i - j < 2]
         scores = torch.cat([(q[0, 0, i] @ k[0, 0, cols].T) * 0.5, sink])
@@ -180,9 +218,19 @@ def test_ring_ordered_columns_and_empty_slots():
     k_perm = torch.cat([kr[:, :, perm], torch.randn(1, 2, 3, 16, dtype=torch.float64)], dim=2)
     v_perm = torch.cat([v[:, :, perm], torch.randn(1, 2, 3, 16, dtype=torch.float64)], dim=2)
     k_real = torch.cat([real[:, perm], torch.full((1, 3), -1)], dim=1)
-    out, _ = K.sink_attention(qr.float().to(DEVICE), k_perm.float().to(DEVICE), v_perm.float().to(DEVICE),
-                              real.to(DEVICE), k_real.to(DEVICE), shift.to(DEVICE), S, W,
-                              rotary.inv_freq.to(DEVICE), 16, 0.3)
+    out, _ = K.sink_attention(
+        qr.float().to(DEVICE),
+        k_perm.float().to(DEVICE),
+        v_perm.float().to(DEVICE),
+        real.to(DEVICE),
+        k_real.to(DEVICE),
+        shift.to(DEVICE),
+        S,
+        W,
+        rotary.inv_freq.to(DEVICE),
+        16,
+        0.3,
+    )
     assert_close("out", reference_sink_attention(q, k, v, S, W, rotary, scaling=0.3), out, 2e-5)
 
 
@@ -215,8 +263,9 @@ RULE_CASES = [  # B, H, H_kv, Tq, Tk, S, W, sink_logits, num_splits
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("B,H,H_kv,Tq,Tk,S,W,with_sink_logits,num_splits", RULE_CASES)
-def test_kernel_matches_attention_masked_by_the_python_rule(backend, B, H, H_kv, Tq, Tk, S, W, with_sink_logits,
-                                                            num_splits):
+def test_kernel_matches_attention_masked_by_the_python_rule(
+    backend, B, H, H_kv, Tq, Tk, S, W, with_sink_logits, num_splits
+):
     """The kernel keeps its own inline copy of the rule (Triton cannot call Python): pin it to ``sink_visible``.
 
     Arbitrary real indices (shuffled key columns, ``-1`` empty slots and padding queries), no rotation, so the only
@@ -242,8 +291,20 @@ def test_kernel_matches_attention_masked_by_the_python_rule(backend, B, H, H_kv,
     out_ref, lse_ref = _attention_from_rule(q, k, v, q_real, k_real, S, W, 0.3, sink_logits)
     grads_ref = torch.autograd.grad((out_ref * do).sum(), leaves)
     cast = lambda t: t.to(device=DEVICE, dtype=torch.float32)  # noqa: E731
-    args = (cast(q), cast(k), cast(v), q_real.to(DEVICE), k_real.to(DEVICE), None, S, W, None, 0, 0.3,
-            None if sink_logits is None else cast(sink_logits))
+    args = (
+        cast(q),
+        cast(k),
+        cast(v),
+        q_real.to(DEVICE),
+        k_real.to(DEVICE),
+        None,
+        S,
+        W,
+        None,
+        0,
+        0.3,
+        None if sink_logits is None else cast(sink_logits),
+    )
     if backend == "triton":
         out, lse = K.sink_attention(*args, num_splits=num_splits)
     else:
@@ -304,8 +365,9 @@ STREAMS = [
     "heads,kv_heads,head_dim,rotary_dim",
     [pytest.param(4, 2, 16, 16, id="gqa2"), pytest.param(2, 2, 20, 8, id="partial-rotary")],
 )
-def test_sink_triton_streams_like_the_spec(monkeypatch, backend, sinks, window, chunks, pads, heads, kv_heads,
-                                           head_dim, rotary_dim):
+def test_sink_triton_streams_like_the_spec(
+    monkeypatch, backend, sinks, window, chunks, pads, heads, kv_heads, head_dim, rotary_dim
+):
     if backend == "torch":
         monkeypatch.setenv("HF_SINKS_DISABLE_TRITON", "1")
     assert sink_triton.select_backend(DEVICE) == backend
@@ -315,8 +377,17 @@ def test_sink_triton_streams_like_the_spec(monkeypatch, backend, sinks, window, 
     k = torch.randn(batch, kv_heads, length, head_dim, dtype=torch.float64)
     v = torch.randn(batch, kv_heads, length, head_dim, dtype=torch.float64)
     rotary = rotary_for(rotary_dim)
-    out = run_stream(sink_triton.sink_triton_attention_forward, q.float().to(DEVICE), k.float().to(DEVICE),
-                     v.float().to(DEVICE), sinks, window, chunks, rotary, pads=pads)
+    out = run_stream(
+        sink_triton.sink_triton_attention_forward,
+        q.float().to(DEVICE),
+        k.float().to(DEVICE),
+        v.float().to(DEVICE),
+        sinks,
+        window,
+        chunks,
+        rotary,
+        pads=pads,
+    )
     for row, pad in enumerate(pads or [0] * batch):
         sl = (slice(row, row + 1), slice(None), slice(pad, None))
         expected = reference_sink_attention(q[sl], k[sl], v[sl], sinks, window, rotary, scaling=0.3)
@@ -334,9 +405,15 @@ def test_tiny_model_generates_like_the_spec(monkeypatch, arch, backend):
     sinks, window, prompt_len = 2, 6, 11
     model = tiny_model(arch, "sink_triton", layers=2).to(DEVICE)
     prompt = random_ids(1, prompt_len).to(DEVICE)
-    out = model.generate(prompt, **cache_kwargs(hf_sinks.SinkCache(sinks, window, config=model.config)),
-                         max_new_tokens=8, min_new_tokens=8, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True)
+    out = model.generate(
+        prompt,
+        **cache_kwargs(hf_sinks.SinkCache(sinks, window, config=model.config)),
+        max_new_tokens=8,
+        min_new_tokens=8,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     logits = torch.stack(out.logits, dim=1)[0]
     spec = reference_logits(model.cpu(), out.sequences[0, :-1].cpu(), sinks, window)[prompt_len - 1 :]
     torch.testing.assert_close(logits.cpu(), spec, atol=1e-4, rtol=0)
@@ -349,8 +426,15 @@ def test_without_sink_cache_it_is_stock_sdpa():
     logits = []
     for impl in ("sink_triton", "sdpa"):
         model = tiny_model("llama", impl)
-        out = model.generate(prompt, attention_mask=mask, **cache_kwargs(DynamicCache(config=model.config)),
-                             max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        out = model.generate(
+            prompt,
+            attention_mask=mask,
+            **cache_kwargs(DynamicCache(config=model.config)),
+            max_new_tokens=5,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         logits.append(torch.stack(out.logits))
     torch.testing.assert_close(logits[0], logits[1], atol=0, rtol=0)
 
@@ -401,8 +485,9 @@ def test_interpreter_set_too_late_is_named(monkeypatch):
 
 def test_forcing_triton_when_it_is_not_installed_names_the_reason(monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(sink_triton.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        sink_triton.importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a)
+    )
     assert sink_triton.select_backend("cpu") == "torch"
     with pytest.raises(RuntimeError, match="triton is not installed"):
         sink_triton.select_backend("cpu", backend="triton")

@@ -69,7 +69,9 @@ def _env() -> dict[str, str]:
 def _launch(cmd: list[str], expect_ok: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=REPO)
     if expect_ok and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -95,10 +97,32 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
 def _train_args(tiny, recipe: str, out: Path, per_device_batch: int) -> list[str]:
     model_dir, text = tiny
     return [
-        "--model", str(model_dir), "--text-file", str(text), "--recipe", recipe, "--seq-len", "32",
-        "--max-steps", str(STEPS), "--learning-rate", "1e-2", "--warmup-steps", "0", "--seed", "3",
-        "--per-device-train-batch-size", str(per_device_batch), "--output-dir", str(out),
-        "--no-progress", "--no-plot", "--demo-tokens", "0", "--threads", "1",
+        "--model",
+        str(model_dir),
+        "--text-file",
+        str(text),
+        "--recipe",
+        recipe,
+        "--seq-len",
+        "32",
+        "--max-steps",
+        str(STEPS),
+        "--learning-rate",
+        "1e-2",
+        "--warmup-steps",
+        "0",
+        "--seed",
+        "3",
+        "--per-device-train-batch-size",
+        str(per_device_batch),
+        "--output-dir",
+        str(out),
+        "--no-progress",
+        "--no-plot",
+        "--demo-tokens",
+        "0",
+        "--threads",
+        "1",
     ]
 
 
@@ -125,8 +149,15 @@ def _streams_like_the_spec(model_dir: Path, out: Path, sink_token_id: int | None
     if sink_token_id is not None:
         prompt = prepend_sink_token(prompt, sink_token_id)
     new = 24
-    gen = merged.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
-                          output_logits=True, return_dict_in_generate=True)
+    gen = merged.generate(
+        prompt,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     seq = gen.sequences
     assert seq.shape[1] == prompt.shape[1] + new > sinks + 8  # well past the cache capacity
     streamed = torch.stack(gen.logits, 1)[0].float()
@@ -146,8 +177,16 @@ def test_two_cpu_processes_train_like_one_with_the_same_global_batch(tiny, tmp_p
     if launcher == "torchrun":
         cmd = [_tool("torchrun"), "--nproc_per_node", "2", "--master_port", port, str(EXAMPLE), *args]
     else:
-        cmd = [_tool("accelerate"), "launch", "--config_file", str(CONFIGS / "multi_cpu.yaml"),
-               "--main_process_port", port, str(EXAMPLE), *args]
+        cmd = [
+            _tool("accelerate"),
+            "launch",
+            "--config_file",
+            str(CONFIGS / "multi_cpu.yaml"),
+            "--main_process_port",
+            port,
+            str(EXAMPLE),
+            *args,
+        ]
     proc = _launch(cmd)
     for rank in (0, 1):
         assert f"rank {rank} of 2 (MULTI_CPU, backend gloo): {STEPS} logged steps" in proc.stdout, proc.stdout
@@ -192,9 +231,22 @@ def test_fsdp_on_cpu_processes_is_an_error_not_silent_ddp(tiny, tmp_path):
     one above and update docs/scaling_out.md.
     """
     out = tmp_path / "fsdp"
-    cmd = [_tool("accelerate"), "launch", "--config_file", str(CONFIGS / "fsdp.yaml"), "--num_processes", "2",
-           "--mixed_precision", "no", "--main_process_port", str(_free_port()), str(EXAMPLE),
-           *_train_args(tiny, "sinklora", out, 1), "--expect-world-size", "2"]
+    cmd = [
+        _tool("accelerate"),
+        "launch",
+        "--config_file",
+        str(CONFIGS / "fsdp.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(EXAMPLE),
+        *_train_args(tiny, "sinklora", out, 1),
+        "--expect-world-size",
+        "2",
+    ]
     proc = _launch(cmd, expect_ok=False)
     assert proc.returncode != 0
     # newer accelerate silently falls back to DDP and the example refuses; older accelerate (the floor) refuses itself
@@ -206,12 +258,37 @@ def test_fsdp_on_cpu_processes_is_an_error_not_silent_ddp(tiny, tmp_path):
 
 def test_tensor_parallel_streaming_shards_the_cache_and_keeps_the_logits(tiny, tmp_path):
     model_dir, _ = tiny
-    args = ["--model", str(model_dir), "--num-sink-tokens", "2", "--window-length", "6", "--prompt-length", "5",
-            "--max-new-tokens", "20", "--threads", "1"]
+    args = [
+        "--model",
+        str(model_dir),
+        "--num-sink-tokens",
+        "2",
+        "--window-length",
+        "6",
+        "--prompt-length",
+        "5",
+        "--max-new-tokens",
+        "20",
+        "--threads",
+        "1",
+    ]
     tp_module = _load_example(TP_EXAMPLE, "tensor_parallel_streaming_example")
     assert tp_module.main(args + ["--output", str(tmp_path / "single.pt")]) == 0  # the 1-process reference
-    proc = _launch([_tool("torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()), str(TP_EXAMPLE),
-                    *args, "--expect-world-size", "2", "--output", str(tmp_path / "tp.pt")])
+    proc = _launch(
+        [
+            _tool("torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            str(TP_EXAMPLE),
+            *args,
+            "--expect-world-size",
+            "2",
+            "--output",
+            str(tmp_path / "tp.pt"),
+        ]
+    )
     single, tp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "tp.pt")
     assert tp["world_size"] == 2 and tp["cache_type"] == "SinkCache"
     kv_heads = tp["num_key_value_heads"]
@@ -232,18 +309,32 @@ def _execution_device(module: torch.nn.Module) -> torch.device:
 def _stream(model, steps: int = 20):
     hf_sinks.apply(model, num_sink_tokens=2, window_length=6)
     prompt = torch.arange(1, 6)[None].to(_execution_device(model.get_input_embeddings()))
-    return model.generate(prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0,
-                          output_logits=True, return_dict_in_generate=True)
+    return model.generate(
+        prompt,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
 
 
 def test_device_map_with_a_disk_offloaded_layer_keeps_each_cache_layer_on_its_execution_device(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model_dir, _ = tiny
-    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
-                  "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
-    offloaded = AutoModelForCausalLM.from_pretrained(model_dir, device_map=device_map, offload_folder=str(tmp_path / "off"),
-                                                     dtype=torch.float32).eval()
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.rotary_emb": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.norm": "cpu",
+        "lm_head": "cpu",
+    }
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        model_dir, device_map=device_map, offload_folder=str(tmp_path / "off"), dtype=torch.float32
+    ).eval()
     assert offloaded.model.layers[1].self_attn.q_proj.weight.device.type == "meta"  # really offloaded
     whole = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     got, ref = _stream(offloaded), _stream(whole)
@@ -261,8 +352,14 @@ def test_device_map_split_over_devices_keeps_each_cache_layer_on_its_layer_devic
 
     model_dir, _ = tiny
     second = "cuda:1" if torch.cuda.device_count() > 1 else "cpu"
-    device_map = {"model.embed_tokens": "cuda:0", "model.rotary_emb": "cuda:0", "model.layers.0": "cuda:0",
-                  "model.layers.1": second, "model.norm": second, "lm_head": second}
+    device_map = {
+        "model.embed_tokens": "cuda:0",
+        "model.rotary_emb": "cuda:0",
+        "model.layers.0": "cuda:0",
+        "model.layers.1": second,
+        "model.norm": second,
+        "lm_head": second,
+    }
     split = AutoModelForCausalLM.from_pretrained(model_dir, device_map=device_map, dtype=torch.float32).eval()
     whole = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     got, ref = _stream(split), _stream(whole)
@@ -279,9 +376,24 @@ def test_fsdp2_on_two_gpus_trains_like_one_process(tiny, tmp_path):
     single = tmp_path / "single"
     assert example.main(_train_args(tiny, "sinklora", single, per_device_batch=2)) == 0
     out = tmp_path / "fsdp"
-    proc = _launch([_tool("accelerate"), "launch", "--config_file", str(CONFIGS / "fsdp.yaml"), "--num_processes", "2",
-                    "--mixed_precision", "no", "--main_process_port", str(_free_port()), str(EXAMPLE),
-                    *_train_args(tiny, "sinklora", out, 1), "--expect-world-size", "2"])
+    proc = _launch(
+        [
+            _tool("accelerate"),
+            "launch",
+            "--config_file",
+            str(CONFIGS / "fsdp.yaml"),
+            "--num_processes",
+            "2",
+            "--mixed_precision",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+            str(EXAMPLE),
+            *_train_args(tiny, "sinklora", out, 1),
+            "--expect-world-size",
+            "2",
+        ]
+    )
     assert proc.stdout.count("(FSDP, backend") == 2 and " 0 sharded (DTensor)" not in proc.stdout, proc.stdout
     one, two = _losses(single), _losses(out)
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-3, (one, two)

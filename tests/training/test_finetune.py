@@ -12,9 +12,9 @@ from helpers import tiny_model
 from training_helpers import LEARNABLE_TEXT, char_tokenizer, logits_of
 
 import hf_sinks
+from hf_sinks.compat import cache_kwargs
 from hf_sinks.training import finetune, load_finetuned, prepend_sink_token
 from hf_sinks.training.finetune import LOSS_CSV, LOSS_PNG, RECIPE_FILE
-from hf_sinks.compat import cache_kwargs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,8 +23,17 @@ def _train(tmp_path, recipe, arch="llama", steps=30, lr=1e-2, **kwargs):
     tok = char_tokenizer()
     model = tiny_model(arch, attn_implementation="sdpa", **kwargs.pop("model_kwargs", {}))
     result = finetune(
-        model, tok, recipe, LEARNABLE_TEXT, seq_len=32, max_steps=steps, learning_rate=lr, warmup_steps=0,
-        output_dir=tmp_path / "out", progress=False, **kwargs,
+        model,
+        tok,
+        recipe,
+        LEARNABLE_TEXT,
+        seq_len=32,
+        max_steps=steps,
+        learning_rate=lr,
+        warmup_steps=0,
+        output_dir=tmp_path / "out",
+        progress=False,
+        **kwargs,
     )
     return result, tok
 
@@ -96,7 +105,9 @@ def test_merged_sink_token_model_streams_with_one_sink(tmp_path):
 
     ids = out[:, :30]
     cache = hf_sinks.SinkCache.from_model(merged, num_sink_tokens=1, window_length=8)
-    streamed = torch.cat([merged(input_ids=ids[:, i : i + 1], **cache_kwargs(cache)).logits for i in range(ids.shape[1])], 1)
+    streamed = torch.cat(
+        [merged(input_ids=ids[:, i : i + 1], **cache_kwargs(cache)).logits for i in range(ids.shape[1])], 1
+    )
     oracle = reference_logits(merged, ids[0], 1, 8)
     torch.testing.assert_close(streamed[0], oracle, rtol=1e-4, atol=1e-4)
 
@@ -116,11 +127,29 @@ def test_example_runs_end_to_end(tmp_path, capsys):
     spec.loader.exec_module(example)
     model_dir, text = _tiny_model_dir(tmp_path)
     out = tmp_path / "example-out"
-    status = example.main([
-        "--model", str(model_dir), "--text-file", str(text), "--recipe", "sink_token", "--seq-len", "32",
-        "--max-steps", "3", "--learning-rate", "1e-2", "--output-dir", str(out), "--no-progress",
-        "--demo-tokens", "5", "--demo-prompt", "the cat",
-    ])
+    status = example.main(
+        [
+            "--model",
+            str(model_dir),
+            "--text-file",
+            str(text),
+            "--recipe",
+            "sink_token",
+            "--seq-len",
+            "32",
+            "--max-steps",
+            "3",
+            "--learning-rate",
+            "1e-2",
+            "--output-dir",
+            str(out),
+            "--no-progress",
+            "--demo-tokens",
+            "5",
+            "--demo-prompt",
+            "the cat",
+        ]
+    )
     assert status == 0
     assert (out / "adapter_model.safetensors").is_file() and (out / LOSS_CSV).is_file()
     printed = capsys.readouterr().out
@@ -135,11 +164,33 @@ def test_cli_train_subcommand(tmp_path, capsys):
     add_train_parser(sub)
     model_dir, text = _tiny_model_dir(tmp_path)
     out = tmp_path / "cli-out"
-    args = parser.parse_args([
-        "train", "--model", str(model_dir), "--text-file", str(text), "--recipe", "longlora", "--r", "4",
-        "--seq-len", "32", "--max-steps", "2", "--output-dir", str(out), "--no-progress", "--no-plot",
-        "--attn-implementation", "sdpa", "--rope-scaling-type", "linear", "--rope-scaling-factor", "2",
-    ])
+    args = parser.parse_args(
+        [
+            "train",
+            "--model",
+            str(model_dir),
+            "--text-file",
+            str(text),
+            "--recipe",
+            "longlora",
+            "--r",
+            "4",
+            "--seq-len",
+            "32",
+            "--max-steps",
+            "2",
+            "--output-dir",
+            str(out),
+            "--no-progress",
+            "--no-plot",
+            "--attn-implementation",
+            "sdpa",
+            "--rope-scaling-type",
+            "linear",
+            "--rope-scaling-factor",
+            "2",
+        ]
+    )
     assert args.func is cmd_train
     assert args.func(args) == 0
     saved = json.loads((out / RECIPE_FILE).read_text())

@@ -5,7 +5,13 @@ import torch
 from helpers import tiny_model
 from safetensors.torch import load_file
 
-from hf_sinks.training import add_learned_sinks, get_sink_logits, lora_recipe, remove_learned_sinks, trainable_parameter_names
+from hf_sinks.training import (
+    add_learned_sinks,
+    get_sink_logits,
+    lora_recipe,
+    remove_learned_sinks,
+    trainable_parameter_names,
+)
 from hf_sinks.training.learned_sinks import DEFAULT_INIT, AttentionSinkLogits, attention_modules, learned_sink_state
 from hf_sinks.training.recipes import attention_is_registered
 
@@ -64,7 +70,9 @@ def test_recipe_trains_saves_and_merges_them(tmp_path):
 @pytest.mark.skipif(not attention_is_registered("sink_sfattn"), reason="sink_sfattn not registered")
 def test_sfattn_gives_them_a_gradient():
     model = tiny_model("llama", attn_implementation="sdpa")
-    peft_model = lora_recipe(model, "sinklora", learned_sink_logits=True, attn_implementation="sink_sfattn").apply(model)
+    peft_model = lora_recipe(model, "sinklora", learned_sink_logits=True, attn_implementation="sink_sfattn").apply(
+        model
+    )
     peft_model.train()
     ids = torch.randint(1, 96, (2, 32))
     peft_model(input_ids=ids, labels=ids).loss.backward()

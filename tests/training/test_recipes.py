@@ -13,11 +13,27 @@ ARCHS = ["llama", "mistral", "gpt_neox", "falcon", "falcon_new"]
 
 # What LongLoRA's LoRA+ trains, per architecture: (LoRA-targeted modules, embedding, norms).
 EXPECTED = {
-    "llama": ({"q_proj", "k_proj", "v_proj", "o_proj"}, "model.embed_tokens", {"input_layernorm", "post_attention_layernorm", "model.norm"}),
-    "mistral": ({"q_proj", "k_proj", "v_proj", "o_proj"}, "model.embed_tokens", {"input_layernorm", "post_attention_layernorm", "model.norm"}),
-    "gpt_neox": ({"query_key_value", "attention.dense"}, "gpt_neox.embed_in", {"input_layernorm", "post_attention_layernorm", "final_layer_norm"}),
+    "llama": (
+        {"q_proj", "k_proj", "v_proj", "o_proj"},
+        "model.embed_tokens",
+        {"input_layernorm", "post_attention_layernorm", "model.norm"},
+    ),
+    "mistral": (
+        {"q_proj", "k_proj", "v_proj", "o_proj"},
+        "model.embed_tokens",
+        {"input_layernorm", "post_attention_layernorm", "model.norm"},
+    ),
+    "gpt_neox": (
+        {"query_key_value", "attention.dense"},
+        "gpt_neox.embed_in",
+        {"input_layernorm", "post_attention_layernorm", "final_layer_norm"},
+    ),
     "falcon": ({"query_key_value", "self_attention.dense"}, "transformer.word_embeddings", {"input_layernorm", "ln_f"}),
-    "falcon_new": ({"query_key_value", "self_attention.dense"}, "transformer.word_embeddings", {"ln_attn", "ln_mlp", "ln_f"}),
+    "falcon_new": (
+        {"query_key_value", "self_attention.dense"},
+        "transformer.word_embeddings",
+        {"ln_attn", "ln_mlp", "ln_f"},
+    ),
 }
 
 
@@ -68,13 +84,16 @@ def test_tied_embeddings_stay_one_matrix(arch):
     assert model.config.tie_word_embeddings
     before = model.get_input_embeddings().weight.detach().clone()
     peft_model = lora_recipe(model, "longlora", attn_implementation=None).apply(model)
-    embedding_params = [p for n, p in peft_model.named_parameters() if p.requires_grad and ("embed" in n or "lm_head" in n)]
+    embedding_params = [
+        p for n, p in peft_model.named_parameters() if p.requires_grad and ("embed" in n or "lm_head" in n)
+    ]
     assert len({id(p) for p in embedding_params}) == 1, "tied embeddings must train as one tensor"
     with torch.no_grad():
         embedding_params[0].add_(0.1)
     merged = peft_model.merge_and_unload()
-    assert merged.get_output_embeddings().weight.data_ptr() == merged.get_input_embeddings().weight.data_ptr() or torch.equal(
-        merged.get_output_embeddings().weight, merged.get_input_embeddings().weight
+    assert (
+        merged.get_output_embeddings().weight.data_ptr() == merged.get_input_embeddings().weight.data_ptr()
+        or torch.equal(merged.get_output_embeddings().weight, merged.get_input_embeddings().weight)
     )
     torch.testing.assert_close(merged.get_input_embeddings().weight, before + 0.1)
 

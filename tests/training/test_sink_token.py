@@ -84,7 +84,9 @@ def test_only_the_sink_row_trains(arch):
     token_params = [n for n in names if "trainable_tokens" in n]
     assert token_params, names
     assert all(".lora_" in n or "trainable_tokens_delta" in n or ("norm" in n or "ln_" in n) for n in names), names
-    assert not any(".modules_to_save." in n and ("embed" in n or "word_embeddings" in n or "lm_head" in n) for n in names)
+    assert not any(
+        ".modules_to_save." in n and ("embed" in n or "word_embeddings" in n or "lm_head" in n) for n in names
+    )
     for n, p in peft_model.named_parameters():
         if "trainable_tokens_delta" in n:
             assert p.shape == (1, model.config.hidden_size)
