@@ -256,7 +256,7 @@ def shifted_sparse_attention(
         # the fused kernel shifts its last heads by G // 2 (= this module's offset for an even G); the dense fallback
         # is one even group >= T with every head plain. Packed rows: real tokens are the columns [0, count).
         dense = length <= group_size
-        from .shifted_sparse_kernel import shifted_sparse_attention as fused
+        from .shifted_sparse_kernel import dispatch_shifted_sparse_attention as fused
 
         out, _ = fused(
             query,

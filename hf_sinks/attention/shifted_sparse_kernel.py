@@ -40,7 +40,7 @@ CHUNK_ELEMENTS = 1 << 24
 __all__ = [
     "padding_bounds",
     "select_backend",
-    "shifted_sparse_attention",
+    "dispatch_shifted_sparse_attention",
     "shifted_sparse_attention_torch",
     "triton_unavailable_reason",
 ]
@@ -83,7 +83,7 @@ def padding_bounds(key_padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.
     return start, end
 
 
-def shifted_sparse_attention(
+def dispatch_shifted_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,

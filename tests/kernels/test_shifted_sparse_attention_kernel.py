@@ -306,15 +306,19 @@ def test_dispatcher_key_padding_mask_and_chunked_fallback(monkeypatch):
     mask[1, 15:] = False  # right padding
     out_ref, _ = reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), 4, 1, 16**-0.5, None, [4, 0], [17, 15])
     for backend in ("triton", "torch"):
-        out, _ = dispatch.shifted_sparse_attention(q, k, v, 4, 1, key_padding_mask=mask.to(DEVICE), backend=backend)
+        out, _ = dispatch.dispatch_shifted_sparse_attention(
+            q, k, v, 4, 1, key_padding_mask=mask.to(DEVICE), backend=backend
+        )
         assert_close(f"out ({backend})", out_ref, out, 2e-5)
     monkeypatch.setattr(dispatch, "CHUNK_ELEMENTS", 1)
-    out, _ = dispatch.shifted_sparse_attention(q, k, v, 4, 1, key_padding_mask=mask.to(DEVICE), backend="torch")
+    out, _ = dispatch.dispatch_shifted_sparse_attention(
+        q, k, v, 4, 1, key_padding_mask=mask.to(DEVICE), backend="torch"
+    )
     assert_close("out (torch, chunked)", out_ref, out, 2e-5)
     holes = mask.clone()
     holes[1, 3] = False
     with pytest.raises(ValueError, match="row 1 is not one contiguous run"):
-        dispatch.shifted_sparse_attention(q, k, v, 4, key_padding_mask=holes.to(DEVICE), backend="torch")
+        dispatch.dispatch_shifted_sparse_attention(q, k, v, 4, key_padding_mask=holes.to(DEVICE), backend="torch")
     start, end = dispatch.padding_bounds(torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 0]]))
     assert start.tolist() == [2, 0, 0] and end.tolist() == [4, 0, 3]
 
@@ -403,7 +407,7 @@ def test_bad_arguments_name_the_value(entry, override, message):
     args = {name: value.to(DEVICE) if isinstance(value, torch.Tensor) else value for name, value in args.items()}
     fn = {
         "kernel": K.shifted_sparse_attention,
-        "dispatcher": dispatch.shifted_sparse_attention,
+        "dispatcher": dispatch.dispatch_shifted_sparse_attention,
         "fallback": dispatch.shifted_sparse_attention_torch,
     }[entry]
     with pytest.raises(ValueError, match=message):
@@ -420,13 +424,13 @@ def test_disable_and_force_triton(monkeypatch):
     expected, _ = K.shifted_sparse_attention(*args)
     monkeypatch.setenv("HF_SINKS_DISABLE_TRITON", "1")
     assert dispatch.select_backend(DEVICE) == "torch"
-    out, _ = dispatch.shifted_sparse_attention(*args)
+    out, _ = dispatch.dispatch_shifted_sparse_attention(*args)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
     with pytest.raises(RuntimeError, match=r"forced \(backend='triton'\).*HF_SINKS_DISABLE_TRITON=1 is set"):
-        dispatch.shifted_sparse_attention(*args, backend="triton")
+        dispatch.dispatch_shifted_sparse_attention(*args, backend="triton")
     monkeypatch.setenv("HF_SINKS_FORCE_TRITON", "1")
     with pytest.raises(RuntimeError, match=r"forced \(HF_SINKS_FORCE_TRITON=1\).*HF_SINKS_DISABLE_TRITON=1"):
-        dispatch.shifted_sparse_attention(*args)
+        dispatch.dispatch_shifted_sparse_attention(*args)
 
 
 def test_forcing_triton_without_cuda_or_interpreter_names_the_reason(monkeypatch):
@@ -434,12 +438,12 @@ def test_forcing_triton_without_cuda_or_interpreter_names_the_reason(monkeypatch
     monkeypatch.setattr(K, "LANGUAGE_INTERPRETED", False)
     args = [x.cpu() for x in _tiny()[:3]] + [4]
     assert dispatch.select_backend("cpu") == "torch"
-    dispatch.shifted_sparse_attention(*args)  # auto: falls back silently
+    dispatch.dispatch_shifted_sparse_attention(*args)  # auto: falls back silently
     with pytest.raises(RuntimeError, match="shifted sparse attention was forced .* the tensors are on 'cpu'"):
-        dispatch.shifted_sparse_attention(*args, backend="triton")
+        dispatch.dispatch_shifted_sparse_attention(*args, backend="triton")
     monkeypatch.setenv("HF_SINKS_FORCE_TRITON", "1")
     with pytest.raises(RuntimeError, match=r"HF_SINKS_FORCE_TRITON=1\) but cannot run: the tensors are on 'cpu'"):
-        dispatch.shifted_sparse_attention(*args)
+        dispatch.dispatch_shifted_sparse_attention(*args)
     with pytest.raises(RuntimeError, match="cannot run: the tensors are on 'cpu'"):
         K.shifted_sparse_attention(*args)  # the kernel module's own entry point refuses too
     with pytest.raises(ValueError, match="backend must be one of"):
