@@ -43,6 +43,9 @@ class SinkCacheLayer(RowStateLayer):
     is_compileable = False
     is_croppable = False
     is_sliding = False
+    #: Lockstep decode keeps slot, position and sink shift as Python ints (see _write_one); False forces the
+    #: per-row path everywhere (the tests compare both, bit for bit).
+    lockstep_fast_path = True
 
     def __init__(self, cache: "SinkCache", rule: LayerRule | None = None, rule_bound: bool = False):
         super().__init__()
@@ -79,13 +82,17 @@ class SinkCacheLayer(RowStateLayer):
         self._compute_dtype: torch.dtype | None = None  # dtype the sinks are rotated in
 
     def _flush(self) -> None:
-        """Write the recorded lockstep bookkeeping into the tensors (one index_put per tensor)."""
+        """Write the recorded lockstep bookkeeping into the tensors (one op per tensor)."""
         if self._lazy_slots:
             slots = torch.tensor(list(self._lazy_slots), device=self._real_idx_t.device)
             real, pos = zip(*self._lazy_slots.values())
             self._lazy_slots = {}
-            self._real_idx_t[:, slots] = torch.tensor(real, dtype=torch.long, device=slots.device)
-            self._positions_t[:, slots] = torch.tensor(pos, dtype=torch.long, device=slots.device)
+            # out of place: the tensors may be inference tensors read outside inference mode
+            batch = self._real_idx_t.shape[0]
+            real = torch.tensor(real, dtype=torch.long, device=slots.device).expand(batch, -1)
+            pos = torch.tensor(pos, dtype=torch.long, device=slots.device).expand(batch, -1)
+            self._real_idx_t = self._real_idx_t.index_copy(1, slots, real)
+            self._positions_t = self._positions_t.index_copy(1, slots, pos)
         if self._lazy_count:
             self._lazy_count = False
             self._real_seen_t = torch.full_like(self._real_seen_t, self.uniform)
@@ -323,7 +330,9 @@ class SinkCacheLayer(RowStateLayer):
         slot = self.slot_index(r)
         self.keys.narrow(2, slot, 1).copy_(key_states)
         self.values.narrow(2, slot, 1).copy_(value_states)
-        if positions is not None:
+        if not self.lockstep_fast_path:
+            pos = None
+        elif positions is not None:
             pos = self.cache._row_int(positions)
         elif self.cache._base is None:
             pos = r
@@ -336,6 +345,8 @@ class SinkCacheLayer(RowStateLayer):
             self.real_idx[:, slot] = r
             if positions is not None:
                 self.positions[:, slot] = positions[:, -1].to(self.device)
+            elif self.cache._base is None:
+                self.positions[:, slot] = r
             else:
                 self.positions[:, slot] = r - self.cache._base.to(self.device)
         self._fast_pos = pos
