@@ -80,6 +80,7 @@ class SinkCacheLayer(RowStateLayer):
         self._fast_pos: int | None = None  # position of the token the last update wrote by the lockstep path
         self._sink_offset_int: int | None | bool = False  # sink_offset() as an int (None: rows differ; False: unknown)
         self._compute_dtype: torch.dtype | None = None  # dtype the sinks are rotated in
+        self._sinks_half: torch.Tensor | None = None  # rotate_half(sink_keys), kept until a sink is written
 
     def _flush(self) -> None:
         """Write the recorded lockstep bookkeeping into the tensors (one op per tensor)."""
@@ -286,7 +287,7 @@ class SinkCacheLayer(RowStateLayer):
     def _write(self, key_states, value_states, valid, positions) -> None:
         if valid is None and self.uniform is not None and key_states.shape[-2] == 1:
             return self._write_one(key_states, value_states, positions)
-        self._fast_pos = None
+        self._fast_pos = self._sinks_half = None
         self._sink_offset_int = False
         positions_unknown = positions is None and not self._padding_known()
         q = key_states.shape[-2]
@@ -352,6 +353,7 @@ class SinkCacheLayer(RowStateLayer):
         self._fast_pos = pos
         if r < self.num_sink_tokens:
             self.sink_keys.narrow(2, r, 1).copy_(key_states)
+            self._sinks_half = None
             if r == 0:
                 self._sink_offset_int = False
         self._lazy_count = True
@@ -409,9 +411,14 @@ class SinkCacheLayer(RowStateLayer):
             cos, sin = self.cache.lockstep_sink_tables(shift, rotary, self.device, self._compute_dtype)
             if rotary.interleaved or rotary.rotary_dim != sinks.shape[-1] or sinks.dtype != cos.dtype:
                 sinks = rotate_with(sinks, cos, sin, rotary.rotary_dim, rotary.interleaved)
-            else:  # rotate_with's arithmetic, without its no-op casts and slices
-                x1, x2 = sinks.chunk(2, dim=-1)
-                sinks = sinks * cos + torch.cat((-x2, x1), dim=-1) * sin
+            else:  # rotate_with's arithmetic (same ops, same bits) on a kept rotate_half(sinks), straight into the slots
+                half = self._sinks_half
+                if half is None or half.shape != sinks.shape:
+                    x1, x2 = sinks.chunk(2, dim=-1)
+                    half = self._sinks_half = torch.cat((-x2, x1), dim=-1)
+                torch.add(sinks * cos, half * sin, out=self.keys.narrow(2, 0, n))
+                self._lazy_shift = shift
+                return True
         self.keys.narrow(2, 0, n).copy_(sinks)
         self._lazy_shift = shift
         return True
@@ -521,6 +528,7 @@ class SinkCacheLayer(RowStateLayer):
             return
         self._flush()
         self._sink_offset_int = False
+        self._sinks_half = None
         super()._map_rows(fn)
         if self.pending is not None:
             self.pending = tuple(fn(t) for t in self.pending)

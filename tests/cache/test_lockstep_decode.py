@@ -3,7 +3,7 @@ ints, bookkeeping written lazily) against the per-row path and the fp64 spec, in
 
 import pytest
 import torch
-from helpers import VOCAB, random_ids, tiny_model
+from helpers import VOCAB, tiny_model
 
 import hf_sinks
 from hf_sinks.attention import functions
