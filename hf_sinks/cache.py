@@ -416,9 +416,11 @@ class SinkCacheLayer(RowStateLayer):
                 if half is None or half.shape != sinks.shape:
                     x1, x2 = sinks.chunk(2, dim=-1)
                     half = self._sinks_half = torch.cat((-x2, x1), dim=-1)
-                torch.add(sinks * cos, half * sin, out=self.keys.narrow(2, 0, n))
-                self._lazy_shift = shift
-                return True
+                if not (torch.is_grad_enabled() and (sinks.requires_grad or self.keys.requires_grad)):
+                    torch.add(sinks * cos, half * sin, out=self.keys.narrow(2, 0, n))  # out= cannot record grad
+                    self._lazy_shift = shift
+                    return True
+                sinks = sinks * cos + half * sin
         self.keys.narrow(2, 0, n).copy_(sinks)
         self._lazy_shift = shift
         return True
