@@ -239,7 +239,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     sizes = sorted({r["resident_tokens"] for r in rows})
     colors = {"dynamic": "#999999", "sink": "#7fb2dc", "static": "#ff7f0e", "static_sink": "#1f77b4"}
-    fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes), 4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(max(4.2 * len(sizes), 7.5), 4), squeeze=False, sharey=True)
     for ax, resident in zip(axes[0], sizes):
         for mode in [m for m in MODES if any(r["mode"] == m for r in rows)]:
             sel = sorted((r for r in rows if r["resident_tokens"] == resident and r["mode"] == mode),
