@@ -223,7 +223,8 @@ class SinkCacheLayer(RowStateLayer):
             self._warn_if_dense_prefill()
             self.commit()
         self._acknowledged_now = False
-        if self.acknowledged is False and bool((self.real_idx[:, : self.filled] < 0).any()):
+        # (rows in lockstep hold no padding: no slot among the filled ones is empty, nothing to check)
+        if self.acknowledged is False and self.uniform is None and bool((self.real_idx[:, : self.filled] < 0).any()):
             raise ValueError(
                 "This SinkCache holds a left-padded batch, which a stock attention (attn_implementation="
                 "'sdpa'/'eager') cannot mask slot by slot; load the model with attn_implementation='sink_sdpa' "
