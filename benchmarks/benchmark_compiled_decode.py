@@ -18,10 +18,16 @@ eager ``SinkCache`` + ``sink_sdpa`` machinery); the ``static_sink`` stream then 
 modes (A B C D, D C B A, ...) so machine noise hits them alike; reported: the median over rounds of each round's
 median ms per step; ratios are taken within the same (R, L) run. Compilation happens in untimed warm-up steps.
 
+``--modes`` times a subset (``static_sink`` still prefills through an untimed eager ``sink`` stream); ratios to a
+mode left out are left empty. ``--prefill-threads`` runs the (untimed) prefill on more threads than the timed steps.
+
 Writes ``docs/benchmarks/compiled_decode_smollm2/compiled_decode.csv`` and ``.png``::
 
     python benchmarks/benchmark_compiled_decode.py                  # ~20 min on 2 shared CPU cores
     python benchmarks/benchmark_compiled_decode.py --sizes 256 --lengths 1024 --rounds 2   # quick look
+    python benchmarks/benchmark_compiled_decode.py --sizes 1024 --lengths 1024 65536 \
+        --out docs/benchmarks/compiled_decode_smollm2/compiled_decode_64k.csv        # 64k stream (long prefill)
+    python benchmarks/benchmark_compiled_decode.py --modes dynamic sink --lengths 1024  # eager caches only
 """
 
 from __future__ import annotations
@@ -130,7 +136,11 @@ class Stream:
         return times
 
 
-def benchmark(sizes, lengths, steps, rounds, block, warmup, chunk, progress=print) -> list[dict]:
+def benchmark(sizes, lengths, steps, rounds, block, warmup, chunk, progress=print, modes=MODES,
+              prefill_threads=None) -> list[dict]:
+    modes = tuple(m for m in MODES if m in modes)
+    built = modes + (("sink",) if "static_sink" in modes and "sink" not in modes else ())
+    timed_threads = torch.get_num_threads()
     sink_model, stock_model = build_models()
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     # dynamic=False: one static graph per cache size (with automatic dynamic shapes, the third size would reuse a
@@ -142,41 +152,51 @@ def benchmark(sizes, lengths, steps, rounds, block, warmup, chunk, progress=prin
     gen = torch.Generator().manual_seed(0)
     rows = []
     for resident in sizes:
-        streams = {mode: Stream(mode, resident, sink_model, stock_model, compiled, gen) for mode in MODES}
+        streams = {mode: Stream(mode, resident, sink_model, stock_model, compiled, gen) for mode in built}
         for length in sorted(set(max(n, 1) for n in lengths)):
             t0 = time.perf_counter()
-            sink, static_sink = streams["sink"], streams["static_sink"]
-            sink.advance(length, chunk)
-            static_sink.cache.copy_from(sink.cache)  # the same state, taken over in place
-            static_sink.length = sink.length
+            sink, static_sink = streams.get("sink"), streams.get("static_sink")
+            if sink is not None:
+                torch.set_num_threads(prefill_threads or timed_threads)
+                sink.advance(length, chunk)
+                torch.set_num_threads(timed_threads)
+            if static_sink is not None:
+                static_sink.cache.copy_from(sink.cache)  # the same state, taken over in place
+                static_sink.length = sink.length
             warm = time.perf_counter()
             for stream in streams.values():  # first call of a compiled step compiles it (untimed)
                 stream.run(warmup)
-            static_sink.cache.copy_from(sink.cache)  # back in lockstep after the warm-up steps
-            static_sink.length = sink.length
+            if static_sink is not None:
+                static_sink.cache.copy_from(sink.cache)  # back in lockstep after the warm-up steps
+                static_sink.length = sink.length
             progress(f"R={resident} L={length}: prefill {warm - t0:.0f} s, warm-up {time.perf_counter() - warm:.0f} s, "
                      f"load {load_average()}")
-            rounds_ms: dict[str, list[float]] = {mode: [] for mode in MODES}
-            order = list(MODES)
+            rounds_ms: dict[str, list[float]] = {mode: [] for mode in modes}
+            order = list(modes)
             gc.collect()
             gc.disable()
             try:
                 for _ in range(rounds):
-                    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+                    times: dict[str, list[float]] = {mode: [] for mode in modes}
                     for start in range(0, steps, block):
                         for mode in order:
                             times[mode] += streams[mode].run(min(block, steps - start))
                         order.reverse()
-                    for mode in MODES:
+                    for mode in modes:
                         rounds_ms[mode].append(statistics.median(times[mode]))
             finally:
                 gc.enable()
             ms = {mode: statistics.median(v) for mode, v in rounds_ms.items()}
 
-            def paired(mode: str, base: str) -> float:
-                return statistics.median(a / b for a, b in zip(rounds_ms[mode], rounds_ms[base]))
+            def paired(mode: str, base: str) -> float | str:
+                if base not in rounds_ms:
+                    return ""
+                return round(statistics.median(a / b for a, b in zip(rounds_ms[mode], rounds_ms[base])), 4)
 
-            for mode in MODES:
+            def ratio(mode: str, base: str) -> float | str:
+                return round(ms[mode] / ms[base], 4) if base in ms else ""
+
+            for mode in modes:
                 rows.append(dict(
                     resident_tokens=resident,
                     stream_length=streams[mode].length if mode in ("sink", "static_sink") else resident,
@@ -186,11 +206,11 @@ def benchmark(sizes, lengths, steps, rounds, block, warmup, chunk, progress=prin
                     ms_per_token=round(ms[mode], 3),
                     ms_min=round(min(rounds_ms[mode]), 3),
                     ms_max=round(max(rounds_ms[mode]), 3),
-                    vs_dynamic=round(ms[mode] / ms["dynamic"], 4),
-                    vs_static=round(ms[mode] / ms["static"], 4),
+                    vs_dynamic=ratio(mode, "dynamic"),
+                    vs_static=ratio(mode, "static"),
                     # the same ratios taken round by round (each round's modes ran interleaved), then the median
-                    vs_dynamic_paired=round(paired(mode, "dynamic"), 4),
-                    vs_static_paired=round(paired(mode, "static"), 4),
+                    vs_dynamic_paired=paired(mode, "dynamic"),
+                    vs_static_paired=paired(mode, "static"),
                     steps=steps,
                     rounds=rounds,
                     threads=torch.get_num_threads(),
@@ -200,10 +220,11 @@ def benchmark(sizes, lengths, steps, rounds, block, warmup, chunk, progress=prin
                     transformers=transformers.__version__,
                     machine=common.machine(),
                 ))
-            progress(" | ".join(f"{m} {ms[m]:.2f} ms" for m in MODES)
-                     + f" | static_sink/static {ms['static_sink'] / ms['static']:.3f} (paired {paired('static_sink', 'static'):.3f})"
-                     + f" | dynamic/static_sink {ms['dynamic'] / ms['static_sink']:.3f} (paired {1 / paired('static_sink', 'dynamic'):.3f})"
-                     + f" | sink/dynamic {ms['sink'] / ms['dynamic']:.3f} (paired {paired('sink', 'dynamic'):.3f})")
+            summary = [f"{m} {ms[m]:.2f} ms" for m in modes]
+            for mode, base in (("static_sink", "static"), ("static_sink", "dynamic"), ("sink", "dynamic"), ("sink", "static")):
+                if mode in ms and base in ms:
+                    summary.append(f"{mode}/{base} {ratio(mode, base):.3f} (paired {paired(mode, base):.3f})")
+            progress(" | ".join(summary))
         del streams
         gc.collect()
     return rows
@@ -214,12 +235,13 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     sizes = sorted({r["resident_tokens"] for r in rows})
     colors = {"dynamic": "#999999", "sink": "#7fb2dc", "static": "#ff7f0e", "static_sink": "#1f77b4"}
-    fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes), 4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(max(4.2 * len(sizes), 7.5), 4), squeeze=False, sharey=True)
     for ax, resident in zip(axes[0], sizes):
-        for mode in MODES:
+        for mode in [m for m in MODES if any(r["mode"] == m for r in rows)]:
             sel = sorted((r for r in rows if r["resident_tokens"] == resident and r["mode"] == mode),
                          key=lambda r: r["target_length"])
             xs = [r["target_length"] for r in sel]
@@ -227,6 +249,8 @@ def plot(rows: list[dict], path: Path) -> None:
                         yerr=[[r["ms_per_token"] - r["ms_min"] for r in sel], [r["ms_max"] - r["ms_per_token"] for r in sel]],
                         marker="o", capsize=3, label=LABELS[mode], color=colors[mode])
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["target_length"] for r in rows}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{int(v) // 1024}k"))
         ax.set_title(f"resident {resident} tokens", fontsize=10)
         ax.set_xlabel("stream length (tokens; dense/static: hold R)")
         ax.grid(alpha=0.3)
@@ -242,13 +266,17 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _num(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else "-"
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"\n{'R':>5} {'L':>6}  {'mode':<12} {'ms/token':>9} {'min':>8} {'max':>8} {'vs dyn':>7} {'vs static':>9}"
           f" {'paired dyn':>10} {'paired static':>13}")
     for r in rows:
         print(f"{r['resident_tokens']:>5} {r['target_length']:>6}  {r['mode']:<12} {r['ms_per_token']:>9.2f} "
-              f"{r['ms_min']:>8.2f} {r['ms_max']:>8.2f} {r['vs_dynamic']:>7.3f} {r['vs_static']:>9.3f}"
-              f" {r['vs_dynamic_paired']:>10.3f} {r['vs_static_paired']:>13.3f}")
+              f"{r['ms_min']:>8.2f} {r['ms_max']:>8.2f} {_num(r['vs_dynamic']):>7} {_num(r['vs_static']):>9}"
+              f" {_num(r['vs_dynamic_paired']):>10} {_num(r['vs_static_paired']):>13}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -260,7 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block", type=int, default=2, help="consecutive steps of one mode before switching")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode (compiles on first use)")
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk (tokens per forward)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads for the timed steps")
+    p.add_argument("--prefill-threads", type=int, default=None, help="torch threads for the untimed prefill")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="modes to time")
     p.add_argument("--out", type=Path, default=OUT_DIR / "compiled_decode.csv", help="CSV path; the PNG goes beside it")
     args = p.parse_args(argv)
 
@@ -268,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     print(f"machine: {common.machine()}; load average at start: {load_average()}", file=sys.stderr)
     rows = benchmark(args.sizes, args.lengths, args.steps, args.rounds, args.block, args.warmup, args.chunk,
-                     progress=lambda s: print(s, file=sys.stderr, flush=True))
+                     progress=lambda s: print(s, file=sys.stderr, flush=True), modes=args.modes,
+                     prefill_threads=args.prefill_threads)
     common.write_csv(rows, args.out)
     plot(rows, args.out.with_suffix(".png"))
     print_table(rows)

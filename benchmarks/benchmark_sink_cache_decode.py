@@ -15,7 +15,9 @@ evicting on every step); the DynamicCache is prefilled with exactly R tokens and
 (untimed), so it holds R tokens before each step, as the sink cache does. Then single-token decode steps (model
 forward with ``past_key_values``, q = 1) are timed one by one; in each of ``--repeats`` rounds every implementation
 runs ``--steps`` steps, interleaved in chunks of ``--chunk`` steps (A B C C B A ...) to cancel machine noise.
-Reported: the median over rounds of each round's median ms per step (min/max: over rounds).
+Reported: the median over rounds of each round's median ms per step (min/max: over rounds); ``ratio`` divides
+those medians, ``ratio_paired`` is the median over rounds of the ratio within each round (the implementations of a
+round ran interleaved, so it cancels the drift of a shared machine between rounds).
 
 Writes ``docs/benchmarks/sink_cache_decode.csv`` and ``.png``::
 
@@ -147,6 +149,7 @@ def benchmark(sizes: list[int], steps: int, repeats: int, warmup: int, chunk: in
         base = statistics.median(blocks[BASELINE])
         for impl in IMPLS:
             ms = statistics.median(blocks[impl])
+            paired = statistics.median(a / b for a, b in zip(blocks[impl], blocks[BASELINE]))
             rows.append(
                 dict(
                     resident_tokens=resident,
@@ -158,6 +161,7 @@ def benchmark(sizes: list[int], steps: int, repeats: int, warmup: int, chunk: in
                     ms_min=round(min(blocks[impl]), 4),
                     ms_max=round(max(blocks[impl]), 4),
                     ratio=round(ms / base, 4),
+                    ratio_paired=round(paired, 4),
                     steps=steps,
                     repeats=repeats,
                     chunk=chunk,
@@ -214,10 +218,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'resident':>8}  {'impl':<22} {'ms/token':>9} {'min':>8} {'max':>8} {'ratio':>7}")
+    print(f"\n{'resident':>8}  {'impl':<22} {'ms/token':>9} {'min':>8} {'max':>8} {'ratio':>7} {'paired':>7}")
     for r in rows:
         print(f"{r['resident_tokens']:>8}  {r['impl']:<22} {r['ms_per_token']:>9.3f} {r['ms_min']:>8.3f} "
-              f"{r['ms_max']:>8.3f} {r['ratio']:>7.3f}")
+              f"{r['ms_max']:>8.3f} {r['ratio']:>7.3f} {r['ratio_paired']:>7.3f}")
     print(f"\n(ratio = ms / {BASELINE} at the same resident size; target for the sink cache <= 1.05)")
 
 

@@ -43,6 +43,9 @@ class SinkCacheLayer(RowStateLayer):
     is_compileable = False
     is_croppable = False
     is_sliding = False
+    #: Lockstep decode keeps slot, position and sink shift as Python ints (see _write_one); False forces the
+    #: per-row path everywhere (the tests compare both, bit for bit).
+    lockstep_fast_path = True
 
     def __init__(self, cache: "SinkCache", rule: LayerRule | None = None, rule_bound: bool = False):
         super().__init__()
@@ -55,6 +58,7 @@ class SinkCacheLayer(RowStateLayer):
         self.acknowledged: bool | None = None  # did a sink attention function consume the previous update?
         self._acknowledged_now = False
         self._pending_info = None
+        self._clear_lazy()
 
     def _set_rule(self, rule: LayerRule) -> None:
         self.rule = rule
@@ -62,6 +66,61 @@ class SinkCacheLayer(RowStateLayer):
         self.num_sink_tokens = rule.num_sink_tokens
         self.window_length = rule.window_length
         self.capacity = rule.capacity
+
+    # ------------------------------------------------------- lazy bookkeeping
+    # Lockstep decode (every row at the same real-token count, no padding: the common case) keeps the token's slot,
+    # its position and the sink shift as Python ints and records the per-slot bookkeeping instead of writing it
+    # every step (docs/design.md §4.1): ``real_idx``, ``positions``, ``real_seen`` and ``sink_shift`` are properties
+    # that first write what is recorded (:meth:`_flush`), so every other reader sees exact, current tensors.
+
+    def _clear_lazy(self) -> None:
+        self._lazy_slots: dict[int, tuple[int, int]] = {}  # slot -> (real index, position), same in every row
+        self._lazy_count = False  # real_seen is `uniform` in every row (the tensor may be stale)
+        self._lazy_shift: int | None = None  # sink_shift is this int in every row (the tensor may be stale)
+        self._fast_pos: int | None = None  # position of the token the last update wrote by the lockstep path
+        self._sink_offset_int: int | None | bool = False  # sink_offset() as an int (None: rows differ; False: unknown)
+        self._compute_dtype: torch.dtype | None = None  # dtype the sinks are rotated in
+        self._sinks_half: torch.Tensor | None = None  # rotate_half(sink_keys), kept until a sink is written
+
+    def _flush(self) -> None:
+        """Write the recorded lockstep bookkeeping into the tensors (one op per tensor)."""
+        if self._lazy_slots:
+            slots = torch.tensor(list(self._lazy_slots), device=self._real_idx_t.device)
+            real, pos = zip(*self._lazy_slots.values())
+            self._lazy_slots = {}
+            # out of place: the tensors may be inference tensors read outside inference mode
+            batch = self._real_idx_t.shape[0]
+            real = torch.tensor(real, dtype=torch.long, device=slots.device).expand(batch, -1)
+            pos = torch.tensor(pos, dtype=torch.long, device=slots.device).expand(batch, -1)
+            self._real_idx_t = self._real_idx_t.index_copy(1, slots, real)
+            self._positions_t = self._positions_t.index_copy(1, slots, pos)
+        if self._lazy_count:
+            self._lazy_count = False
+            self._real_seen_t = torch.full_like(self._real_seen_t, self.uniform)
+        if self._lazy_shift is not None:
+            shift, self._lazy_shift = self._lazy_shift, None
+            self._sink_shift_t = torch.full_like(self._sink_shift_t, shift)
+
+    def _lazy_state(name: str):  # noqa: N805 (a property factory, used in the class body only)
+        attr = f"_{name}_t"
+
+        def get(self):
+            self._flush()
+            return getattr(self, attr)
+
+        def set_(self, value):
+            if attr in self.__dict__:
+                self._flush()
+            setattr(self, attr, value)
+            self._sink_offset_int = False
+
+        return property(get, set_, doc=f"``{name}`` ([B, ...] long), with the lockstep bookkeeping written.")
+
+    real_idx = _lazy_state("real_idx")  # [B, S + W] real-token index of each slot (-1: empty)
+    positions = _lazy_state("positions")  # [B, S + W] rotation position of each slot
+    real_seen = _lazy_state("real_seen")  # [B] real tokens seen per row
+    sink_shift = _lazy_state("sink_shift")  # [B] shift now in the sink slots
+    del _lazy_state
 
     def configure(self, rule: LayerRule) -> None:
         """Adopt the model's rule for this layer (docs/design.md §2.3), at the latest during its first forward.
@@ -81,6 +140,8 @@ class SinkCacheLayer(RowStateLayer):
         self.rule_bound = True
         if not self.is_initialized:
             return
+        self._flush()
+        self._clear_lazy()
         keys, values, real_idx, positions, filled = self.keys, self.values, self.real_idx, self.positions, self.filled
         batch, heads, _, head_dim = keys.shape
         self.keys = keys.new_zeros(batch, heads, self.capacity, head_dim)
@@ -114,6 +175,7 @@ class SinkCacheLayer(RowStateLayer):
                 f"{head_dim} on {self.device}): use a smaller window_length ({type(e).__name__})."
             ) from None
         self.sink_keys = key_states.new_zeros(batch, heads, s, head_dim)  # sinks as first rotated
+        self._clear_lazy()
         self.real_idx = torch.full((batch, cap), -1, dtype=torch.long, device=self.device)  # -1: empty slot
         self.positions = torch.zeros(batch, cap, dtype=torch.long, device=self.device)  # rotation of each slot
         self.real_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
@@ -161,7 +223,8 @@ class SinkCacheLayer(RowStateLayer):
             self._warn_if_dense_prefill()
             self.commit()
         self._acknowledged_now = False
-        if self.acknowledged is False and bool((self.real_idx[:, : self.filled] < 0).any()):
+        # (rows in lockstep hold no padding: no slot among the filled ones is empty, nothing to check)
+        if self.acknowledged is False and self.uniform is None and bool((self.real_idx[:, : self.filled] < 0).any()):
             raise ValueError(
                 "This SinkCache holds a left-padded batch, which a stock attention (attn_implementation="
                 "'sdpa'/'eager') cannot mask slot by slot; load the model with attn_implementation='sink_sdpa' "
@@ -175,7 +238,7 @@ class SinkCacheLayer(RowStateLayer):
             valid, positions = incoming if incoming is not None else (None, None)
             self._write(key_states, value_states, valid, positions)
             self._shift_sinks_for_stock_attention(positions)
-            keys, values = self.keys[:, :, : self.filled], self.values[:, :, : self.filled]
+            keys, values = self._resident()
         else:
             # Queries of a chunk need keys that the chunk itself would evict: attend over a copy, commit afterwards.
             self.pending, self._pending_info = (key_states, value_states), incoming
@@ -183,6 +246,12 @@ class SinkCacheLayer(RowStateLayer):
             values = torch.cat([self.values[:, :, : self.filled], value_states], dim=-2)
         tag_keys(keys, self)
         return keys, values
+
+    def _resident(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The filled slots' keys and values (the buffers themselves once full: no view op per step)."""
+        if self.filled == self.capacity:
+            return self.keys, self.values
+        return self.keys.narrow(2, 0, self.filled), self.values.narrow(2, 0, self.filled)
 
     def acknowledge(self) -> None:
         """Called by a sink attention function: it handles visibility and sink positions for this update."""
@@ -219,6 +288,8 @@ class SinkCacheLayer(RowStateLayer):
     def _write(self, key_states, value_states, valid, positions) -> None:
         if valid is None and self.uniform is not None and key_states.shape[-2] == 1:
             return self._write_one(key_states, value_states, positions)
+        self._fast_pos = self._sinks_half = None
+        self._sink_offset_int = False
         positions_unknown = positions is None and not self._padding_known()
         q = key_states.shape[-2]
         s, w = self.num_sink_tokens, self.window_length
@@ -249,25 +320,111 @@ class SinkCacheLayer(RowStateLayer):
         self.uniform = int(total[0]) if lockstep else None
 
     def _write_one(self, key_states, value_states, positions) -> None:
-        """Decode fast path: every row holds the same real-token count, so the slot is one Python int."""
+        """Decode fast path: every row holds the same real-token count, so the slot is one Python int.
+
+        The token's position is a Python int too when every row has the same one (read once per forward, shared by
+        the layers); its ``real_idx``/``positions`` entries and ``real_seen`` are then recorded, not written
+        (:meth:`_flush`). Otherwise they are written per row.
+        """
         r = self.uniform
         if r >= self.capacity and positions is None and not self._padding_known():
             self._refuse_unknown_padding(key_states.shape[0])
         slot = self.slot_index(r)
-        self.keys[:, :, slot] = key_states[:, :, 0]
-        self.values[:, :, slot] = value_states[:, :, 0]
-        self.real_idx[:, slot] = r
-        if positions is not None:
-            self.positions[:, slot] = positions[:, -1].to(self.device)
+        self.keys.narrow(2, slot, 1).copy_(key_states)
+        self.values.narrow(2, slot, 1).copy_(value_states)
+        if not self.lockstep_fast_path:
+            pos = None
+        elif positions is not None:
+            pos = self.cache._row_int(positions)
         elif self.cache._base is None:
-            self.positions[:, slot] = r
+            pos = r
         else:
-            self.positions[:, slot] = r - self.cache._base.to(self.device)
+            base = self.cache._row_int(self.cache._base)
+            pos = None if base is None else r - base
+        if pos is not None:
+            self._lazy_slots[slot] = (r, pos)
+        else:  # rows at different positions: per-row bookkeeping
+            self.real_idx[:, slot] = r
+            if positions is not None:
+                self.positions[:, slot] = positions[:, -1].to(self.device)
+            elif self.cache._base is None:
+                self.positions[:, slot] = r
+            else:
+                self.positions[:, slot] = r - self.cache._base.to(self.device)
+        self._fast_pos = pos
         if r < self.num_sink_tokens:
-            self.sink_keys[:, :, r] = key_states[:, :, 0]
-        self.real_seen += 1
+            self.sink_keys.narrow(2, r, 1).copy_(key_states)
+            self._sinks_half = None
+            if r == 0:
+                self._sink_offset_int = False
+        self._lazy_count = True
         self.uniform = r + 1
         self.filled = max(self.filled, min(r + 1, self.capacity))
+
+    def prepare_decode_fast(self, positions: torch.Tensor | None) -> bool:
+        """Lockstep decode step (the token already in its slot): shift the sinks to the query with Python ints.
+
+        ``positions``: the model's ``position_ids`` (trusted over the cache's own guess). Returns ``False``, having
+        done nothing, when the step needs the per-row path (rows at different positions or sink offsets, a token
+        not written by :meth:`_write_one`); ``True`` means also that no filled slot is empty (no mask needed).
+        """
+        pos = self._fast_pos
+        if pos is None:
+            return False
+        r = self.uniform - 1
+        if positions is not None:
+            given = self.cache._row_int(positions)
+            if given is None:
+                return False
+            if given != pos:
+                self._lazy_slots[self.slot_index(r)] = (r, given)
+                self._fast_pos = pos = given
+        return self._place_sinks_fast(r, pos)
+
+    def _place_sinks_fast(self, r: int, pos: int) -> bool:
+        """:meth:`place_sinks` for one shift shared by every row (docs/design.md §2.2), as Python ints."""
+        s = self.num_sink_tokens
+        if s == 0:
+            return True
+        offset = self._sink_offset_int
+        if offset is False:
+            values = self.sink_offset().tolist()  # one host read, then kept until slot 0 or the rows change
+            offset = self._sink_offset_int = values[0] if values.count(values[0]) == len(values) else None
+        if offset is None:
+            return False
+        shift = pos - min(r, self.capacity - 1) - offset
+        current = self._lazy_shift
+        if current is None:
+            values = self._sink_shift_t.tolist()
+            if values.count(values[0]) != len(values):
+                return False
+            current = self._lazy_shift = values[0]
+        if shift == current:
+            return True
+        n = min(s, self.filled)
+        sinks = self.sink_keys if n == s else self.sink_keys.narrow(2, 0, n)
+        if shift != 0 and not (self.rotary is None and self.cache.rules_known):
+            rotary = self.rotary
+            if rotary is None:
+                return False  # the per-row path explains why it cannot shift
+            if self._compute_dtype is None:
+                self._compute_dtype = torch.promote_types(self.keys.dtype, torch.float32)
+            cos, sin = self.cache.lockstep_sink_tables(shift, rotary, self.device, self._compute_dtype)
+            if rotary.interleaved or rotary.rotary_dim != sinks.shape[-1] or sinks.dtype != cos.dtype:
+                sinks = rotate_with(sinks, cos, sin, rotary.rotary_dim, rotary.interleaved)
+            else:  # rotate_with's arithmetic (same ops, same bits) on a kept rotate_half(sinks), straight into the slots
+                half = self._sinks_half
+                if half is None or half.shape != sinks.shape:
+                    x1, x2 = sinks.chunk(2, dim=-1)
+                    half = self._sinks_half = torch.cat((-x2, x1), dim=-1)
+                if not (torch.is_grad_enabled() and (sinks.requires_grad or self.keys.requires_grad)):
+                    torch.add(sinks * cos, half * sin, out=self.keys.narrow(2, 0, n))  # out= cannot record grad
+                    self._lazy_shift = shift
+                    return True
+                sinks = sinks * cos + half * sin
+        self.keys.narrow(2, 0, n).copy_(sinks)
+        self._lazy_shift = shift
+        return True
 
     def _padding_known(self) -> bool:
         """Whether someone who saw the attention mask (the position hook, a sink attention) describes the tokens."""
@@ -341,6 +498,8 @@ class SinkCacheLayer(RowStateLayer):
     def _shift_sinks_for_stock_attention(self, positions: torch.Tensor | None) -> None:
         if self.num_sink_tokens == 0 or self.acknowledged:  # a sink attention places them with exact positions
             return
+        if self._fast_pos is not None and self._place_sinks_fast(self.uniform - 1, self._fast_pos):
+            return
         last = self.real_seen - 1
         query_pos = last + self._position_offset() if positions is None else positions[:, -1].to(self.device)
         shift = self.sink_shift_for(last, query_pos)
@@ -354,6 +513,7 @@ class SinkCacheLayer(RowStateLayer):
         """Rotate window keys back by ``delta`` positions per row (sinks keep their originals)."""
         if not self.is_initialized or self.filled == 0:
             return
+        self._sink_offset_int = False
         window = self.real_idx[:, : self.filled] >= self.num_sink_tokens  # [B, n]
         shift = torch.where(window, -delta[:, None], torch.zeros_like(self.real_idx[:, : self.filled]))
         self.keys[:, :, : self.filled] = shift_rotary(self.keys[:, :, : self.filled], shift[:, None, :], self.rotary)
@@ -369,6 +529,9 @@ class SinkCacheLayer(RowStateLayer):
     def _map_rows(self, fn) -> None:
         if not self.is_initialized:
             return
+        self._flush()
+        self._sink_offset_int = False
+        self._sinks_half = None
         super()._map_rows(fn)
         if self.pending is not None:
             self.pending = tuple(fn(t) for t in self.pending)
@@ -377,6 +540,7 @@ class SinkCacheLayer(RowStateLayer):
 
     def reset(self) -> None:
         self.keys = self.values = None
+        self._clear_lazy()
         self.is_initialized = False
         self.uniform = 0
         self.seen = 0
@@ -454,6 +618,9 @@ class SinkCache(Cache):
         self._base: torch.Tensor | None = None  # per-row offset subtracted from positions (set by the hook)
         self._real_seen: torch.Tensor | None = None  # per-row real tokens, as counted by the hook
         self._sink_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._ints: dict[int, tuple[torch.Tensor, int | None]] = {}  # see _row_int (one forward)
+        self._lockstep_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see lockstep_sink_tables
+        self._rotary_keys: dict[int, tuple[torch.Tensor, tuple[float, ...]]] = {}  # inv_freq -> its values
 
     @classmethod
     def from_config(cls, sink_config: SinkConfig | dict, **kwargs: Any) -> "SinkCache":
@@ -557,6 +724,8 @@ class SinkCache(Cache):
         held = (layer.keys.shape[0], layer.keys.shape[1], layer.keys.shape[-1]) if layer.is_initialized else None
         check_cache_update("SinkCache", self.layers, layer_idx, key_states, held)
         self._announced = None  # the forward the hook announced reached the layers
+        if layer_idx == 0:
+            self._ints.clear()  # a new forward: its position tensors are new
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 
     def crop(self, max_length: int) -> None:
@@ -670,12 +839,50 @@ class SinkCache(Cache):
         self._sink_tables = (shift.clone(), cos, sin, rotary)
         return cos, sin
 
+    def _row_int(self, values: torch.Tensor) -> int | None:
+        """The one value of a ``[B]`` / ``[B|1, 1]`` tensor when every row has the same, else ``None``.
+
+        One host read per tensor and forward: the layers of a forward get the same ``position_ids`` (and base)
+        tensor, so the lockstep decode path reads it once, not once per layer (docs/design.md §4.1).
+        """
+        key = id(values)
+        hit = self._ints.get(key)
+        if hit is not None and hit[0] is values:
+            return hit[1]
+        if values.dim() > 2 or (values.dim() == 2 and values.shape[-1] != 1):
+            result = None
+        else:
+            rows = values.reshape(-1).tolist()
+            result = rows[0] if rows.count(rows[0]) == len(rows) else None
+        if len(self._ints) > 8:
+            self._ints.clear()
+        self._ints[key] = (values, result)
+        return result
+
+    def lockstep_sink_tables(self, shift: int, rotary: RotaryParams, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin moving the sinks of every row by ``shift`` (``[1, 1, 1, rotary_dim]``); computed once per step
+        and rotary (the layers of a forward share it), with the angles in fp64 as in :meth:`sink_tables`."""
+        freq = self._rotary_keys.get(id(rotary.inv_freq))
+        if freq is None or freq[0] is not rotary.inv_freq:  # layers with equal frequencies share the tables
+            freq = self._rotary_keys[id(rotary.inv_freq)] = (rotary.inv_freq, tuple(rotary.inv_freq.tolist()))
+        key = (shift, freq[1], rotary.rotary_dim, rotary.interleaved, device, dtype)
+        hit = self._lockstep_tables.get(key)
+        if hit is not None:
+            return hit
+        if any(k[0] != shift for k in self._lockstep_tables):
+            self._lockstep_tables.clear()  # the previous step's tables
+        cos, sin = shift_tables(torch.full((1, 1, 1), shift, dtype=torch.long), rotary, device, dtype)
+        self._lockstep_tables[key] = (cos, sin)
+        return cos, sin
+
     def _incoming_for(self, seen: int, q: int):
         """Validity and positions announced by the position hook for the forward starting at ``seen``."""
         if self._incoming is None or self._incoming[0] != seen:
             return None
         _, valid, positions = self._incoming
-        return valid, positions[:, -q:] if positions is not None else None
+        if positions is not None and positions.shape[-1] != q:
+            positions = positions[:, -q:]
+        return valid, positions
 
 
 def model_rules(model: Any, num_sink_tokens: int, window_length: int) -> list[LayerRule]:

@@ -210,12 +210,17 @@ def prepare_decode(layer: SinkCacheLayer, positions: torch.Tensor | None) -> tor
     slot = layer.slot_of(real)
     if positions is not None:  # trust the model's positions over the cache's default guess
         layer.positions[rows, slot] = positions[:, -1].to(layer.device).expand(batch)
+        layer._sink_offset_int = False  # slot 0 may have been this token's
     layer.place_sinks(layer.sink_shift_for(real, layer.positions[rows, slot]))
     return real
 
 
 def _decode(layer, query, key, value, positions, kernel, scaling, dropout, want_weights, sink_logits=None):
     kernel = with_sink_logits(kernel, sink_logits)
+    if layer.prepare_decode_fast(positions):
+        # rows in lockstep, no padding: slot, position and sink shift were Python ints and no filled slot is empty,
+        # so no mask and no host sync (docs/design.md §4.1)
+        return kernel(query, key, value, None, scaling, dropout, want_weights)
     prepare_decode(layer, positions)
     valid = layer.real_idx[:, : layer.filled] >= 0
     mask = None if bool(valid.all()) else valid[:, None, None, :]
