@@ -6,7 +6,8 @@ Modes, at each resident size R (cache capacity; sink caches: 4 sinks + R - 4 win
 
 * ``dynamic``: eager ``DynamicCache`` under ``"sdpa"``, holding R tokens before every step (cropped back, untimed);
 * ``sink``: eager ``SinkCache(4, R - 4)`` under ``"sink_sdpa"``, streamed to length L (full and evicting);
-* ``static``: ``torch.compile(model.forward, fullgraph=True, dynamic=False)`` with transformers' ``StaticCache(max_cache_len=R)``
+* ``static``: ``torch.compile(model.forward, fullgraph=True, dynamic=False)`` with transformers'
+  ``StaticCache(max_cache_len=R)``
   under ``"sdpa"``, holding R - 1 tokens before every step (cropped back, untimed): SDPA over R slots;
 * ``static_sink``: the same compile with ``StaticSinkCache(4, R - 4)`` (model under ``"sink_sdpa"``; its decode step
   is SDPA over the S + W slots), streamed to length L.
@@ -42,11 +43,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import common  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import DynamicCache, StaticCache  # noqa: E402
 
-import common  # noqa: E402
 import hf_sinks  # noqa: E402
 from hf_sinks.compat import cache_kwargs  # noqa: E402
 from hf_sinks.default_model import load_model_and_tokenizer  # noqa: E402
@@ -111,8 +112,12 @@ class Stream:
     def _prefill(self, model, n: int, chunk: int = 512) -> None:
         with torch.inference_mode():
             for start in range(0, n, chunk):
-                model(input_ids=self._ids(min(chunk, n - start)), **cache_kwargs(self.cache), use_cache=True,
-                      logits_to_keep=1)
+                model(
+                    input_ids=self._ids(min(chunk, n - start)),
+                    **cache_kwargs(self.cache),
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
 
     def advance(self, length: int, chunk: int) -> None:
         """Stream the (eager) sink cache to ``length`` tokens by exact chunked prefill."""
@@ -136,8 +141,9 @@ class Stream:
         return times
 
 
-def benchmark(sizes, lengths, steps, rounds, block, warmup, chunk, progress=print, modes=MODES,
-              prefill_threads=None) -> list[dict]:
+def benchmark(
+    sizes, lengths, steps, rounds, block, warmup, chunk, progress=print, modes=MODES, prefill_threads=None
+) -> list[dict]:
     modes = tuple(m for m in MODES if m in modes)
     built = modes + (("sink",) if "static_sink" in modes and "sink" not in modes else ())
     timed_threads = torch.get_num_threads()
@@ -169,8 +175,10 @@ def benchmark(sizes, lengths, steps, rounds, block, warmup, chunk, progress=prin
             if static_sink is not None:
                 static_sink.cache.copy_from(sink.cache)  # back in lockstep after the warm-up steps
                 static_sink.length = sink.length
-            progress(f"R={resident} L={length}: prefill {warm - t0:.0f} s, warm-up {time.perf_counter() - warm:.0f} s, "
-                     f"load {load_average()}")
+            progress(
+                f"R={resident} L={length}: prefill {warm - t0:.0f} s, warm-up {time.perf_counter() - warm:.0f} s, "
+                f"load {load_average()}"
+            )
             rounds_ms: dict[str, list[float]] = {mode: [] for mode in modes}
             order = list(modes)
             gc.collect()
@@ -197,31 +205,38 @@ def benchmark(sizes, lengths, steps, rounds, block, warmup, chunk, progress=prin
                 return round(ms[mode] / ms[base], 4) if base in ms else ""
 
             for mode in modes:
-                rows.append(dict(
-                    resident_tokens=resident,
-                    stream_length=streams[mode].length if mode in ("sink", "static_sink") else resident,
-                    target_length=length,
-                    mode=mode,
-                    label=LABELS[mode],
-                    ms_per_token=round(ms[mode], 3),
-                    ms_min=round(min(rounds_ms[mode]), 3),
-                    ms_max=round(max(rounds_ms[mode]), 3),
-                    vs_dynamic=ratio(mode, "dynamic"),
-                    vs_static=ratio(mode, "static"),
-                    # the same ratios taken round by round (each round's modes ran interleaved), then the median
-                    vs_dynamic_paired=paired(mode, "dynamic"),
-                    vs_static_paired=paired(mode, "static"),
-                    steps=steps,
-                    rounds=rounds,
-                    threads=torch.get_num_threads(),
-                    load_average=load_average(),
-                    dtype="float32",
-                    torch=torch.__version__,
-                    transformers=transformers.__version__,
-                    machine=common.machine(),
-                ))
+                rows.append(
+                    dict(
+                        resident_tokens=resident,
+                        stream_length=streams[mode].length if mode in ("sink", "static_sink") else resident,
+                        target_length=length,
+                        mode=mode,
+                        label=LABELS[mode],
+                        ms_per_token=round(ms[mode], 3),
+                        ms_min=round(min(rounds_ms[mode]), 3),
+                        ms_max=round(max(rounds_ms[mode]), 3),
+                        vs_dynamic=ratio(mode, "dynamic"),
+                        vs_static=ratio(mode, "static"),
+                        # the same ratios taken round by round (each round's modes ran interleaved), then the median
+                        vs_dynamic_paired=paired(mode, "dynamic"),
+                        vs_static_paired=paired(mode, "static"),
+                        steps=steps,
+                        rounds=rounds,
+                        threads=torch.get_num_threads(),
+                        load_average=load_average(),
+                        dtype="float32",
+                        torch=torch.__version__,
+                        transformers=transformers.__version__,
+                        machine=common.machine(),
+                    )
+                )
             summary = [f"{m} {ms[m]:.2f} ms" for m in modes]
-            for mode, base in (("static_sink", "static"), ("static_sink", "dynamic"), ("sink", "dynamic"), ("sink", "static")):
+            for mode, base in (
+                ("static_sink", "static"),
+                ("static_sink", "dynamic"),
+                ("sink", "dynamic"),
+                ("sink", "static"),
+            ):
                 if mode in ms and base in ms:
                     summary.append(f"{mode}/{base} {ratio(mode, base):.3f} (paired {paired(mode, base):.3f})")
             progress(" | ".join(summary))
@@ -242,12 +257,20 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(sizes), figsize=(max(4.2 * len(sizes), 7.5), 4), squeeze=False, sharey=True)
     for ax, resident in zip(axes[0], sizes):
         for mode in [m for m in MODES if any(r["mode"] == m for r in rows)]:
-            sel = sorted((r for r in rows if r["resident_tokens"] == resident and r["mode"] == mode),
-                         key=lambda r: r["target_length"])
+            sel = sorted(
+                (r for r in rows if r["resident_tokens"] == resident and r["mode"] == mode),
+                key=lambda r: r["target_length"],
+            )
             xs = [r["target_length"] for r in sel]
-            ax.errorbar(xs, [r["ms_per_token"] for r in sel],
-                        yerr=[[r["ms_per_token"] - r["ms_min"] for r in sel], [r["ms_max"] - r["ms_per_token"] for r in sel]],
-                        marker="o", capsize=3, label=LABELS[mode], color=colors[mode])
+            ax.errorbar(
+                xs,
+                [r["ms_per_token"] for r in sel],
+                yerr=[[r["ms_per_token"] - r["ms_min"] for r in sel], [r["ms_max"] - r["ms_per_token"] for r in sel]],
+                marker="o",
+                capsize=3,
+                label=LABELS[mode],
+                color=colors[mode],
+            )
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({r["target_length"] for r in rows}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{int(v) // 1024}k"))
@@ -258,8 +281,11 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[0][0].set_ylim(bottom=0)
     axes[0][0].legend(fontsize=8)
     first = rows[0]
-    fig.suptitle(f"SmolLM2-135M decode, fp32 CPU, {first['threads']} thread(s); torch {first['torch']}, "
-                 f"transformers {first['transformers']}", fontsize=10)
+    fig.suptitle(
+        f"SmolLM2-135M decode, fp32 CPU, {first['threads']} thread(s); torch {first['torch']}, "
+        f"transformers {first['transformers']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -271,12 +297,16 @@ def _num(value) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'R':>5} {'L':>6}  {'mode':<12} {'ms/token':>9} {'min':>8} {'max':>8} {'vs dyn':>7} {'vs static':>9}"
-          f" {'paired dyn':>10} {'paired static':>13}")
+    print(
+        f"\n{'R':>5} {'L':>6}  {'mode':<12} {'ms/token':>9} {'min':>8} {'max':>8} {'vs dyn':>7} {'vs static':>9}"
+        f" {'paired dyn':>10} {'paired static':>13}"
+    )
     for r in rows:
-        print(f"{r['resident_tokens']:>5} {r['target_length']:>6}  {r['mode']:<12} {r['ms_per_token']:>9.2f} "
-              f"{r['ms_min']:>8.2f} {r['ms_max']:>8.2f} {_num(r['vs_dynamic']):>7} {_num(r['vs_static']):>9}"
-              f" {_num(r['vs_dynamic_paired']):>10} {_num(r['vs_static_paired']):>13}")
+        print(
+            f"{r['resident_tokens']:>5} {r['target_length']:>6}  {r['mode']:<12} {r['ms_per_token']:>9.2f} "
+            f"{r['ms_min']:>8.2f} {r['ms_max']:>8.2f} {_num(r['vs_dynamic']):>7} {_num(r['vs_static']):>9}"
+            f" {_num(r['vs_dynamic_paired']):>10} {_num(r['vs_static_paired']):>13}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -297,14 +327,26 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     print(f"machine: {common.machine()}; load average at start: {load_average()}", file=sys.stderr)
-    rows = benchmark(args.sizes, args.lengths, args.steps, args.rounds, args.block, args.warmup, args.chunk,
-                     progress=lambda s: print(s, file=sys.stderr, flush=True), modes=args.modes,
-                     prefill_threads=args.prefill_threads)
+    rows = benchmark(
+        args.sizes,
+        args.lengths,
+        args.steps,
+        args.rounds,
+        args.block,
+        args.warmup,
+        args.chunk,
+        progress=lambda s: print(s, file=sys.stderr, flush=True),
+        modes=args.modes,
+        prefill_threads=args.prefill_threads,
+    )
     common.write_csv(rows, args.out)
     plot(rows, args.out.with_suffix(".png"))
     print_table(rows)
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {time.perf_counter() - start:.0f} s; "
-          f"load average at end: {load_average()}", file=sys.stderr)
+    print(
+        f"wrote {args.out} and {args.out.with_suffix('.png')} in {time.perf_counter() - start:.0f} s; "
+        f"load average at end: {load_average()}",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

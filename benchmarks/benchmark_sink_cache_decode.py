@@ -37,11 +37,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import common  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-import common  # noqa: E402
 import hf_sinks  # noqa: E402
 from hf_sinks.compat import cache_kwargs  # noqa: E402
 
@@ -191,13 +191,23 @@ def plot(rows: list[dict], path: Path) -> None:
         by_size = {r["resident_tokens"]: r for r in rows if r["impl"] == impl}
         xs = [i + (k - (len(IMPLS) - 1) / 2) * width for i in range(len(sizes))]
         ys = [by_size[s]["ms_per_token"] for s in sizes]
-        errs = [[y - by_size[s]["ms_min"] for s, y in zip(sizes, ys)], [by_size[s]["ms_max"] - y for s, y in zip(sizes, ys)]]
+        errs = [
+            [y - by_size[s]["ms_min"] for s, y in zip(sizes, ys)],
+            [by_size[s]["ms_max"] - y for s, y in zip(sizes, ys)],
+        ]
         bars = ax.bar(xs, ys, width, yerr=errs, capsize=3, label=impl, color=colors[impl])
         if impl != BASELINE:
             for bar, s in zip(bars, sizes):
                 top = max(bar.get_height(), by_size[s]["ms_max"])  # above the error bar
-                ax.annotate(f"{by_size[s]['ratio']:.2f}x", (bar.get_x() + bar.get_width() / 2, top),
-                            ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+                ax.annotate(
+                    f"{by_size[s]['ratio']:.2f}x",
+                    (bar.get_x() + bar.get_width() / 2, top),
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                )
     first = rows[0]
     ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
     ax.set_xlabel("resident tokens in the cache (sink cache: 4 sinks + window, full and evicting)")
@@ -220,8 +230,10 @@ def plot(rows: list[dict], path: Path) -> None:
 def print_table(rows: list[dict]) -> None:
     print(f"\n{'resident':>8}  {'impl':<22} {'ms/token':>9} {'min':>8} {'max':>8} {'ratio':>7} {'paired':>7}")
     for r in rows:
-        print(f"{r['resident_tokens']:>8}  {r['impl']:<22} {r['ms_per_token']:>9.3f} {r['ms_min']:>8.3f} "
-              f"{r['ms_max']:>8.3f} {r['ratio']:>7.3f} {r['ratio_paired']:>7.3f}")
+        print(
+            f"{r['resident_tokens']:>8}  {r['impl']:<22} {r['ms_per_token']:>9.3f} {r['ms_min']:>8.3f} "
+            f"{r['ms_max']:>8.3f} {r['ratio']:>7.3f} {r['ratio_paired']:>7.3f}"
+        )
     print(f"\n(ratio = ms / {BASELINE} at the same resident size; target for the sink cache <= 1.05)")
 
 
@@ -233,7 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chunk", type=int, default=8, help="consecutive steps of one implementation before switching")
     p.add_argument("--warmup", type=int, default=8, help="untimed steps per implementation before timing")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 was fastest on the 2-core reference box)")
-    p.add_argument("--out", type=Path, default=OUT_DIR / "sink_cache_decode.csv", help="CSV path; the PNG goes beside it")
+    p.add_argument(
+        "--out", type=Path, default=OUT_DIR / "sink_cache_decode.csv", help="CSV path; the PNG goes beside it"
+    )
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -242,7 +256,9 @@ def main(argv: list[str] | None = None) -> None:
     common.write_csv(rows, args.out)
     plot(rows, args.out.with_suffix(".png"))
     print_table(rows)
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    print(
+        f"wrote {args.out} and {args.out.with_suffix('.png')} in {time.perf_counter() - start:.0f} s", file=sys.stderr
+    )
 
 
 if __name__ == "__main__":

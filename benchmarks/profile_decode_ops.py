@@ -27,8 +27,15 @@ from hf_sinks.compat import cache_kwargs  # noqa: E402
 
 def tiny_llama(attn: str, layers: int) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=4096)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=4096,
+    )
     config._attn_implementation = attn
     return LlamaForCausalLM(config).eval()
 

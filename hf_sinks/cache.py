@@ -16,9 +16,9 @@ original (no drift), with the angle computed in fp64 (exact at any position).
 Two ways to attend over the cache:
 
 * a stock attention (``"sdpa"``, ``"eager"``) gets the slots as they are: exact for token-by-token decoding;
-* a registered ``"sink_*"`` attention (hf_sinks.attention) finds the layer through ``key._hf_sinks_layer`` (:mod:`hf_sinks.cache_layers`) and uses
-  its per-slot bookkeeping for the exact visibility rule inside multi-token chunks (long prompts, multi-turn),
-  left padding and per-query sink positions; it then commits the chunk (:meth:`SinkCacheLayer.commit`).
+* a registered ``"sink_*"`` attention (hf_sinks.attention) finds the layer through ``key._hf_sinks_layer``
+  (:mod:`hf_sinks.cache_layers`) and uses its per-slot bookkeeping for the exact visibility rule inside multi-token
+  chunks (long prompts, multi-turn), left padding and per-query sink positions; it then commits the chunk (:meth:`SinkCacheLayer.commit`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from .validation import SinkTypeError, check_batch_size, check_cache_update, che
 
 logger = logging.getLogger(__name__)
 
+
 class SinkCacheLayer(RowStateLayer):
     """One layer of a :class:`SinkCache` (see the module docstring for the slot layout)."""
 
@@ -50,7 +51,9 @@ class SinkCacheLayer(RowStateLayer):
     def __init__(self, cache: "SinkCache", rule: LayerRule | None = None, rule_bound: bool = False):
         super().__init__()
         self.cache = cache
-        self._set_rule(rule if rule is not None else LayerRule(cache.num_sink_tokens, cache.window_length, cache.rotary))
+        self._set_rule(
+            rule if rule is not None else LayerRule(cache.num_sink_tokens, cache.window_length, cache.rotary)
+        )
         self.rule_bound = rule_bound  # the rule comes from the model (config, hook or the attention's module)
         self.updates = 0  # forwards seen: the rule may still change during the first one
         self.seen = 0  # tokens processed, padding included (what generate slices prompts by)
@@ -412,7 +415,7 @@ class SinkCacheLayer(RowStateLayer):
             cos, sin = self.cache.lockstep_sink_tables(shift, rotary, self.device, self._compute_dtype)
             if rotary.interleaved or rotary.rotary_dim != sinks.shape[-1] or sinks.dtype != cos.dtype:
                 sinks = rotate_with(sinks, cos, sin, rotary.rotary_dim, rotary.interleaved)
-            else:  # rotate_with's arithmetic (same ops, same bits) on a kept rotate_half(sinks), straight into the slots
+            else:  # rotate_with's arithmetic (same ops, same bits) on a kept rotate_half(sinks), into the slots
                 half = self._sinks_half
                 if half is None or half.shape != sinks.shape:
                     x1, x2 = sinks.chunk(2, dim=-1)
@@ -635,9 +638,13 @@ class SinkCache(Cache):
         return cls(sink_config.num_sink_tokens, sink_config.window_length, **kwargs)
 
     @classmethod
-    def from_model(cls, model: Any, num_sink_tokens: int | None = None, window_length: int | None = None) -> "SinkCache":
+    def from_model(
+        cls, model: Any, num_sink_tokens: int | None = None, window_length: int | None = None
+    ) -> "SinkCache":
         """Build for ``model``: sizes from ``model.config.attention_sinks`` (or defaults) and the model's rotary."""
-        overrides = {k: v for k, v in (("num_sink_tokens", num_sink_tokens), ("window_length", window_length)) if v is not None}
+        overrides = {
+            k: v for k, v in (("num_sink_tokens", num_sink_tokens), ("window_length", window_length)) if v is not None
+        }
         sink_config = SinkConfig.from_model_config(model.config, **overrides) or SinkConfig()
         cache = cls.from_config(sink_config)
         cache.bind_rules(model_rules(model, sink_config.num_sink_tokens, sink_config.window_length))
@@ -670,7 +677,11 @@ class SinkCache(Cache):
         """
         if self._rotary_bound:
             return
-        mine = self.rules if self.rules is not None else ([LayerRule(0, 1, self.rotary)] * len(rules) if self.rotary is not None else None)
+        mine = (
+            self.rules
+            if self.rules is not None
+            else ([LayerRule(0, 1, self.rotary)] * len(rules) if self.rotary is not None else None)
+        )
         if mine is not None:
             for idx, (have, want) in enumerate(zip(mine, rules)):
                 if want.rotary is None or have.rotary is None:
@@ -678,7 +689,8 @@ class SinkCache(Cache):
                 if not have.rotary.matches(want.rotary):
                     raise ValueError(
                         f"This SinkCache was built with the rotary parameters of {have.rotary.describe()}, but the "
-                        f"model rotates layer {idx} with {want.rotary.describe()}; its sinks would be re-positioned with "
+                        f"model rotates layer {idx} with {want.rotary.describe()}; "
+                        "its sinks would be re-positioned with "
                         "the wrong frequencies. Build the cache with SinkCache(..., config=model.config) or "
                         "SinkCache.from_model(model)."
                     )
@@ -823,7 +835,9 @@ class SinkCache(Cache):
         self._real_seen = self._base = None
         self._incoming = self._announced = None
 
-    def sink_tables(self, shift: torch.Tensor, device, dtype, rotary: RotaryParams | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sink_tables(
+        self, shift: torch.Tensor, device, dtype, rotary: RotaryParams | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin moving the sinks by ``shift`` per row; layers sharing rotary parameters share one computation."""
         rotary = rotary if rotary is not None else self.rotary
         cached = self._sink_tables
@@ -859,7 +873,9 @@ class SinkCache(Cache):
         self._ints[key] = (values, result)
         return result
 
-    def lockstep_sink_tables(self, shift: int, rotary: RotaryParams, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def lockstep_sink_tables(
+        self, shift: int, rotary: RotaryParams, device, dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin moving the sinks of every row by ``shift`` (``[1, 1, 1, rotary_dim]``); computed once per step
         and rotary (the layers of a forward share it), with the angles in fp64 as in :meth:`sink_tables`."""
         freq = self._rotary_keys.get(id(rotary.inv_freq))

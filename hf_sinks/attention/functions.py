@@ -38,7 +38,7 @@ from ..cache import SinkCacheLayer
 from ..cache_layers import layer_of
 from ..layers import LayerRule, layer_rules, rule_for
 from ..models import check_config
-from ..rope import RotaryParams, layer_rotaries, shift_rotary
+from ..rope import layer_rotaries, shift_rotary
 from ..visibility import sink_visible
 from .masks import new_token_validity, stock_mask
 from .preamble import default_scaling, refuse_dropout, to_model_layout
@@ -264,7 +264,9 @@ def prepare_chunk(
     return ChunkInfo(real_new, col_real, positions, shift)
 
 
-def _chunk(layer, query, key, value, positions, valid, rotary, kernel, scaling, dropout, want_weights, sink_logits=None):
+def _chunk(
+    layer, query, key, value, positions, valid, rotary, kernel, scaling, dropout, want_weights, sink_logits=None
+):
     kernel = with_sink_logits(kernel, sink_logits)
     batch, _, q, _ = query.shape
     s, w = layer.num_sink_tokens, layer.window_length
@@ -369,7 +371,17 @@ def make_sink_attention_forward(
         else:
             valid = new_token_validity(attention_mask, query.shape[2])
             out, weights = chunk(
-                layer, query, key, value, positions, valid, rotary, run_kernel, scaling, dropout, want_weights,
+                layer,
+                query,
+                key,
+                value,
+                positions,
+                valid,
+                rotary,
+                run_kernel,
+                scaling,
+                dropout,
+                want_weights,
                 sink_logits=sink_logits,
             )
         return to_model_layout(out), weights

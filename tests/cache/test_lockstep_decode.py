@@ -80,10 +80,14 @@ def both_paths(monkeypatch, make, script, **kw):
 
 
 SCRIPT = (
-    [("chunk", 5)] + [("chunk", 1)] * 14  # decode through more than one eviction cycle (S + W = 8)
-    + [("chunk", 7)] + [("chunk", 1)] * 9  # a later turn (chunked prefill), then decode again
-    + [("reorder", [1, 1])] + [("chunk", 1)] * 6  # beam reorder mid-stream: both rows continue row 1
-    + [("chunk", 19)] + [("chunk", 1)] * 4  # a chunk longer than the cache
+    [("chunk", 5)]
+    + [("chunk", 1)] * 14  # decode through more than one eviction cycle (S + W = 8)
+    + [("chunk", 7)]
+    + [("chunk", 1)] * 9  # a later turn (chunked prefill), then decode again
+    + [("reorder", [1, 1])]
+    + [("chunk", 1)] * 6  # beam reorder mid-stream: both rows continue row 1
+    + [("chunk", 19)]
+    + [("chunk", 1)] * 4  # a chunk longer than the cache
 )
 
 
