@@ -18,7 +18,8 @@ Two ways to attend over the cache:
 * a stock attention (``"sdpa"``, ``"eager"``) gets the slots as they are: exact for token-by-token decoding;
 * a registered ``"sink_*"`` attention (hf_sinks.attention) finds the layer through ``key._hf_sinks_layer``
   (:mod:`hf_sinks.cache_layers`) and uses its per-slot bookkeeping for the exact visibility rule inside multi-token
-  chunks (long prompts, multi-turn), left padding and per-query sink positions; it then commits the chunk (:meth:`SinkCacheLayer.commit`).
+  chunks (long prompts, multi-turn), left padding and per-query sink positions; it then commits the chunk
+  (:meth:`SinkCacheLayer.commit`).
 """
 
 from __future__ import annotations
