@@ -158,13 +158,10 @@ def apply(
         )
     if spec.route == "patch":
         importlib.import_module(f"hf_sinks.patches.{spec.model_type}").check_supported(model.config)
-    overrides = {
-        k: v for k, v in (("num_sink_tokens", num_sink_tokens), ("window_length", window_length)) if v is not None
-    }
     previous = getattr(model, _APPLIED, None)
     # what remove() must restore: the flag as it was before the first apply
     original_flag = previous._previous_flag if previous is not None else getattr(model.config, CONFIG_ATTRIBUTE, None)
-    sink_config = SinkConfig.from_model_config(model.config, **overrides) or SinkConfig()
+    sink_config = SinkConfig.for_model(model.config, num_sink_tokens, window_length)
     rotaries = layer_rotaries(model.config, model=model)
     if previous is not None:
         previous.remove()

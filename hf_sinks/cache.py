@@ -643,10 +643,7 @@ class SinkCache(Cache):
         cls, model: Any, num_sink_tokens: int | None = None, window_length: int | None = None
     ) -> "SinkCache":
         """Build for ``model``: sizes from ``model.config.attention_sinks`` (or defaults) and the model's rotary."""
-        overrides = {
-            k: v for k, v in (("num_sink_tokens", num_sink_tokens), ("window_length", window_length)) if v is not None
-        }
-        sink_config = SinkConfig.from_model_config(model.config, **overrides) or SinkConfig()
+        sink_config = SinkConfig.for_model(model.config, num_sink_tokens, window_length)
         cache = cls.from_config(sink_config)
         cache.bind_rules(model_rules(model, sink_config.num_sink_tokens, sink_config.window_length))
         return cache

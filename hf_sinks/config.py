@@ -114,6 +114,18 @@ class SinkConfig:
         except ValueError as e:
             raise type(e)(f"config.{CONFIG_ATTRIBUTE}: {e}") from None
 
+    @classmethod
+    def for_model(
+        cls, config: Any, num_sink_tokens: int | None = None, window_length: int | None = None
+    ) -> "SinkConfig":
+        """The sizes to stream a model with: ``config.attention_sinks`` (or the defaults), the sizes given here
+        (not ``None``) overriding it. What ``apply``, ``SinkCache.from_model`` and ``StaticSinkCache.from_model``
+        use."""
+        overrides = {
+            k: v for k, v in (("num_sink_tokens", num_sink_tokens), ("window_length", window_length)) if v is not None
+        }
+        return cls.from_model_config(config, **overrides) or cls()
+
 
 def _short(value: Any, limit: int = 80) -> str:
     text = repr(value)

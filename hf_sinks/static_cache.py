@@ -252,10 +252,7 @@ class StaticSinkCache(SinkCache):
         """Build for ``model``: sizes from ``model.config.attention_sinks`` (or defaults), the model's rotary."""
         from .config import SinkConfig
 
-        overrides = {
-            k: v for k, v in (("num_sink_tokens", num_sink_tokens), ("window_length", window_length)) if v is not None
-        }
-        sink_config = SinkConfig.from_model_config(model.config, **overrides) or SinkConfig()
+        sink_config = SinkConfig.for_model(model.config, num_sink_tokens, window_length)
         return cls(
             sink_config.num_sink_tokens,
             sink_config.window_length,

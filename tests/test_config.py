@@ -48,3 +48,17 @@ def test_from_model_config_reads_flag_and_overrides():
     assert SinkConfig.from_model_config(Cfg(), window_length=20) == SinkConfig(1, 20)
     assert SinkConfig.from_model_config(object()) is None
     assert SinkConfig.from_model_config(object(), num_sink_tokens=2) == SinkConfig(2, 1020)
+
+
+def test_for_model_defaults_flag_then_explicit_sizes():
+    """``for_model``: the defaults without a flag, the flag's sizes, explicit sizes over the flag, ``None`` = unset."""
+
+    class Cfg:
+        attention_sinks = {"num_sink_tokens": 1, "window_length": 9}
+
+    assert SinkConfig.for_model(object()) == SinkConfig(4, 1020)
+    assert SinkConfig.for_model(Cfg()) == SinkConfig(1, 9)
+    assert SinkConfig.for_model(Cfg(), num_sink_tokens=None, window_length=20) == SinkConfig(1, 20)
+    assert SinkConfig.for_model(object(), 0, 16) == SinkConfig(0, 16)
+    with pytest.raises(ValueError, match=r"window_length=-3"):
+        SinkConfig.for_model(Cfg(), window_length=-3)
