@@ -175,9 +175,9 @@ def _read_curves(path: Path) -> dict[str, torch.Tensor]:
 
 def plot_vs_dense(curves: dict[str, torch.Tensor], path: Path, smooth: int = 512, title: str = "") -> Path:
     """Trailing ``smooth``-token mean of (NLL - dense NLL) per run, plus each run's overall ppl ratio to dense."""
-    from hf_sinks.eval.plots import _pyplot, moving_average
+    from hf_sinks.eval.plots import moving_average, pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     dense = curves["dense"].double()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for label, nll in curves.items():
@@ -199,10 +199,7 @@ def plot_vs_dense(curves: dict[str, torch.Tensor], path: Path, smooth: int = 512
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

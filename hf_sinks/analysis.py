@@ -535,9 +535,9 @@ def _secondary_sinks(ratio, received, ids, texts, factor, min_heads) -> list[Sec
 # -------------------------------------------------------------------------------------------- plots
 def plot_sink_heatmap(analysis: SinkAnalysis, path: str | Path, title: str = "") -> Path:
     """Layers x heads heatmap of the sink score; sink heads (score > epsilon) are marked with a dot."""
-    from .eval.plots import _pyplot
+    from .eval.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     scores = analysis.sink_scores.numpy()
     fig, ax = plt.subplots(
         figsize=(max(4.0, 0.5 * analysis.num_heads + 2.5), max(4.0, 0.22 * analysis.num_layers + 1.5))
@@ -557,18 +557,14 @@ def plot_sink_heatmap(analysis: SinkAnalysis, path: str | Path, title: str = "")
         f"eps={analysis.epsilon:g})"
     )
     ax.set_title(textwrap.fill(title or default, 60), fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_sink_layers(analysis: SinkAnalysis, path: str | Path, title: str = "") -> Path:
     """Per layer: mean sink score (with min-max over heads) and the fraction of sink heads."""
-    from .eval.plots import _pyplot
+    from .eval.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     x = list(range(analysis.num_layers))
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.fill_between(
@@ -601,11 +597,7 @@ def plot_sink_layers(analysis: SinkAnalysis, path: str | Path, title: str = "") 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(textwrap.fill(title or f"sink score per layer ({analysis.num_tokens} tokens)", 100), fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["ANALYSIS_ATTENTION", "SecondarySink", "SinkAnalysis", "analyze", "plot_sink_heatmap", "plot_sink_layers"]

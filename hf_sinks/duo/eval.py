@@ -51,9 +51,9 @@ def duo_passkey_accuracy(
 
 def plot_head_pattern(pattern: HeadPattern, path: str | Path, title: str = "") -> Path:
     """Heatmap of a pattern's scores (layers x KV heads), streaming heads hatched; the retrieval fraction per layer."""
-    from ..eval.plots import _pyplot
+    from ..eval.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     scores = pattern.scores if pattern.scores is not None else pattern.retrieval.float()
     layers, kv_heads = scores.shape
     fig, (ax, ax_frac) = plt.subplots(1, 2, figsize=(7, max(3.5, 0.22 * layers)), width_ratios=(kv_heads + 1, 3))
@@ -70,11 +70,7 @@ def plot_head_pattern(pattern: HeadPattern, path: str | Path, title: str = "") -
     ax_frac.set_xlabel("retrieval fraction")
     ax_frac.set_yticks([])
     fig.suptitle(title or f"{pattern} (S = streaming head)", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["duo_passkey_accuracy", "plot_head_pattern"]

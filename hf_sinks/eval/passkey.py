@@ -327,9 +327,9 @@ def _label(mode: str, num_sink_tokens: int, window_length: int, heavy_budget: An
 
 def plot_passkey(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
     """Accuracy (mean over depths and trials) vs context length, one line per mode/label (log-2 x axis)."""
-    from .plots import _pyplot
+    from .plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label in dict.fromkeys(r["label"] for r in rows):
         sel = [r for r in rows if r["label"] == label]
@@ -348,11 +348,7 @@ def plot_passkey(rows: Sequence[dict], path: str | Path, title: str = "") -> Pat
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = [

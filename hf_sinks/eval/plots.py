@@ -10,7 +10,8 @@ import torch
 _MIB = 2**20
 
 
-def _pyplot():
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, or an ImportError saying how to install it."""
     try:
         import matplotlib
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -19,6 +20,17 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` (PNG, 120 dpi), close it and return the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def moving_average(values: torch.Tensor, window: int) -> torch.Tensor:
@@ -51,7 +63,7 @@ def plot_perplexity(
         curves: ``(label, nll [N], kv_cache_bytes [N])`` per run.
         training_length: draw a vertical line at the model's training context, if given.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_ppl, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"][1:] * 4)
     for label, nll, kv in curves:
@@ -74,16 +86,12 @@ def plot_perplexity(
         ax_ppl.text(training_length, ax_ppl.get_ylim()[1], " training length", va="top", fontsize=8, color="grey")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_bench(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
     """Two panels from ``hf-sinks bench`` rows: ms per decoded token and KV-cache MiB vs stream length (log x)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     for mode in dict.fromkeys(r["mode"] for r in rows):
         sel = [r for r in rows if r["mode"] == mode]
@@ -100,11 +108,7 @@ def plot_bench(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
     ax_t.set_yscale("log")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["moving_average", "plot_bench", "plot_perplexity"]

@@ -84,11 +84,10 @@ def plot_loss(
     log_history: list[dict[str, Any]], path: str | os.PathLike, title: str = "training loss", smooth: int = 20
 ) -> Path | None:
     """Loss-curve PNG (raw per-step loss and a running mean over ``smooth`` steps). ``None`` without matplotlib."""
-    try:
-        import matplotlib
+    from ..eval.plots import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:
+        plt = pyplot()
     except ImportError:
         logger.warning("matplotlib is not installed; no loss plot (pip install matplotlib).")
         return None
@@ -110,10 +109,7 @@ def plot_loss(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def finetune(
