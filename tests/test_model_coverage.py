@@ -26,6 +26,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 import hf_sinks
 from hf_sinks.attention import use_attention
+from hf_sinks.attention.masks import sink_sdpa_mask
 from hf_sinks.cache import model_rules
 from hf_sinks.compat import cache_kwargs
 from hf_sinks.models import VERIFIED_MODEL_TYPES, check_model, feature_reason, unsupported_reason
@@ -144,6 +145,9 @@ STREAMING = {
     "exaone_moe": {},
     "kolibri1": {},
     "cohere2_moe": {},
+    # its attention takes position_ids and does not pass them on: the sink_* functions place chunks without them
+    "persimmon": {},
+    "fuyu": {},  # Persimmon behind an image-patch front end (text-only here)
     # sizes under names of their own; transformers 5.24's defaults do not build (no rope_theta, clip_qkv=None)
     "dbrx": {
         "d_model": 64,
@@ -187,8 +191,6 @@ REFUSED = {
     "diffllama": "differential attention",
     "hrm_text": "recurrent cycles",
     "dory": "recurrent loops",
-    "persimmon": "does not pass position_ids on",
-    "fuyu": "does not pass position_ids on",
     "jetmoe": "copies the cached keys",
     "nanochat": "opposite sign",
 }
@@ -329,6 +331,34 @@ def test_chunked_prefill_through_apply_streams_exactly(arch):
         for a, b in ((0, 14), (14, 23)):
             logits.append(model(input_ids=ids[:, a:b], use_cache=True, **cache_kwargs(cache)).logits[0])
     spec = reference_logits(model, ids, S, W)
+    torch.testing.assert_close(torch.cat(logits), spec, atol=TOL, rtol=0)
+
+
+def _without_position_ids(module, query, key, value, attention_mask, **kwargs):
+    from hf_sinks.attention import sink_sdpa_attention_forward
+
+    kwargs.pop("position_ids", None)  # as Persimmon's attention does: it takes them and does not pass them on
+    return sink_sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register("sink_sdpa_without_position_ids", _without_position_ids)
+AttentionMaskInterface.register("sink_sdpa_without_position_ids", sink_sdpa_mask)
+
+
+def test_chunks_stream_exactly_when_the_attention_gets_no_position_ids():
+    """A later chunk after ``apply`` re-based the positions, with no ``position_ids`` reaching the attention: the
+    chunk's keys sit where the rotary put them (real index - base), not where the sinks' offset says."""
+    model = build("llama")
+    hf_sinks.apply(model, num_sink_tokens=S, window_length=W)
+    ids = random_ids(1, 23, seed=3)
+    spec = reference_logits(model, ids, S, W)
+    with use_attention(model, "sink_sdpa_without_position_ids"):
+        cache = hf_sinks.SinkCache.from_model(model)
+        with torch.no_grad():
+            logits = [
+                model(input_ids=ids[:, a:b], use_cache=True, **cache_kwargs(cache)).logits[0]
+                for a, b in ((0, 14), (14, 23))
+            ]
     torch.testing.assert_close(torch.cat(logits), spec, atol=TOL, rtol=0)
 
 

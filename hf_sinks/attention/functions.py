@@ -246,8 +246,9 @@ def prepare_chunk(
     batch, q = key.shape[0], key.shape[2] - layer.filled
     s, stored = layer.num_sink_tokens, layer.filled
     real_new = layer.new_token_indices(valid, q)  # [B, q], -1 for padding
-    if positions is None:
-        positions = real_new.clamp(min=0) + layer.sink_offset()[:, None]
+    if positions is None:  # the model did not pass position_ids on: new tokens sit at real index + the window's
+        # offset (what SinkCache.begin_forward handed the rotary); the sinks' own offset stays put when it re-bases
+        positions = real_new.clamp(min=0) + layer._position_offset()[:, None]
     positions = positions.to(layer.device).expand(batch, q)
     col_real = torch.cat([layer.real_idx[:, :stored], real_new], dim=-1)  # [B, n]
 
