@@ -121,12 +121,12 @@ MODEL_SPECS: dict[str, ModelSpec] = {
 VERIFIED_MODEL_TYPES: frozenset[str] = frozenset(
     """
     afmoe apertus apertus1p5_text arcee aria_text bitnet cohere cohere2 cohere2_moe cwm dbrx doge dots1 ernie4_5
-    ernie4_5_moe exaone exaone4 exaone_moe falcon flex_olmo flint fuyu gemma gemma2 gemma3 gemma3_text glm glm4 glm4_moe
-    got_ocr2 gpt_neox gpt_oss granite granite_swa granitemoe granitemoe_swa granitemoeshared helium hunyuan_v1_dense
-    hunyuan_v1_moe hy_v3 hyperclovax internlm3 iquestcoder jais2 kolibri1 laguna lfm2 lfm2_moe llama mellum
-    mimo_v2_flash minimax_m2 minimax_m3_vl_text ministral ministral3 mistral mixtral modernbert-decoder moshi
-    moss_transcribe_diarize nemotron olmo olmo2 olmo3 olmoe phi phi3 phi4_multimodal persimmon phimoe qwen2 qwen2_moe qwen3
-    qwen3_moe sarvam_moe seed_oss smollm3 solar_open starcoder2 vaultgemma
+    ernie4_5_moe exaone exaone4 exaone_moe falcon flex_olmo flint fuyu gemma gemma2 gemma3 gemma3_text glm glm4
+    glm4_moe got_ocr2 gpt_neox gpt_oss granite granite_swa granitemoe granitemoe_swa granitemoeshared helium
+    hunyuan_v1_dense hunyuan_v1_moe hy_v3 hyperclovax internlm3 iquestcoder jais2 kolibri1 laguna lfm2 lfm2_moe
+    llama mellum mimo_v2_flash minimax_m2 minimax_m3_vl_text ministral ministral3 mistral mixtral modernbert-decoder
+    moshi moss_transcribe_diarize nemotron olmo olmo2 olmo3 olmoe phi phi3 phi4_multimodal persimmon phimoe qwen2
+    qwen2_moe qwen3 qwen3_moe sarvam_moe seed_oss smollm3 solar_open starcoder2 vaultgemma
     """.split()
 )
 UNVERIFIED_ENV = "HF_SINKS_ALLOW_UNVERIFIED"
