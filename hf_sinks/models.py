@@ -97,12 +97,6 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             "attention function, so the sink_* functions cannot find the cache layer behind them",
         ),
         ModelSpec(
-            "nanochat",
-            "refused",
-            "its rotate_half turns by the opposite sign of transformers' convention "
-            "((x2, -x1)), which hf_sinks' sink rotation does not model",
-        ),
-        ModelSpec(
             "dory",
             "refused",
             "recurrent loops run its middle layers several times per token (n_recurrent_loops), "
@@ -124,9 +118,9 @@ VERIFIED_MODEL_TYPES: frozenset[str] = frozenset(
     ernie4_5_moe exaone exaone4 exaone_moe falcon flex_olmo flint fuyu gemma gemma2 gemma3 gemma3_text glm glm4
     glm4_moe got_ocr2 gpt_neox gpt_oss granite granite_swa granitemoe granitemoe_swa granitemoeshared helium
     hunyuan_v1_dense hunyuan_v1_moe hy_v3 hyperclovax internlm3 iquestcoder jais2 kolibri1 laguna lfm2 lfm2_moe
-    llama mellum mimo_v2_flash minimax_m2 minimax_m3_vl_text ministral ministral3 mistral mixtral modernbert-decoder
-    moshi moss_transcribe_diarize nemotron olmo olmo2 olmo3 olmoe phi phi3 phi4_multimodal persimmon phimoe qwen2
-    qwen2_moe qwen3 qwen3_moe sarvam_moe seed_oss smollm3 solar_open starcoder2 vaultgemma
+    llama mellum mimo_v2_flash minimax_m2 minimax_m3_vl_text ministral ministral3 mistral mixtral nanochat
+    modernbert-decoder moshi moss_transcribe_diarize nemotron olmo olmo2 olmo3 olmoe phi phi3 phi4_multimodal
+    persimmon phimoe qwen2 qwen2_moe qwen3 qwen3_moe sarvam_moe seed_oss smollm3 solar_open starcoder2 vaultgemma
     """.split()
 )
 UNVERIFIED_ENV = "HF_SINKS_ALLOW_UNVERIFIED"

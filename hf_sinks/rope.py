@@ -63,7 +63,7 @@ class RotaryParams:
         """Recompute layer ``layer_idx``'s frequencies from a transformers config (what the model's rotary module
         does at init); ``ValueError`` for a layer without RoPE."""
         config = check_rope_config(config)
-        rotary = _rotary_from_config(config, _layer_type(config, layer_idx), _interleaved_for(config))
+        rotary = _rotary_from_config(config, _layer_type(config, layer_idx), *_convention_for(config))
         if rotary is None:
             raise ValueError(f"{getattr(config, 'model_type', 'model')} has no RoPE parameters (`rope_parameters`).")
         return rotary
@@ -127,7 +127,7 @@ def _rope_parameters(config, layer_type: str | None) -> dict | None:
     return rope
 
 
-def _rotary_from_config(config, layer_type: str | None, interleaved: bool) -> "RotaryParams | None":
+def _rotary_from_config(config, layer_type: str | None, interleaved: bool, sign: int = 1) -> "RotaryParams | None":
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     rope = _rope_parameters(config, layer_type)
@@ -148,7 +148,7 @@ def _rotary_from_config(config, layer_type: str | None, interleaved: bool) -> "R
             else {}
         )
         inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", **kwargs)
-    return RotaryParams(inv_freq.float(), 2 * inv_freq.numel(), _describe(config, rope), interleaved)
+    return RotaryParams(sign * inv_freq.float(), 2 * inv_freq.numel(), _describe(config, rope), interleaved)
 
 
 def _describe(config, rope: dict) -> str:
@@ -180,16 +180,18 @@ def uses_rope(config, layer_idx: int) -> bool:
     return layer_type not in no_rope_layer_types(config)
 
 
-def rotate_half_convention(rotate_half_fn) -> bool:
-    """Whether a modeling file's ``rotate_half`` pairs neighbouring channels (``True``) or the halves (``False``).
+def rotate_half_convention(rotate_half_fn) -> tuple[bool, int]:
+    """How a modeling file's ``rotate_half`` pairs channels and which way it turns: ``(interleaved, sign)``.
 
-    Probed on ``[0, 1, 2, 3]``: halves give ``[-2, -3, 0, 1]``, neighbouring pairs ``[-1, 0, -3, 2]``.
+    Probed on ``[0, 1, 2, 3]``: halves give ``[-2, -3, 0, 1]``, neighbouring pairs ``[-1, 0, -3, 2]`` (sign ``+1``,
+    transformers' convention); the negated outputs (NanoChat's ``cat((x2, -x1))``) turn by ``-angle``: sign ``-1``.
     """
     out = rotate_half_fn(torch.arange(4.0)).tolist()
-    if out == [-2.0, -3.0, 0.0, 1.0]:
-        return False
-    if out == [-1.0, 0.0, -3.0, 2.0]:
-        return True
+    for interleaved, expected in ((False, [-2.0, -3.0, 0.0, 1.0]), (True, [-1.0, 0.0, -3.0, 2.0])):
+        if out == expected:
+            return interleaved, 1
+        if out == [-v for v in expected]:
+            return interleaved, -1
     raise ValueError(f"unknown rotate_half convention: rotate_half([0, 1, 2, 3]) = {out}")
 
 
@@ -211,11 +213,12 @@ def _modeling_module(config):
     return sys.modules.get(cls.__module__)
 
 
-def _interleaved_for(config, modeling=None) -> bool:
-    """From the model's own ``rotate_half`` (its modeling file), whether RoPE pairs neighbouring channels."""
+def _convention_for(config, modeling=None) -> tuple[bool, int]:
+    """From the model's own ``rotate_half`` (its modeling file): ``(interleaved, sign)``, see
+    :func:`rotate_half_convention`. A model turning by ``-angle`` is modelled with negated frequencies."""
     modeling = modeling if modeling is not None else _modeling_module(config)
     fn = getattr(modeling, "rotate_half", None)
-    return rotate_half_convention(fn) if callable(fn) else False
+    return rotate_half_convention(fn) if callable(fn) else (False, 1)
 
 
 def layer_rotaries(config, model: nn.Module | None = None, modeling=None) -> "list[RotaryParams | None]":
@@ -230,7 +233,7 @@ def layer_rotaries(config, model: nn.Module | None = None, modeling=None) -> "li
         import sys
 
         modeling = sys.modules.get(type(model).__module__)
-    interleaved = _interleaved_for(config, modeling)
+    interleaved, sign = _convention_for(config, modeling)
     buffers = _rotary_buffers(model) if model is not None else {}
     out: list[RotaryParams | None] = []
     for idx in range(config.num_hidden_layers):
@@ -242,9 +245,9 @@ def layer_rotaries(config, model: nn.Module | None = None, modeling=None) -> "li
         if inv_freq is not None:
             rope = _rope_parameters(config, layer_type) or {}
             _check_static(rope.get("rope_type", "default"))
-            out.append(RotaryParams(inv_freq, 2 * inv_freq.numel(), _describe(config, rope), interleaved))
+            out.append(RotaryParams(sign * inv_freq, 2 * inv_freq.numel(), _describe(config, rope), interleaved))
         else:
-            out.append(_rotary_from_config(config, layer_type, interleaved))
+            out.append(_rotary_from_config(config, layer_type, interleaved, sign))
     return out
 
 

@@ -147,6 +147,7 @@ STREAMING = {
     "cohere2_moe": {},
     # its attention takes position_ids and does not pass them on: the sink_* functions place chunks without them
     "persimmon": {},
+    "nanochat": {},  # its rotate_half turns by -angle: modelled with negated frequencies
     "fuyu": {},  # Persimmon behind an image-patch front end (text-only here)
     # sizes under names of their own; transformers 5.24's defaults do not build (no rope_theta, clip_qkv=None)
     "dbrx": {
@@ -192,7 +193,6 @@ REFUSED = {
     "hrm_text": "recurrent cycles",
     "dory": "recurrent loops",
     "jetmoe": "copies the cached keys",
-    "nanochat": "opposite sign",
 }
 
 

@@ -47,3 +47,34 @@ def test_dynamic_rope_is_refused():
     model = tiny_model("llama", "sdpa", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     with pytest.raises(ValueError, match="rope_type='dynamic'"):
         RotaryParams.from_model(model)
+
+
+def test_rotate_half_convention_reads_pairing_and_direction():
+    """Halves or neighbouring pairs, turning by +angle (transformers) or -angle (NanoChat's ``cat((x2, -x1))``)."""
+    from hf_sinks.rope import rotate_half, rotate_half_convention, rotate_pairs
+
+    assert rotate_half_convention(rotate_half) == (False, 1)
+    assert rotate_half_convention(rotate_pairs) == (True, 1)
+    assert rotate_half_convention(lambda x: -rotate_half(x)) == (False, -1)
+    assert rotate_half_convention(lambda x: -rotate_pairs(x)) == (True, -1)
+    with pytest.raises(ValueError, match=r"unknown rotate_half convention"):
+        rotate_half_convention(lambda x: x)
+
+
+def test_a_model_turning_backwards_gets_negated_frequencies():
+    """A rotation by -angle is the standard rotation with negated frequencies: shifting a key rotated at position p
+    by d with those frequencies gives the key the reversed convention rotates at p + d."""
+    from hf_sinks.rope import RotaryParams, rotate_half, shift_rotary
+
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 8, 2).double() / 8))
+    x = torch.randn(3, 8, dtype=torch.float64)
+
+    def backwards(v, p):  # cat((x2, -x1)) * sin: NanoChat's apply_rotary_pos_emb
+        angles = torch.cat([p * inv_freq, p * inv_freq])
+        return v * angles.cos() + (-rotate_half(v)) * angles.sin()
+
+    rotary = RotaryParams(-inv_freq.float(), 8)
+    moved = shift_rotary(backwards(x, 5.0), torch.full((3,), 7), rotary)
+    torch.testing.assert_close(moved, backwards(x, 12.0), atol=1e-6, rtol=0)
+    wrong = shift_rotary(backwards(x, 5.0), torch.full((3,), 7), RotaryParams(inv_freq.float(), 8))
+    assert not torch.allclose(wrong, backwards(x, 12.0), atol=1e-3)
