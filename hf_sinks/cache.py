@@ -300,7 +300,7 @@ class SinkCacheLayer(RowStateLayer):
         real = self.new_token_indices(valid, q)  # [B, q]
         total = self.real_seen + (real >= 0).sum(-1)  # real tokens per row after this chunk
         if positions is None:
-            positions = real + self._position_offset()[:, None]
+            positions = self.new_token_positions(real)
         positions = positions.to(self.device).expand(real.shape[0], -1)
         keep = (real >= 0) & ((real < s) | (real >= (total - w)[:, None]))
         slots = self.slot_of(real)
@@ -459,6 +459,17 @@ class SinkCacheLayer(RowStateLayer):
     def _position_offset(self) -> torch.Tensor:
         """Per row, rotation position minus real index for new tokens (0 unless the cache re-based positions)."""
         return -self.cache.position_base(self.real_seen.shape[0], self.device)
+
+    def new_token_positions(self, real: torch.Tensor) -> torch.Tensor:
+        """Rotation positions of new tokens ``[B, q]`` with real indices ``real`` when the model's own are not at
+        hand: the real index plus the window's offset (what :meth:`SinkCache.begin_forward` handed the rotary; the
+        sinks' offset stays put when the cache re-bases). Padding (``-1``) gets the position of index 0."""
+        return real.clamp(min=0) + self._position_offset()[:, None]
+
+    def set_decode_position(self, rows: torch.Tensor, slot: torch.Tensor, position: torch.Tensor) -> None:
+        """Record the rotation position the model gave the token just written to ``slot`` (per row)."""
+        self.positions[rows, slot] = position
+        self._sink_offset_int = False  # slot 0 may have been this token's
 
     def query_cache_positions(self, real: torch.Tensor) -> torch.Tensor:
         """Position of a query in its visible set (docs/design.md §2.2): its real index, capped at ``S + W - 1``."""

@@ -209,8 +209,7 @@ def prepare_decode(layer: SinkCacheLayer, positions: torch.Tensor | None) -> tor
     real = layer.real_seen - 1
     slot = layer.slot_of(real)
     if positions is not None:  # trust the model's positions over the cache's default guess
-        layer.positions[rows, slot] = positions[:, -1].to(layer.device).expand(batch)
-        layer._sink_offset_int = False  # slot 0 may have been this token's
+        layer.set_decode_position(rows, slot, positions[:, -1].to(layer.device).expand(batch))
     layer.place_sinks(layer.sink_shift_for(real, layer.positions[rows, slot]))
     return real
 
@@ -246,9 +245,8 @@ def prepare_chunk(
     batch, q = key.shape[0], key.shape[2] - layer.filled
     s, stored = layer.num_sink_tokens, layer.filled
     real_new = layer.new_token_indices(valid, q)  # [B, q], -1 for padding
-    if positions is None:  # the model did not pass position_ids on: new tokens sit at real index + the window's
-        # offset (what SinkCache.begin_forward handed the rotary); the sinks' own offset stays put when it re-bases
-        positions = real_new.clamp(min=0) + layer._position_offset()[:, None]
+    if positions is None:  # the model did not pass position_ids on (Persimmon)
+        positions = layer.new_token_positions(real_new)
     positions = positions.to(layer.device).expand(batch, q)
     col_real = torch.cat([layer.real_idx[:, :stored], real_new], dim=-1)  # [B, n]
 
