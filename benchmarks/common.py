@@ -77,15 +77,9 @@ def provenance(device: str) -> dict:
 
 def machine() -> str:
     """``"<CPU model>; <n> cores; <OS>"``."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}; {os.cpu_count()} cores; {platform.system()}"
+    from hf_sinks.eval.machine import cpu_name  # here, not at import: smoke_environment() runs before hf_sinks loads
+
+    return f"{cpu_name()}; {os.cpu_count()} cores; {platform.system()}"
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

@@ -292,19 +292,11 @@ def text_name(text_file: str | None) -> str:
 
 def machine() -> str:
     """``"<CPU model>, <n> cores, torch <version>, <n> threads"`` for plot titles and summaries."""
-    import platform
-
     import torch
 
-    cpu = platform.machine()
-    try:
-        for text_line in Path("/proc/cpuinfo").read_text().splitlines():
-            if text_line.startswith("model name"):
-                cpu = text_line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    from ..eval.machine import cpu_name
+
+    return f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 # ------------------------------------------------------------------------------------------------ running
