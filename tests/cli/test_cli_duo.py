@@ -116,59 +116,10 @@ def test_identify_score_bench_passkey(duo_model, tmp_path, capsys):
     rows = (out / "perplexity.csv").read_text().splitlines()
     assert len(rows) == 6 and rows[1].startswith("dense")
     assert {p.name for p in out.iterdir()} >= {"perplexity.png", "pattern.json", "pattern.png"}
-    assert (
-        main(
-            [
-                "duo",
-                "passkey",
-                "--model",
-                str(model_dir),
-                "--pattern",
-                str(out / "pattern.json"),
-                "--output-dir",
-                str(out),
-                "--lengths",
-                "48",
-                "--depths",
-                "0,0.5",
-                "--trials",
-                "1",
-                *sizes,
-                "--chunk-size",
-                "16",
-                "--modes",
-                "dense,duo",
-            ]
-        )
-        == 0
-    )
-    assert (
-        main(
-            [
-                "duo",
-                "passkey",
-                "--model",
-                str(model_dir),
-                "--pattern",
-                str(out / "pattern.json"),
-                "--output-dir",
-                str(out),
-                "--lengths",
-                "48",
-                "--depths",
-                "0.25",
-                "--trials",
-                "1",
-                *sizes,
-                "--chunk-size",
-                "16",
-                "--modes",
-                "sink",
-                "--append",
-            ]
-        )
-        == 0
-    )
+    passkey = ["duo", "passkey", "--model", str(model_dir), "--pattern", str(out / "pattern.json")]
+    passkey += ["--output-dir", str(out), "--lengths", "48", "--trials", "1", *sizes, "--chunk-size", "16"]
+    assert main([*passkey, "--depths", "0,0.5", "--modes", "dense,duo"]) == 0
+    assert main([*passkey, "--depths", "0.25", "--modes", "sink", "--append"]) == 0  # rows added to the same CSV
     rows = read_csv(out / "passkey.csv")
     assert [(r["mode"], float(r["depth"])) for r in rows] == [
         ("dense", 0.0),
