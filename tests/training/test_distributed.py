@@ -94,6 +94,13 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
     return model_dir, text
 
 
+def _fsdp_two_process_command(tiny, out: Path) -> list[str]:
+    """``accelerate launch`` of the fine-tuning example on 2 processes with the FSDP config (batch 1 each)."""
+    launch = [_tool("accelerate"), "launch", "--config_file", str(CONFIGS / "fsdp.yaml"), "--num_processes", "2"]
+    launch += ["--mixed_precision", "no", "--main_process_port", str(_free_port()), str(EXAMPLE)]
+    return [*launch, *_train_args(tiny, "sinklora", out, 1), "--expect-world-size", "2"]
+
+
 def _train_args(tiny, recipe: str, out: Path, per_device_batch: int) -> list[str]:
     model_dir, text = tiny
     return [
@@ -231,23 +238,7 @@ def test_fsdp_on_cpu_processes_is_an_error_not_silent_ddp(tiny, tmp_path):
     one above and update docs/scaling_out.md.
     """
     out = tmp_path / "fsdp"
-    cmd = [
-        _tool("accelerate"),
-        "launch",
-        "--config_file",
-        str(CONFIGS / "fsdp.yaml"),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        str(EXAMPLE),
-        *_train_args(tiny, "sinklora", out, 1),
-        "--expect-world-size",
-        "2",
-    ]
-    proc = _launch(cmd, expect_ok=False)
+    proc = _launch(_fsdp_two_process_command(tiny, out), expect_ok=False)
     assert proc.returncode != 0
     # newer accelerate silently falls back to DDP and the example refuses; older accelerate (the floor) refuses itself
     ours = proc.stderr.count("FSDP was requested but accelerate") == 2 and "distributed type MULTI_CPU" in proc.stderr
@@ -376,24 +367,7 @@ def test_fsdp2_on_two_gpus_trains_like_one_process(tiny, tmp_path):
     single = tmp_path / "single"
     assert example.main(_train_args(tiny, "sinklora", single, per_device_batch=2)) == 0
     out = tmp_path / "fsdp"
-    proc = _launch(
-        [
-            _tool("accelerate"),
-            "launch",
-            "--config_file",
-            str(CONFIGS / "fsdp.yaml"),
-            "--num_processes",
-            "2",
-            "--mixed_precision",
-            "no",
-            "--main_process_port",
-            str(_free_port()),
-            str(EXAMPLE),
-            *_train_args(tiny, "sinklora", out, 1),
-            "--expect-world-size",
-            "2",
-        ]
-    )
+    proc = _launch(_fsdp_two_process_command(tiny, out))
     assert proc.stdout.count("(FSDP, backend") == 2 and " 0 sharded (DTensor)" not in proc.stdout, proc.stdout
     one, two = _losses(single), _losses(out)
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-3, (one, two)
