@@ -7,7 +7,12 @@ still ties two modules together), so it does not depend on what happens to be im
 import ast
 import importlib
 import importlib.util
+import json
+import os
 import pkgutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -38,7 +43,10 @@ def is_cli(name: str) -> bool:
 
 def imported_modules(name: str) -> set[str]:
     """The ``hf_sinks`` modules that module ``name`` imports anywhere in its source."""
-    tree = ast.parse(open(importlib.util.find_spec(name).origin, encoding="utf-8").read())
+    origin = importlib.util.find_spec(name).origin
+    if origin is None:  # kernels/ and patches/: folders without __init__.py (hf_sinks.source_tree), no code
+        return set()
+    tree = ast.parse(open(origin, encoding="utf-8").read())
     package = name if MODULES[name] else name.rpartition(".")[0]
     out = set()
     for node in ast.walk(tree):
@@ -150,7 +158,8 @@ def test_one_layer_lookup_for_every_cache():
     for layer_type in (SinkCacheLayer, H2OCacheLayer, DuoCacheLayer):
         assert issubclass(layer_type, RowStateLayer)
     for name in LIBRARY:
-        source = open(importlib.util.find_spec(name).origin, encoding="utf-8").read()
+        origin = importlib.util.find_spec(name).origin
+        source = "" if origin is None else open(origin, encoding="utf-8").read()
         assert "setattr(keys" not in source or name == "hf_sinks.cache_layers", name
     key = torch.zeros(1)
     assert layer_of(key, SinkCacheLayer) is None
@@ -178,3 +187,80 @@ def test_tests_import_shared_helpers_not_conftest_or_other_tests():
     # model-coverage work that still edits them has merged.
     pending = {"test_registry.py: test_model_coverage"}
     assert not set(offenders) - pending, offenders
+
+
+# ------------------------------------------------------------------ the repository root shadows nothing
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _root_importables() -> set[str]:
+    """Names a Python started at the repository root could import as a regular module or package from it."""
+    names = set()
+    for entry in ROOT.iterdir():
+        if entry.is_dir() and (entry / "__init__.py").exists():
+            names.add(entry.name)
+        elif entry.is_file() and entry.suffix in (".py", ".so", ".pyd", ".pyc"):
+            names.add(entry.name.split(".")[0])
+    return names
+
+
+def test_the_root_exposes_only_hf_sinks():
+    """Only ``hf_sinks`` is a regular package at the root: ``kernels/`` and ``patches/`` (required top-level folders)
+    have no ``__init__.py``, so from the root they are namespace portions, which never win over an installed
+    distribution such as HF's ``kernels`` (transformers >= 5.25 imports it). Any new root-level module or package
+    would shadow whatever is installed under its name."""
+    assert _root_importables() == {"hf_sinks"}
+    for name in ("kernels", "patches"):
+        assert (ROOT / name).is_dir() and not (ROOT / name / "__init__.py").exists()
+
+
+def _run_at_root(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_python_at_the_root_imports_the_installed_distributions():
+    """``python -c`` at the root (sys.path[0] is the root) imports transformers' model code, and every top-level
+    name that an installed distribution provides resolves to that distribution, not to a folder of ours."""
+    code = (
+        "import importlib.metadata, importlib.util, json, sys\n"
+        "import hf_sinks, transformers.models.llama.modeling_llama\n"
+        "import hf_sinks.kernels.sink_attention, hf_sinks.patches.falcon\n"
+        "provided = importlib.metadata.packages_distributions()\n"
+        "out = {}\n"
+        "for name in ('kernels', 'patches'):\n"
+        "    spec = importlib.util.find_spec(name) if name in provided else None\n"
+        "    out[name] = None if spec is None else (spec.origin, list(spec.submodule_search_locations or []))\n"
+        "print(json.dumps(out))\n"
+    )
+    done = _run_at_root("-c", code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, spec in found.items():
+        if spec is None:
+            continue  # no installed distribution of that name here
+        origin, locations = spec
+        ours = ROOT / name  # (the distribution itself may sit under the root, in .venv/)
+        assert origin is not None and not Path(origin).is_relative_to(ours), (name, origin)
+        assert all(not Path(p).is_relative_to(ours) for p in locations), (name, locations)
+
+
+def test_the_cli_runs_at_the_root():
+    done = _run_at_root("-m", "hf_sinks.cli", "--help")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "perplexity" in done.stdout
+
+
+def test_help_and_import_load_neither_torch_nor_transformers():
+    """``import hf_sinks`` and building the CLI parser (what ``hf-sinks --help`` does) stay cheap: they import no
+    torch and no transformers (the public names load on first use; docs/design.md §5.1)."""
+    code = (
+        "import sys\n"
+        "import hf_sinks\n"
+        "from hf_sinks.cli import build_parser\n"
+        "build_parser().format_help()\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))\n"
+    )
+    done = _run_at_root("-c", code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

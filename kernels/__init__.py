@@ -1,1 +1,0 @@
-"""Triton kernels (installed as ``hf_sinks.kernels``). No transformers imports here."""
