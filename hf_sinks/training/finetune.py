@@ -29,7 +29,7 @@ from ..compat import checkpointing_kwargs_name, checkpointing_training_args
 from ..config import CONFIG_ATTRIBUTE
 from ..validation import check_int
 from .data import PackedDataset, tokenize_text
-from .recipes import SinkRecipe, attention_is_registered, forget_dequantized_gguf, lora_recipe
+from .recipes import SinkRecipe, attention_is_registered, forget_dequantized_gguf, lora_recipe, saved_modules_to_save
 
 logger = logging.getLogger(__name__)
 
@@ -395,7 +395,7 @@ def load_finetuned(
     Returns:
         the merged model (``merge=True``) or the ``PeftModel``, in eval mode.
     """
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
     recipe = load_recipe(path)
     forget_dequantized_gguf(base_model)
@@ -417,7 +417,9 @@ def load_finetuned(
         attn_implementation = wanted if wanted is not None and attention_is_registered(wanted) else None
     if attn_implementation is not None and base_model.config._attn_implementation != attn_implementation:
         base_model.set_attn_implementation(attn_implementation)
-    peft_model = PeftModel.from_pretrained(base_model, str(path), is_trainable=is_trainable)
+    config = PeftConfig.from_pretrained(str(path))
+    config.modules_to_save = saved_modules_to_save(base_model, path, config.modules_to_save)  # older adapters
+    peft_model = PeftModel.from_pretrained(base_model, str(path), is_trainable=is_trainable, config=config)
     model = peft_model.merge_and_unload() if merge else peft_model
     return model.eval()
 

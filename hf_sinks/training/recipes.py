@@ -14,13 +14,20 @@ or position scheme; trainable embeddings + norms close the gap at <2 % extra par
 key-slicing dance). Tied input/output embeddings (``config.tie_word_embeddings``, e.g. SmolLM2, Falcon) are trained
 as one matrix: ``modules_to_save=["lm_head"]`` + ``ensure_weight_tying=True``, because PEFT only recognises
 ``embed_tokens``/``lm_head`` as tied names and saving ``word_embeddings`` alone would break the tie.
+
+The norms go to ``modules_to_save`` as full module paths: PEFT 0.21 matched each entry as a plain string suffix
+(``"norm"`` also hit ``input_layernorm``), PEFT 0.22 at a dot boundary (``"norm"`` is only ``model.norm``); a full
+path selects the same module under both rules. :meth:`SinkRecipe.apply` checks that PEFT wrapped exactly the declared
+modules and raises otherwise, so a future matching change cannot silently train less.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,20 +48,34 @@ INFERENCE_SINK_TOKENS = {"sinklora": 4, "longlora": 4, "sink_token": 1}
 
 @dataclass(frozen=True)
 class ArchitectureTargets:
-    """Module names (PEFT suffix matches) for one ``model_type``."""
+    """Module names for one ``model_type``: a name selects the modules whose path is it or ends with ``.name``."""
 
     target_modules: tuple[str, ...]  # LoRA: attention projections (LongLoRA: q, k, v, o)
     embedding: str  # the input embedding
-    norms: tuple[str, ...]  # every normalisation layer (``modules_to_save`` matches suffixes)
+    norms: tuple[str, ...]  # every normalisation layer, by its exact (last) name; absent ones are skipped
 
 
 ARCHITECTURES: dict[str, ArchitectureTargets] = {
-    "llama": ArchitectureTargets(("q_proj", "k_proj", "v_proj", "o_proj"), "embed_tokens", ("norm",)),
-    "mistral": ArchitectureTargets(("q_proj", "k_proj", "v_proj", "o_proj"), "embed_tokens", ("norm",)),
+    "llama": ArchitectureTargets(
+        ("q_proj", "k_proj", "v_proj", "o_proj"),
+        "embed_tokens",
+        ("input_layernorm", "post_attention_layernorm", "norm"),
+    ),
+    "mistral": ArchitectureTargets(
+        ("q_proj", "k_proj", "v_proj", "o_proj"),
+        "embed_tokens",
+        ("input_layernorm", "post_attention_layernorm", "norm"),
+    ),
     # `.dense` is attention.dense only (PEFT matches `endswith(".dense")`; dense_h_to_4h etc. are not hit).
-    "gpt_neox": ArchitectureTargets(("query_key_value", "dense"), "embed_in", ("layernorm", "final_layer_norm")),
+    "gpt_neox": ArchitectureTargets(
+        ("query_key_value", "dense"), "embed_in", ("input_layernorm", "post_attention_layernorm", "final_layer_norm")
+    ),
+    # Falcon: input_layernorm (+ post_attention_layernorm unless parallel_attn), or ln_attn/ln_mlp in the new
+    # decoder architecture; ln_f at the end.
     "falcon": ArchitectureTargets(
-        ("query_key_value", "dense"), "word_embeddings", ("layernorm", "ln_attn", "ln_mlp", "ln_f")
+        ("query_key_value", "dense"),
+        "word_embeddings",
+        ("input_layernorm", "post_attention_layernorm", "ln_attn", "ln_mlp", "ln_f"),
     ),
 }
 
@@ -96,9 +117,73 @@ def forget_dequantized_gguf(model: torch.nn.Module) -> bool:
     return True
 
 
-def _present(model: torch.nn.Module, suffixes: tuple[str, ...]) -> list[str]:
-    names = [n for n, _ in model.named_modules()]
-    return [s for s in suffixes if any(n.endswith(s) for n in names)]
+def _is_module_named(path: str, name: str) -> bool:
+    """``path`` is the module ``name`` or ends with ``.name`` (PEFT >= 0.22's ``modules_to_save`` rule)."""
+    return path == name or path.endswith("." + name)
+
+
+def module_paths(model: torch.nn.Module, names: tuple[str, ...] | list[str]) -> list[str]:
+    """Full paths, in model order, of the modules of ``model`` selected by ``names`` (see :class:`ArchitectureTargets`).
+
+    A path selects exactly one module whether PEFT matches ``modules_to_save`` as a plain string suffix (<= 0.21) or
+    at a dot boundary (>= 0.22), which bare names such as ``"norm"`` do not.
+    """
+    return [path for path, _ in model.named_modules() if path and any(_is_module_named(path, n) for n in names)]
+
+
+def _wrapped_modules(model: torch.nn.Module) -> dict[str, set[str]]:
+    """Paths of the modules PEFT wrapped to train whole (``modules_to_save``) or by rows (``trainable_tokens``)."""
+    from peft.utils import ModulesToSaveWrapper, TrainableTokensWrapper
+
+    wrapped: dict[str, set[str]] = {"modules_to_save": set(), "trainable_token_indices": set()}
+    for path, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            wrapped["modules_to_save"].add(path)
+        elif isinstance(module, TrainableTokensWrapper):
+            wrapped["trainable_token_indices"].add(path)
+    return wrapped
+
+
+def _declared_modules(model: torch.nn.Module, lora_config: Any) -> dict[str, set[str]]:
+    """What ``lora_config`` declares, resolved on the unwrapped ``model``, tied weight partners included.
+
+    A module sharing its weight tensor with a declared one (tied input/output embeddings) trains with it: PEFT wraps
+    both (``ensure_weight_tying`` for ``modules_to_save``, always for ``trainable_token_indices``).
+    """
+    modules = dict(model.named_modules())
+    declared: dict[str, set[str]] = {}
+    for field in ("modules_to_save", "trainable_token_indices"):
+        value = getattr(lora_config, field, None) or []
+        if field == "trainable_token_indices" and not isinstance(value, dict):  # a bare list: the input embedding
+            embedding = model.get_input_embeddings()
+            value = [p for p, m in modules.items() if m is embedding] if value else []
+        paths = set(module_paths(model, list(value)))  # a dict's keys are its module names
+        weights = {id(w) for p in paths if isinstance(w := getattr(modules[p], "weight", None), torch.Tensor)}
+        paths |= {
+            p
+            for p, m in modules.items()
+            if isinstance(getattr(m, "weight", None), torch.Tensor) and id(m.weight) in weights
+        }
+        declared[field] = paths
+    return declared
+
+
+def check_trained_modules(peft_model: torch.nn.Module, declared: dict[str, set[str]]) -> None:
+    """Raise unless PEFT wrapped exactly the ``declared`` modules (:func:`_declared_modules`) of ``peft_model``.
+
+    Raises:
+        RuntimeError: naming the declared modules PEFT left out and the undeclared ones it wrapped.
+    """
+    inner = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    wrapped = _wrapped_modules(inner)
+    for field, expected in declared.items():
+        missing, extra = sorted(expected - wrapped[field]), sorted(wrapped[field] - expected)
+        if missing or extra:
+            raise RuntimeError(
+                f"hf_sinks: PEFT did not train what the recipe declares in {field}: declared but not trained "
+                f"{missing}, trained but not declared {extra} (does this PEFT release match module names "
+                "differently?). Please report it."
+            )
 
 
 def _tied(model: torch.nn.Module) -> bool:
@@ -182,7 +267,9 @@ class SinkRecipe:
         from peft import get_peft_model
 
         self.prepare_model(model)
+        declared = _declared_modules(model, self.lora_config)  # before PEFT wraps anything
         peft_model = get_peft_model(model, self.lora_config)
+        check_trained_modules(peft_model, declared)
         peft_model.sink_recipe = self
         return peft_model
 
@@ -309,9 +396,10 @@ def lora_recipe(
             modules_to_save.append("lm_head")
             ensure_tying = True
         else:
-            modules_to_save.append(arch.embedding)
+            modules_to_save += module_paths(model, (arch.embedding,))
     if train_norms:
-        modules_to_save += _present(model, arch.norms)
+        # Full paths, not names: PEFT 0.21 and 0.22 match names differently (see the module docstring).
+        modules_to_save += module_paths(model, arch.norms)
     if learned_sink_logits:
         modules_to_save.append(SINK_MODULE_NAME)
 
@@ -344,6 +432,47 @@ def lora_recipe(
     )
 
 
+def saved_modules_to_save(base_model: torch.nn.Module, adapter_dir: str | os.PathLike, names: Any) -> Any:
+    """``names`` (an adapter's ``modules_to_save``) plus every module of ``base_model`` a bare name saved there.
+
+    Adapters saved before the recipes declared full paths list bare names (``"norm"``, ``"layernorm"``) that PEFT
+    0.21 matched as string suffixes (every ``*norm`` module trained and was saved) but PEFT 0.22 matches at a dot
+    boundary: reloaded there, the per-layer norms would silently keep their base weights. Adding the paths whose
+    weights the adapter file really holds restores what was trained, under either rule, and adds nothing else.
+    """
+    if not names:
+        return names
+    saved = _saved_module_paths(Path(adapter_dir))
+    extra = [
+        path
+        for path, _ in base_model.named_modules()
+        # only what the old string-suffix rule selected and the dot-boundary rule does not; the rest is PEFT's
+        if path in saved and path not in names and any(path.endswith(n) and not path.endswith("." + n) for n in names)
+    ]
+    return list(names) + extra
+
+
+def _saved_module_paths(adapter_dir: Path) -> set[str]:
+    """Module paths (relative to the base model) whose own parameters an adapter file stores whole."""
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+    if (adapter_dir / SAFETENSORS_WEIGHTS_NAME).is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(adapter_dir / SAFETENSORS_WEIGHTS_NAME), "pt") as f:
+            keys = list(f.keys())
+    elif (adapter_dir / WEIGHTS_NAME).is_file():
+        keys = list(torch.load(adapter_dir / WEIGHTS_NAME, map_location="cpu", weights_only=True))
+    else:
+        return set()
+    prefix = "base_model.model."
+    return {
+        key.removeprefix(prefix).rpartition(".")[0]
+        for key in keys
+        if key.startswith(prefix) and "lora_" not in key and "token_adapter" not in key
+    }
+
+
 def trainable_parameter_names(model: torch.nn.Module) -> list[str]:
     """Names of the parameters that require grad (what a recipe trains)."""
     return [n for n, p in model.named_parameters() if p.requires_grad]
@@ -356,7 +485,10 @@ __all__ = [
     "SinkRecipe",
     "architecture_targets",
     "attention_is_registered",
+    "check_trained_modules",
     "forget_dequantized_gguf",
     "lora_recipe",
+    "module_paths",
+    "saved_modules_to_save",
     "trainable_parameter_names",
 ]

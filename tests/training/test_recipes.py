@@ -1,13 +1,21 @@
 """lora_recipe: the right parameters train, per architecture; tied embeddings; attention choice; rope; errors."""
 
+import json
 import re
 
 import pytest
 import torch
 from helpers import tiny_model
 
-from hf_sinks.training import lora_recipe, rope_scaling_for_length, set_rope_scaling, trainable_parameter_names
-from hf_sinks.training.recipes import attention_is_registered
+from hf_sinks.training import (
+    load_finetuned,
+    lora_recipe,
+    rope_scaling_for_length,
+    set_rope_scaling,
+    trainable_parameter_names,
+)
+from hf_sinks.training.finetune import RECIPE_FILE
+from hf_sinks.training.recipes import attention_is_registered, check_trained_modules, module_paths
 
 ARCHS = ["llama", "mistral", "gpt_neox", "falcon", "falcon_new"]
 
@@ -57,7 +65,10 @@ def _categorise(name: str, arch: str) -> str:
 def test_only_lora_embeddings_and_norms_train(arch, recipe):
     model = tiny_model(arch, attn_implementation="sdpa")
     all_norms = {n for n, m in model.named_modules() if "Norm" in type(m).__name__}
-    peft_model = lora_recipe(model, recipe, attn_implementation=None).apply(model)
+    sink_recipe = lora_recipe(model, recipe, attn_implementation=None)
+    declared = set(sink_recipe.lora_config.modules_to_save)  # before PEFT rewrites it (tied embeddings)
+    assert all_norms <= declared  # the recipe declares every norm by its path...
+    peft_model = sink_recipe.apply(model)
     names = trainable_parameter_names(peft_model)
     kinds = {_categorise(n, arch) for n in names}
     assert kinds == {"lora", "embedding", "norm"}
@@ -66,8 +77,101 @@ def test_only_lora_embeddings_and_norms_train(arch, recipe):
     assert len(lora_modules) == len(EXPECTED[arch][0]) * model.config.num_hidden_layers
     norm_modules = {n.split(".modules_to_save.")[0] for n in names if _categorise(n, arch) == "norm"}
     assert {n.removeprefix("base_model.model.") for n in norm_modules} == all_norms
+    # ...and exactly the declared modules train whole (the embedding plus, when tied, its partner)
+    trained_whole = {
+        n.split(".modules_to_save.")[0].removeprefix("base_model.model.") for n in names if "modules_to_save" in n
+    }
+    embedding = {EXPECTED[arch][1], "lm_head"}
+    assert trained_whole - embedding == declared - embedding == all_norms
     # the base weights and the MLP stay frozen
     assert not any("base_layer" in n or ".mlp." in n for n in names)
+
+
+def test_module_names_match_at_a_dot_boundary():
+    # "norm" is llama's final norm only, not input_layernorm (PEFT <= 0.21 matched plain string suffixes)
+    model = tiny_model("llama", attn_implementation="sdpa")
+    assert module_paths(model, ("norm",)) == ["model.norm"]
+    assert module_paths(model, ("layernorm",)) == []
+    assert module_paths(model, ("layers.1.input_layernorm",)) == ["model.layers.1.input_layernorm"]
+
+
+def test_apply_refuses_when_peft_trains_something_else(monkeypatch):
+    # What PEFT 0.22 did to bare norm names: a declared module is silently left unwrapped. apply() must say so.
+    import peft
+    from peft.utils import ModulesToSaveWrapper
+
+    real = peft.get_peft_model
+
+    def drops_a_norm(model, config, *args, **kwargs):
+        peft_model = real(model, config, *args, **kwargs)
+        layer = peft_model.get_base_model().model.layers[0]
+        assert isinstance(layer.input_layernorm, ModulesToSaveWrapper)
+        layer.input_layernorm = layer.input_layernorm.original_module
+        return peft_model
+
+    monkeypatch.setattr(peft, "get_peft_model", drops_a_norm)
+    model = tiny_model("llama", attn_implementation="sdpa")
+    with pytest.raises(
+        RuntimeError, match=r"modules_to_save: declared but not trained \['model.layers.0.input_layernorm'\]"
+    ):
+        lora_recipe(model, "longlora", attn_implementation=None).apply(model)
+
+
+def test_check_trained_modules_reports_both_directions():
+    model = tiny_model("llama", attn_implementation="sdpa")
+    peft_model = lora_recipe(model, "longlora", train_embeddings=False, attn_implementation=None).apply(model)
+    norms = set(module_paths(model.get_base_model() if hasattr(model, "get_base_model") else model, ("norm",)))
+    exact = {
+        "modules_to_save": set(peft_model.peft_config["default"].modules_to_save),
+        "trainable_token_indices": set(),
+    }
+    check_trained_modules(peft_model, exact)
+    with pytest.raises(RuntimeError, match=r"trained but not declared \['model.norm'\]"):
+        check_trained_modules(peft_model, {**exact, "modules_to_save": exact["modules_to_save"] - norms})
+    with pytest.raises(RuntimeError, match=r"declared but not trained \['model.lm_head'\]"):
+        check_trained_modules(peft_model, {**exact, "modules_to_save": exact["modules_to_save"] | {"model.lm_head"}})
+
+
+def _save(peft_model, recipe, path) -> dict[str, torch.Tensor]:
+    """Perturb every trained parameter (so a reload that misses one shows), save adapter + recipe; the values."""
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(0.25)
+    peft_model.save_pretrained(str(path))
+    recipe.to_json_file(path / RECIPE_FILE)
+    return {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("recipe", ["longlora", "sinklora"])
+def test_adapter_reloads_the_same_trained_set(tmp_path, arch, recipe):
+    model = tiny_model(arch, attn_implementation="sdpa")
+    sink_recipe = lora_recipe(model, recipe, attn_implementation=None, learned_sink_logits=recipe == "sinklora")
+    trained = _save(sink_recipe.apply(model), sink_recipe, tmp_path)
+    reloaded = load_finetuned(tiny_model(arch, attn_implementation="sdpa"), tmp_path, merge=False, is_trainable=True)
+    again = {n: p for n, p in reloaded.named_parameters() if p.requires_grad}
+    assert sorted(again) == sorted(trained)
+    for name, value in trained.items():
+        torch.testing.assert_close(again[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_adapter_saved_with_bare_norm_names_reloads_every_norm(tmp_path):
+    # Adapters written before the recipes declared paths list modules_to_save=["embed_tokens", "norm"]; PEFT 0.21
+    # trained and saved every *norm module for that, PEFT 0.22 would reload only model.norm. load_finetuned restores
+    # what the adapter file holds.
+    model = tiny_model("llama", attn_implementation="sdpa")
+    sink_recipe = lora_recipe(model, "longlora", attn_implementation=None)
+    trained = _save(sink_recipe.apply(model), sink_recipe, tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["modules_to_save"] = ["model.embed_tokens", "norm"]
+    config_file.write_text(json.dumps(config))
+    reloaded = load_finetuned(tiny_model("llama", attn_implementation="sdpa"), tmp_path, merge=False, is_trainable=True)
+    again = {n: p for n, p in reloaded.named_parameters() if p.requires_grad}
+    assert sorted(again) == sorted(trained)
+    for name, value in trained.items():
+        torch.testing.assert_close(again[name], value, rtol=0, atol=0, msg=name)
 
 
 def test_untied_embeddings_train_input_only():
