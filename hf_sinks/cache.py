@@ -15,7 +15,9 @@ original (no drift), with the angle computed in fp64 (exact at any position).
 
 Two ways to attend over the cache:
 
-* a stock attention (``"sdpa"``, ``"eager"``) gets the slots as they are: exact for token-by-token decoding;
+* a stock attention (``"sdpa"``, ``"eager"``) gets the slots as they are: exact for token-by-token decoding of rows
+  that carry no padding (one prompt, or copies of one as beam search and ``num_return_sequences`` make:
+  :attr:`SinkCache.rows_unpadded`);
 * a registered ``"sink_*"`` attention (hf_sinks.attention) finds the layer through ``key._hf_sinks_layer``
   (:mod:`hf_sinks.cache_layers`) and uses its per-slot bookkeeping for the exact visibility rule inside multi-token
   chunks (long prompts, multi-turn), left padding and per-query sink positions; it then commits the chunk
@@ -25,6 +27,7 @@ Two ways to attend over the cache:
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import torch
@@ -235,6 +238,8 @@ class SinkCacheLayer(RowStateLayer):
                 "or 'sink_eager' to stream padded batches."
             )
         q = key_states.shape[-2]
+        if self.seen == 0 or (q > 1 and self is self.cache.layers[0]):  # are the rows copies of one row?
+            self.cache._note_rows(key_states, value_states)  # (see SinkCache.rows_unpadded)
         incoming = self.cache._incoming_for(self.seen, q)
         self.seen += q
 
@@ -435,14 +440,16 @@ class SinkCacheLayer(RowStateLayer):
         return bool(self.acknowledged or self._acknowledged_now)
 
     def _refuse_unknown_padding(self, batch: int) -> None:
-        if batch == 1:
-            return  # one row: generate never pads it
+        """Past capacity with nobody describing the padding: refuse unless the rows provably hold none of their own
+        (:attr:`SinkCache.rows_unpadded`: one row, or copies of one row wherever padding can enter)."""
+        if self.cache.rows_unpadded:
+            return
         raise ValueError(
             f"SinkCache: a batch of {batch} rows is streaming past the cache capacity ({self.capacity}) under a stock "
             "attention (attn_implementation='sdpa'/'eager'), which never tells the cache which tokens are left "
-            "padding: padding would become the rows' sinks and silently change the results. Call "
-            "hf_sinks.apply(model) first (its position hook tells the cache the padding), or load the model with "
-            "attn_implementation='sink_sdpa'."
+            "padding: padding would become the rows' sinks and silently change the results (the rows differed in "
+            "a multi-token forward, so they may be padded). Call hf_sinks.apply(model) first (its position hook tells "
+            "the cache the padding), or load the model with attn_implementation='sink_sdpa'."
         )
 
     def slot_index(self, real: int) -> int:
@@ -600,6 +607,16 @@ class SinkCache(Cache):
             (``"sdpa"``/``"eager"``) streams past capacity; ``sink_*`` attentions bring it on their first call.
         rotary: explicit :class:`~hf_sinks.rope.RotaryParams` for every layer (takes precedence over ``config``'s;
             layers then follow the global rule unless a sink attention finds the model's own rules).
+
+    A ``config`` or ``rotary`` of another model (another ``rope_theta``, another sliding window) is refused at the
+    first forward on every route: ``sink_*`` attentions and ``hf_sinks.apply`` compare it with the model's own
+    rules; under a stock attention the cache compares it with the ``config`` of the attention module that calls
+    :meth:`update` (the only view of the model that route gives). A cache driven by hand, from code that is not a
+    module holding a transformers ``config``, is not checked.
+
+    Under a stock attention without ``hf_sinks.apply``, a batch streams past capacity only when
+    :attr:`rows_unpadded` (one row, or copies of one row such as ``generate`` makes for ``num_beams`` and
+    ``num_return_sequences``); other batches are refused, since nobody tells the cache which tokens are padding.
     """
 
     def __init__(
@@ -636,6 +653,9 @@ class SinkCache(Cache):
         self._ints: dict[int, tuple[torch.Tensor, int | None]] = {}  # see _row_int (one forward)
         self._lockstep_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see lockstep_sink_tables
         self._rotary_keys: dict[int, tuple[torch.Tensor, tuple[float, ...]]] = {}  # inv_freq -> its values
+        self._rows_unpadded: bool | None = None  # see rows_unpadded; None until a layer's first forward
+        self._built_from = config  # the text config the rules came from (compared with the calling model's, see update)
+        self._caller_checked = False  # the calling attention module's config was compared with the cache's
 
     @classmethod
     def from_config(cls, sink_config: SinkConfig | dict, **kwargs: Any) -> "SinkCache":
@@ -673,6 +693,36 @@ class SinkCache(Cache):
         return self.sink_config.capacity
 
     @property
+    def rows_unpadded(self) -> bool:
+        """Whether the rows provably carry no left padding of their own, so a stock attention may stream them past
+        capacity without being told the padding (docs/design.md §2.1: padding must never become a row's sinks).
+
+        True when the batch has one row, or its rows were copies of one row wherever padding can enter: bit-identical
+        keys and values at every layer in the stream's first forward (identical tokens, positions and masks: one
+        sequence, repeated) and at the first layer in every later multi-token forward (the same new tokens at the
+        same positions in every row). Rows may differ only through one-token forwards (decode steps feed generated
+        tokens, never padding) and row maps (``reorder_cache``, ``batch_repeat_interleave``,
+        ``batch_select_indices`` copy or pick rows). That is what ``generate`` makes for ``num_beams`` /
+        ``num_return_sequences`` from one prompt: it ``repeat_interleave``s the prompt before the first forward.
+
+        Copies of one prompt are exactly as padded as that prompt, and one prompt is padded only if its caller padded
+        it (generate never pads a single prompt): the premise a one-row batch has always streamed on. Rows that
+        differ in a multi-token forward may be differently padded, and a stock attention passes the cache neither
+        the attention mask nor (on transformers 5.23) the position ids, so the cache cannot tell: such a batch
+        streams past capacity only with ``hf_sinks.apply`` or a ``sink_*`` attention.
+        """
+        return bool(self._rows_unpadded)
+
+    def _note_rows(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Record whether the ``[B, H, q, D]`` rows of this update are copies of one row (bitwise); once false,
+        :attr:`rows_unpadded` stays false for the stream."""
+        same = key_states.shape[0] == 1 or (
+            torch.equal(key_states[1:], key_states[:1].expand_as(key_states[1:]))
+            and torch.equal(value_states[1:], value_states[:1].expand_as(value_states[1:]))
+        )
+        self._rows_unpadded = same and self._rows_unpadded is not False
+
+    @property
     def rules_known(self) -> bool:
         """Whether each layer's rule (window, rotary) comes from the model rather than the defaults."""
         return self.rules is not None
@@ -692,23 +742,68 @@ class SinkCache(Cache):
             else ([LayerRule(0, 1, self.rotary)] * len(rules) if self.rotary is not None else None)
         )
         if mine is not None:
-            for idx, (have, want) in enumerate(zip(mine, rules)):
-                if want.rotary is None or have.rotary is None:
-                    continue
-                if not have.rotary.matches(want.rotary):
-                    raise ValueError(
-                        f"This SinkCache was built with the rotary parameters of {have.rotary.describe()}, but the "
-                        f"model rotates layer {idx} with {want.rotary.describe()}; "
-                        "its sinks would be re-positioned with "
-                        "the wrong frequencies. Build the cache with SinkCache(..., config=model.config) or "
-                        "SinkCache.from_model(model)."
-                    )
+            self._check_rotaries(mine, rules)
         self.rules = list(rules)
         self.rotary = next((r.rotary for r in rules if r.rotary is not None), self.rotary)
         self._rotary_bound = True
         for idx, layer in enumerate(self.layers):
             if idx < len(rules):
                 layer.configure(rules[idx])
+
+    @staticmethod
+    def _check_rotaries(mine: list[LayerRule], rules: list[LayerRule]) -> None:
+        """Raise when a layer rotates with other parameters than the cache was built with."""
+        for idx, (have, want) in enumerate(zip(mine, rules)):
+            if want.rotary is None or have.rotary is None:
+                continue
+            if not have.rotary.matches(want.rotary):
+                raise ValueError(
+                    f"This SinkCache was built with the rotary parameters of {have.rotary.describe()}, but the "
+                    f"model rotates layer {idx} with {want.rotary.describe()}; its sinks would be re-positioned with "
+                    "the wrong frequencies. Build the cache with SinkCache(..., config=model.config) or "
+                    "SinkCache.from_model(model)."
+                )
+
+    def _caller(self) -> Any:
+        """The ``self`` of the code that called :meth:`update` (a subclass's ``update`` calling ours skipped): the
+        stock route's one view of the model, its attention module (see :meth:`_check_calling_model`)."""
+        frame = sys._getframe(2)  # 0: here, 1: update
+        while frame is not None and frame.f_locals.get("self") is self:
+            frame = frame.f_back
+        return None if frame is None else frame.f_locals.get("self")
+
+    def _check_calling_model(self, module: Any) -> None:
+        """Once per cache, at the first update, unless ``hf_sinks.apply`` already bound the model's rules: compare
+        the rules the cache was built with (``config=`` / ``rotary=``) with those of the model that calls ``update``.
+        This is the stock route's only check (a ``sink_*`` attention also binds the model's rules right after).
+
+        ``module`` is the ``self`` of the frame that called :meth:`update`: in every supported model (transformers
+        5.23 to 5.25, and hf_sinks' Falcon patch) the attention module, whose ``config`` is the model's. Nothing else
+        reaches the cache on that route (5.23 passes no ``cache_kwargs``; 5.25 passes ``position_ids`` and
+        ``use_cache`` only, no cos/sin), and RoPE'd keys do not reveal their frequencies. A caller that is not a
+        module with a transformers config (a hand-driven cache) is not checked.
+        """
+        config = getattr(module, "config", None) if isinstance(module, torch.nn.Module) else None
+        if not hasattr(config, "get_text_config"):
+            return
+        config = config.get_text_config(decoder=True)
+        if config is self._built_from:  # the very config the cache's rules came from
+            return
+        try:
+            rotaries = layer_rotaries(config, modeling=sys.modules.get(type(module).__module__))
+            rules = layer_rules(config, self.num_sink_tokens, self.window_length, rotaries)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return  # not a config hf_sinks reads: nothing to compare with (the sink routes explain why)
+        mine = self.rules if self.rules is not None else [LayerRule(0, 1, self.rotary)] * len(rules)
+        self._check_rotaries(mine, rules)
+        for idx, (have, want) in enumerate(zip(self.rules or (), rules)):
+            if have.sliding_window != want.sliding_window:
+                raise ValueError(
+                    f"This SinkCache was built with a config whose layer {idx} has sliding_window="
+                    f"{have.sliding_window}, but the model calling it ({type(module).__name__}) has sliding_window="
+                    f"{want.sliding_window} there; the layer would keep the wrong window. Build the cache with "
+                    "SinkCache(..., config=model.config) or SinkCache.from_model(model)."
+                )
 
     def bind_rotary(self, rotary: RotaryParams) -> None:
         """Bind one rotary for every layer (a model with a single rotary configuration and no sliding layers)."""
@@ -741,6 +836,11 @@ class SinkCache(Cache):
         while len(self.layers) <= layer_idx:
             rule = self.rule_of(len(self.layers))
             self.layers.append(SinkCacheLayer(self, rule, rule_bound=rule is not None))
+        if not self._caller_checked and not torch.compiler.is_compiling():
+            self._caller_checked = True
+            if not self._rotary_bound and (self.rules is not None or self.rotary is not None):
+                self._check_head_dim(key_states.shape[-1])  # the plainer error for a config of another shape first
+                self._check_calling_model(self._caller())
         layer = self.layers[layer_idx]
         held = (layer.keys.shape[0], layer.keys.shape[1], layer.keys.shape[-1]) if layer.is_initialized else None
         check_cache_update("SinkCache", self.layers, layer_idx, key_states, held)
@@ -843,6 +943,7 @@ class SinkCache(Cache):
         super().reset()
         self._real_seen = self._base = None
         self._incoming = self._announced = None
+        self._rows_unpadded = None  # the next first forward decides again
 
     def sink_tables(
         self, shift: torch.Tensor, device, dtype, rotary: RotaryParams | None = None

@@ -6,7 +6,7 @@
 
 import pytest
 import torch
-from helpers import random_ids, tiny_model
+from helpers import padded_batch, random_ids, tiny_model
 
 import hf_sinks
 from hf_sinks.attention import use_attention
@@ -239,3 +239,85 @@ def test_stock_attention_refuses_left_padded_batch():
         model.generate(
             prompt, attention_mask=mask, **cache_kwargs(hf_sinks.SinkCache.from_model(model)), max_new_tokens=3
         )
+
+
+# ------------------------------------------------------- one prompt, several rows, stock attention (no apply)
+# generate repeat_interleaves one prompt into num_beams / num_return_sequences rows before the first forward; the
+# cache proves those rows unpadded (bit-identical at the first forward, SinkCache.rows_unpadded) and streams them
+# under a stock attention past capacity, exactly.
+ONE_PROMPT = dict(sinks=2, window=5, prompt_len=4, steps=16)  # capacity 7, 20 tokens per row
+
+
+def oracle_next_logits(model, seq, sinks, window, layers):
+    """The oracle's logits for the token after ``seq``: recompute for one layer, the fp64 spec model deeper."""
+    if layers == 1:
+        return recompute_logits(model, seq, sinks, window, start=len(seq) - 1)[-1]
+    return reference_logits(model, seq, sinks, window)[-1]
+
+
+def oracle_beam_search(model, prompt, beams, steps, sinks, window, layers, banned):
+    """Beam search (no length penalty, ``banned`` tokens at -inf as min_new_tokens does) over the oracle's
+    log-probabilities: the ``beams`` best ``(score, tokens)`` after ``steps`` tokens, best first."""
+    running = [(0.0, prompt.tolist())]
+    for _ in range(steps):
+        candidates = []
+        for score, seq in running:
+            logits = oracle_next_logits(model, torch.tensor(seq), sinks, window, layers).double()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            logprobs[banned] = float("-inf")
+            top = torch.topk(logprobs, beams)
+            candidates += [(score + v, seq + [t]) for v, t in zip(top.values.tolist(), top.indices.tolist())]
+        running = sorted(candidates, key=lambda c: -c[0])[:beams]
+    return running
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+@pytest.mark.parametrize("num_return", [3, 2])
+def test_stock_beam_search_from_one_prompt_matches_oracle(layers, num_return):
+    sinks, window, prompt_len, steps = ONE_PROMPT.values()
+    model = tiny_model("llama", "sdpa", layers=layers)
+    prompt = random_ids(1, prompt_len)
+    cache = hf_sinks.SinkCache(sinks, window, config=model.config)
+    beams = dict(num_beams=3, num_return_sequences=num_return, length_penalty=0.0, output_scores=True)
+    out, logits = stream(model, prompt, cache, steps, **beams)
+    assert cache.rows_unpadded and cache.get_stored_length() == sinks + window
+    eos = model.generation_config.eos_token_id
+    banned = [eos] if isinstance(eos, int) else list(eos or [])
+    expected = oracle_beam_search(model, prompt[0], 3, steps, sinks, window, layers, banned)[:num_return]
+    assert out.sequences.tolist() == [seq for _, seq in expected]
+    torch.testing.assert_close(
+        out.sequences_scores.double(), torch.tensor([s for s, _ in expected], dtype=torch.float64), atol=1e-4, rtol=0
+    )
+    for i, seq in enumerate(out.sequences):  # every step of every returned beam, along the rows it lived in
+        rows = out.beam_indices[i, :steps]
+        for t in range(steps):
+            want = oracle_next_logits(model, seq[: prompt_len + t], sinks, window, layers)
+            torch.testing.assert_close(logits[rows[t], t], want, atol=TOL, rtol=0, msg=f"beam {i} step {t}")
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_stock_sampled_sequences_from_one_prompt_match_oracle(layers):
+    sinks, window, prompt_len, steps = ONE_PROMPT.values()
+    model = tiny_model("llama", "sdpa", layers=layers)
+    cache = hf_sinks.SinkCache(sinks, window, config=model.config)
+    torch.manual_seed(5)
+    sampled = dict(do_sample=True, top_k=0, num_return_sequences=3)
+    out, logits = stream(model, random_ids(1, prompt_len), cache, steps, **sampled)
+    assert len({tuple(seq) for seq in out.sequences.tolist()}) == 3  # the rows really diverged
+    for i, seq in enumerate(out.sequences):
+        if layers == 1:
+            want = recompute_logits(model, seq[:-1], sinks, window, start=prompt_len - 1)
+        else:
+            want = reference_logits(model, seq[:-1], sinks, window)[prompt_len - 1 :]
+        torch.testing.assert_close(logits[i], want, atol=TOL, rtol=0, msg=f"row {i}")
+
+
+def test_stock_attention_refuses_left_padded_rows_without_apply():
+    """Rows that differ at their first forward may be padded; nobody told a stock attention's cache, so refuse."""
+    model = tiny_model("llama", "sdpa", layers=2)
+    rows, ids, mask = padded_batch([10, 4])
+    with pytest.raises(ValueError, match=r"batch of 2 rows.*padding would become the rows' sinks.*hf_sinks.apply"):
+        stream(model, ids, hf_sinks.SinkCache(2, 5, config=model.config), 12, attention_mask=mask)
+    # the same rows unpadded are refused too: the cache cannot tell them from padded ones (SinkCache.rows_unpadded)
+    with pytest.raises(ValueError, match=r"batch of 2 rows.*differed in a multi-token forward"):
+        stream(model, random_ids(2, 6), hf_sinks.SinkCache(2, 5, config=model.config), 12)

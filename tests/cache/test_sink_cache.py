@@ -1,10 +1,16 @@
-"""Tier 2: SinkCache bookkeeping against a plain list model of which tokens survive."""
+"""Tier 2: SinkCache bookkeeping against a plain list model of which tokens survive; which batches a stock attention
+may stream (rows_unpadded) and the stock route's check of the calling model's rules."""
+
+import copy
 
 import pytest
 import torch
+from helpers import random_ids, tiny_model
 
 from hf_sinks import RotaryParams, SinkCache, SinkConfig
 from hf_sinks.attention.reference import visible_indices
+from hf_sinks.compat import cache_kwargs
+from hf_sinks.oracle import reference_logits
 
 ROTARY = RotaryParams(torch.tensor([1.0, 0.1]), rotary_dim=4)
 
@@ -105,3 +111,107 @@ def test_reset_forgets_everything():
     assert cache.get_seq_length() == 0 and cache.get_stored_length() == 0
     feed(cache, 0, 2)
     assert cache.get_seq_length() == 2
+
+
+# ------------------------------------------------------------ rows a stock attention may stream (rows_unpadded)
+def stock_feed(cache, keys, values):
+    """An update as under a stock attention without hf_sinks.apply: nobody tells the cache the padding."""
+    return cache.update(keys, values, 0)
+
+
+def test_copies_of_one_row_stream_past_capacity_and_keep_the_proof():
+    cache = SinkCache(1, 3, rotary=ROTARY)
+    keys = torch.randn(1, 2, 5, 4).expand(3, -1, -1, -1)  # one prompt, repeat-interleaved as generate does
+    stock_feed(cache, keys, keys + 1)
+    assert cache.rows_unpadded
+    for _ in range(6):  # beams diverge: every row its own tokens, past capacity
+        stock_feed(cache, torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4))
+        cache.reorder_cache(torch.tensor([2, 2, 0]))
+    cache.batch_repeat_interleave(2)
+    cache.batch_select_indices(torch.tensor([0, 3, 5]))
+    stock_feed(cache, torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4))
+    assert cache.rows_unpadded
+
+
+def test_rows_that_differ_at_the_first_forward_are_refused_past_capacity():
+    cache = SinkCache(1, 3, rotary=ROTARY)
+    keys = torch.randn(1, 2, 3, 4).expand(2, -1, -1, -1).clone()
+    keys[1, 0, 0, 0] += 1e-6  # one bit of difference: the rows may hold different padding
+    stock_feed(cache, keys, keys)
+    assert not cache.rows_unpadded
+    cache.batch_select_indices(torch.tensor([1]))  # one row picked out of such a batch may still be padded
+    with pytest.raises(ValueError, match=r"batch of 1 rows.*capacity \(4\).*differed in a multi-token forward"):
+        for _ in range(3):
+            stock_feed(cache, torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
+    cache.reset()  # a new stream decides again
+    stock_feed(cache, torch.randn(1, 2, 3, 4).expand(2, -1, -1, -1), torch.randn(1, 2, 3, 4).expand(2, -1, -1, -1))
+    assert cache.rows_unpadded
+
+
+def test_rows_that_differ_in_a_later_chunk_may_be_padded():
+    """A chunked prefill of a padded batch can start with a chunk that is padding in every row: identical rows, then
+    different ones. Only one-token forwards (generated tokens) may make the rows differ."""
+    cache = SinkCache(1, 3, rotary=ROTARY)
+    same = torch.randn(1, 2, 2, 4).expand(3, -1, -1, -1)
+    stock_feed(cache, same, same)
+    stock_feed(cache, torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4))  # a decode step: still copies of one prompt
+    assert cache.rows_unpadded
+    stock_feed(cache, same, same)  # a later chunk, the same in every row (a new turn of a beam batch)
+    assert cache.rows_unpadded
+    stock_feed(cache, torch.randn(3, 2, 2, 4), torch.randn(3, 2, 2, 4))
+    assert not cache.rows_unpadded
+
+
+def test_rows_are_judged_at_every_layer():
+    """Identical tokens but different masks differ from the second layer on: not copies of one row."""
+    cache = SinkCache(1, 3, rotary=ROTARY)
+    same = torch.randn(1, 2, 3, 4).expand(2, -1, -1, -1)
+    cache.update(same, same, 0)
+    cache.update(torch.randn(2, 2, 3, 4), same, 1)
+    assert not cache.rows_unpadded
+
+
+# --------------------------------------------------- the stock route checks the calling model's rotary and windows
+def _other(config, **changes):
+    other = copy.deepcopy(config)
+    for name, value in changes.items():
+        setattr(other, name, value)
+    return other
+
+
+def _generate(model, cache, steps=12):
+    return model.generate(
+        random_ids(1, 4),
+        **cache_kwargs(cache),
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+
+
+def test_stock_route_refuses_a_config_with_another_rope_theta():
+    model = tiny_model("llama", "sdpa", layers=2)
+    theta = model.config.rope_parameters["rope_theta"]
+    other = _other(model.config, rope_parameters={**model.config.rope_parameters, "rope_theta": 3 * theta})
+    expected = rf"rope_theta={3 * theta}.*model rotates layer 0 with .*rope_theta={theta}.*config=model.config"
+    with pytest.raises(ValueError, match=expected):
+        _generate(model, SinkCache(2, 5, config=other))
+    with pytest.raises(ValueError, match=expected):
+        _generate(model, SinkCache(2, 5, rotary=RotaryParams.from_config(other)))
+
+
+def test_stock_route_refuses_a_config_with_another_sliding_window():
+    model = tiny_model("mistral", "sdpa", layers=2)  # no sliding window
+    with pytest.raises(ValueError, match=r"layer 0 has sliding_window=4.*MistralAttention.*sliding_window=None"):
+        _generate(model, SinkCache(2, 5, config=_other(model.config, sliding_window=4)))
+
+
+def test_stock_route_accepts_an_equal_config_and_streams_exactly():
+    """The check compares values, not objects: a copy of the model's config streams and equals the fp64 spec."""
+    sinks, window = 2, 5
+    model = tiny_model("llama", "sdpa", layers=2)
+    out = _generate(model, SinkCache(sinks, window, config=copy.deepcopy(model.config)))
+    spec = reference_logits(model, out.sequences[0, :-1], sinks, window)[3:]
+    torch.testing.assert_close(torch.stack(out.logits, dim=1)[0], spec, atol=1e-4, rtol=0)
