@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..analysis import analyze, plot_sink_heatmap, plot_sink_layers
 from .options import (
     CLIError,
+    add_command,
     add_model_options,
     add_no_progress,
     add_num_tokens,
@@ -31,8 +31,8 @@ from .options import (
 
 def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``analyze`` subcommand to ``hf-sinks``'s subparsers; returns the parser (``func=cmd_analyze``)."""
-    p = subparsers.add_parser(
-        "analyze", help="attention-sink diagnostics: sink score per layer/head, secondary sinks (CSV + PNG)"
+    p = add_command(
+        subparsers, "analyze", help="attention-sink diagnostics: sink score per layer/head, secondary sinks (CSV + PNG)"
     )
     add_model_options(
         p,
@@ -67,6 +67,8 @@ add_parser = add_analyze_parser
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     """``hf-sinks analyze``: run :func:`analyze`, write the CSVs/PNGs, print the summary."""
+    from ..analysis import analyze, plot_sink_heatmap, plot_sink_layers  # torch: not for ``--help``
+
     if args.num_tokens < 2:
         raise CLIError(f"--num-tokens={args.num_tokens} must be >= 2")
     if not 0 < args.epsilon < 1:

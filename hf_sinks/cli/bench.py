@@ -15,6 +15,7 @@ from typing import Any
 
 from .options import (
     CLIError,
+    add_command,
     add_model_options,
     add_no_progress,
     add_output_options,
@@ -33,8 +34,8 @@ from .options import (
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``bench`` to ``hf-sinks``'s subparsers (``func=cmd_bench``)."""
-    p = subparsers.add_parser(
-        "bench", help="decode ms/token and KV memory vs stream length: sink vs dense vs recompute"
+    p = add_command(
+        subparsers, "bench", help="decode ms/token and KV memory vs stream length: sink vs dense vs recompute"
     )
     add_model_options(p)
     add_sink_options(p, window_length=1020)

@@ -24,6 +24,7 @@ from typing import Any
 from .options import (
     CLIError,
     add_chunk_size,
+    add_command,
     add_dtype,
     add_model,
     add_num_tokens,
@@ -45,6 +46,20 @@ DUO_COMMANDS = ("identify", "score", "bench", "passkey")
 DUO_OUTPUT_DIR = "hf_sinks_duo"
 PASSKEY_METHODS = ("dense", "duo", "sink")
 
+#: ``hf-sinks duo --help``'s description: plain text (the module docstring is reST, for the API docs).
+DESCRIPTION = f"""\
+DuoAttention: head identification, heuristic head patterns and evaluations.
+
+    hf-sinks duo identify --output pattern.safetensors --steps 2000 --context-length 1000 8000
+    accelerate launch -m hf_sinks.cli duo identify --model /path/to/model --output pattern.safetensors ...
+    hf-sinks duo score --source passkey --context-length 2048 --output pattern_passkey.json
+    hf-sinks duo bench --num-tokens 4096 --num-sink-tokens 64 --window-length 256 --output-dir out/
+    hf-sinks duo passkey --pattern out/pattern.json --lengths 2048 --depths 0,0.5 --output-dir out/
+
+The size flags are the rest of the CLI's: --num-sink-tokens (DuoAttention's sink size S) and --window-length (its
+recent size W). bench and passkey write into --output-dir (default {DUO_OUTPUT_DIR}); identify and score write one
+pattern file, --output (.json or .safetensors)."""
+
 
 # ------------------------------------------------------------------------------------------------- parser
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -64,15 +79,16 @@ def _pattern_output(p: argparse.ArgumentParser, what: str) -> None:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``duo`` and its subcommands ``identify``, ``score``, ``bench``, ``passkey`` to ``hf-sinks``'s subparsers
     (``func`` is the subcommand's, ``command_name`` e.g. ``"duo bench"``)."""
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "duo",
         help="DuoAttention: identify retrieval heads, score heads, bench, passkey",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION,
     )
     sub = p.add_subparsers(dest="duo_command", required=True, metavar="{" + ",".join(DUO_COMMANDS) + "}")
 
-    ident = sub.add_parser(
+    ident = add_command(
+        sub,
         "identify",
         help="find retrieval heads by gate optimisation (DuoAttention §3.2); "
         "also under accelerate launch -m hf_sinks.cli duo identify",
@@ -94,10 +110,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="length range of the synthetic passkey examples (default 1000 8000)",
     )
     ident.add_argument("--sparsity", type=float, default=0.5, help="fraction of streaming KV heads (default 0.5)")
-    ident.add_argument("--seed", type=int, default=0)
+    ident.add_argument("--seed", type=int, default=0, help="seed of the synthetic examples and the gates")
     ident.set_defaults(func=cmd_identify, command_name="duo identify")
 
-    score = sub.add_parser("score", help="a head pattern from a no-training heuristic (--source text or passkey)")
+    score = add_command(sub, "score", help="a head pattern from a no-training heuristic (--source text or passkey)")
     _model_flags(score)
     _pattern_output(score, "; a .png of the pattern is written beside it unless --no-plot")
     score.add_argument(
@@ -113,11 +129,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     score.add_argument("--examples", type=int, default=2, help="passkey prompts to average (--source passkey)")
     add_sink_options(score, num_sink_tokens=64, window_length=256)
     score.add_argument("--sparsity", type=float, default=0.5, help="fraction of streaming KV heads (default 0.5)")
-    score.add_argument("--seed", type=int, default=1)
+    score.add_argument("--seed", type=int, default=1, help="seed of the synthetic passkey prompts")
     score.add_argument("--no-plot", action="store_true", help="no .png of the pattern")
     score.set_defaults(func=cmd_score, command_name="duo score")
 
-    bench = sub.add_parser("bench", help="streaming perplexity: dense vs DuoCache vs SinkCache at the same memory")
+    bench = add_command(sub, "bench", help="streaming perplexity: dense vs DuoCache vs SinkCache at the same memory")
     _model_flags(bench)
     add_text_file(bench, help="UTF-8 text (default: the bundled evaluation text)")
     add_output_options(
@@ -136,7 +152,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_chunk_size(bench, 128, "tokens per forward (default 128)")
     bench.set_defaults(func=cmd_bench, command_name="duo bench")
 
-    passkey = sub.add_parser("passkey", help="passkey retrieval: dense vs DuoCache vs SinkCache at the same memory")
+    passkey = add_command(sub, "passkey", help="passkey retrieval: dense vs DuoCache vs SinkCache at the same memory")
     _model_flags(passkey)
     passkey.add_argument("--pattern", required=True, help="saved HeadPattern (e.g. duo bench's pattern.json)")
     add_output_options(passkey, DUO_OUTPUT_DIR, help=f"folder for the CSV (default {DUO_OUTPUT_DIR})", plot=False)

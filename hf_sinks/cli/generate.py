@@ -16,6 +16,7 @@ from typing import Any
 
 from .options import (
     CLIError,
+    add_command,
     add_model_options,
     add_no_progress,
     add_sink_options,
@@ -32,7 +33,7 @@ def add_parser(subparsers: Any) -> list[argparse.ArgumentParser]:
         ("generate", "stream generation with a SinkCache (one-shot --prompt, else interactive)"),
         ("chat", "alias of generate: interactive multi-turn chat reusing one SinkCache"),
     ):
-        p = subparsers.add_parser(name, help=help_text)
+        p = add_command(subparsers, name, help=help_text)
         add_model_options(p)
         add_sink_options(p, window_length=1020)
         add_no_progress(p)
@@ -41,8 +42,8 @@ def add_parser(subparsers: Any) -> list[argparse.ArgumentParser]:
         p.add_argument("--max-new-tokens", type=int, default=256, help="per turn (default 256)")
         p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens (endless streaming)")
         p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-        p.add_argument("--top-p", type=float, default=0.95)
-        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (with --temperature > 0)")
+        p.add_argument("--seed", type=int, default=None, help="sampling seed (default: not set)")
         p.add_argument(
             "--no-chat-template", action="store_true", help="feed raw text even if the tokenizer has a template"
         )

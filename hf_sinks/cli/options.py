@@ -31,6 +31,36 @@ class CLIError(Exception):
     """A user error reported as ``hf-sinks <command>: error: ...`` with exit status 2."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` of every command: descriptions printed as written, every option's default shown.
+
+    An option whose help does not already say its default gets `` (default: X)`` appended, as with
+    ``argparse.ArgumentDefaultsHelpFormatter``, except for flags and ``None`` defaults (nothing to show: their help
+    says what happens when they are left out). ``tests/cli/test_cli_help.py`` checks every command.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or action.nargs == 0  # flags: store_true, --help
+            or action.default is None
+            or action.default is argparse.SUPPRESS
+            or "%(default)" in text
+            or "default" in text.lower()
+        ):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+def add_command(subparsers: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """``subparsers.add_parser(name, ...)`` with :class:`HelpFormatter` (subparsers do not inherit the formatter) and,
+    unless given, the ``help`` line as the description."""
+    kwargs.setdefault("formatter_class", HelpFormatter)
+    kwargs.setdefault("description", kwargs.get("help"))  # `hf-sinks NAME --help` says what NAME does
+    return subparsers.add_parser(name, **kwargs)
+
+
 # ------------------------------------------------------------------------------------------------ options
 def add_model(p: argparse.ArgumentParser, help: str = MODEL_HELP) -> None:
     """``--model`` (default ``default``: the embedded SmolLM2-135M-Instruct)."""
@@ -39,7 +69,7 @@ def add_model(p: argparse.ArgumentParser, help: str = MODEL_HELP) -> None:
 
 def add_dtype(p: argparse.ArgumentParser, help: str | None = None) -> None:
     """``--dtype`` (``float32``, ``bfloat16`` or ``float16``; see :func:`torch_dtype`)."""
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help=help)
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help=help or "weights dtype")
 
 
 def add_model_options(
@@ -111,7 +141,7 @@ def add_output_options(
     p: argparse.ArgumentParser, default: str, help: str | None = None, plot: bool = True, plot_help: str | None = None
 ) -> None:
     """``--output-dir`` (a folder, created; never inside the repository by default) and ``--no-plot``."""
-    p.add_argument("--output-dir", default=default, help=help)
+    p.add_argument("--output-dir", default=default, help=help or "folder for the CSV/PNG/summary files (created)")
     if plot:
         p.add_argument("--no-plot", action="store_true", help=plot_help)
 
@@ -327,6 +357,8 @@ __all__ = [
     "DTYPES",
     "USER_ERRORS",
     "CLIError",
+    "HelpFormatter",
+    "add_command",
     "add_chunk_size",
     "add_dtype",
     "add_model",

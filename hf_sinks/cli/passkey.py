@@ -16,6 +16,7 @@ from typing import Any
 from .options import (
     CLIError,
     add_chunk_size,
+    add_command,
     add_model_options,
     add_no_progress,
     add_output_options,
@@ -34,8 +35,8 @@ from .options import (
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``passkey`` to ``hf-sinks``'s subparsers (``func=cmd_passkey``)."""
-    p = subparsers.add_parser(
-        "passkey", help="passkey retrieval accuracy vs context length: dense vs sink cache (CSV + PNG)"
+    p = add_command(
+        subparsers, "passkey", help="passkey retrieval accuracy vs context length: dense vs sink cache (CSV + PNG)"
     )
     add_model_options(p)
     add_sink_options(p, window_length=1020)

@@ -11,12 +11,14 @@ import argparse
 import csv
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .options import (
     CLIError,
     add_chunk_size,
+    add_command,
     add_model_options,
     add_no_progress,
     add_num_tokens,
@@ -37,8 +39,8 @@ from .options import (
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``perplexity`` to ``hf-sinks``'s subparsers (``func=cmd_perplexity``)."""
-    p = subparsers.add_parser(
-        "perplexity", help="streaming perplexity over a long text: dense vs window vs sink (CSV + PNG)"
+    p = add_command(
+        subparsers, "perplexity", help="streaming perplexity over a long text: dense vs window vs sink (CSV + PNG)"
     )
     add_model_options(p)
     add_sink_options(
@@ -56,6 +58,28 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--smooth", type=int, default=512, help="plot the mean NLL of the last N tokens (default 512)")
     p.set_defaults(func=cmd_perplexity)
     return p
+
+
+def no_eviction_note(runs: Sequence[tuple[str, Any]], num_tokens: int) -> str | None:
+    """A one-line note naming the bounded runs whose cache (``S + W`` tokens) ``num_tokens`` never exceeds.
+
+    Such a run evicts nothing, so its perplexity is dense attention's: without the note a table of equal figures
+    reads like a finding. ``None`` when every bounded run evicts (or there is none).
+    """
+    full = [
+        (label, r.num_sink_tokens + r.window_length)
+        for label, r in runs
+        if r.mode != "dense" and r.num_sink_tokens is not None and r.window_length is not None
+    ]
+    full = [(label, capacity) for label, capacity in full if num_tokens <= capacity]
+    if not full:
+        return None
+    largest = max(capacity for _, capacity in full)
+    return (
+        f"note: {num_tokens} tokens never exceed the cache of {', '.join(label for label, _ in full)} "
+        f"(S + W >= {num_tokens}): nothing is evicted, so these equal dense attention; "
+        f"use --num-tokens > {largest} (or a smaller --window-length) to compare them"
+    )
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
@@ -178,6 +202,10 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         except ImportError as e:
             print(f"warning: no plot ({e})", file=sys.stderr)
     print(summary)
+    note = no_eviction_note(runs, int(ids.numel()))
+    if note is not None:
+        sys.stdout.flush()  # the note goes right under the table, also when both streams are one terminal
+        print(note, file=sys.stderr, flush=True)
     print(
         "(peak KV: exact bytes of the cache tensors; "
         + (
@@ -191,4 +219,4 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_parser", "cmd_perplexity"]
+__all__ = ["add_parser", "cmd_perplexity", "no_eviction_note"]

@@ -21,6 +21,7 @@ from typing import Any
 from ..training.recipes import RECIPES
 from ..training.rope_scaling import KNOWN_ROPE_TYPES
 from .options import (
+    add_command,
     add_dtype,
     add_model,
     add_no_progress,
@@ -31,6 +32,17 @@ from .options import (
     check_common,
     torch_dtype,
 )
+
+#: ``hf-sinks train --help``'s description: plain text (the module docstring is reST, for the API docs).
+DESCRIPTION = """\
+Sink-aware LoRA fine-tuning (SinkLoRA, LongLoRA or a dedicated sink token) on transformers' Trainer.
+
+    hf-sinks train --recipe sink_token --seq-len 256 --max-steps 200 --output-dir smollm2-sink
+    accelerate launch -m hf_sinks.cli train --recipe sinklora --seq-len 4096 --bf16 --output-dir out/
+
+--model default is the embedded SmolLM2-135M-Instruct; a local HF model directory or a .gguf file also works.
+The text defaults to hf_sinks' Shakespeare text (minus --held-out-tokens at its end). The adapter, recipe,
+tokenizer and loss.csv go to --output-dir (default hf_sinks_finetune)."""
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -47,7 +59,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_output_options(p, "hf_sinks_finetune", help="adapter, recipe, tokenizer, loss.csv/png", plot=False)
     p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default 16)")
-    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout")
     p.add_argument("--target-modules", default=None, help="comma-separated LoRA targets (default: per architecture)")
     p.add_argument("--no-train-embeddings", action="store_true", help="freeze embeddings (sink_token: the sink row)")
     p.add_argument("--no-train-norms", action="store_true", help="freeze the normalisation layers")
@@ -69,18 +81,23 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--rope-scaling-factor", type=float, default=None, help="RoPE interpolation factor")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per training sequence (default 512)")
     p.add_argument("--max-steps", type=int, default=200, help="optimizer steps (default 200)")
-    p.add_argument("--learning-rate", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
-    p.add_argument("--warmup-steps", type=int, default=20)
-    p.add_argument("--lr-scheduler-type", default="constant_with_warmup")
+    p.add_argument("--learning-rate", type=float, default=2e-4, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, default=20, help="learning-rate warm-up steps")
+    p.add_argument("--lr-scheduler-type", default="constant_with_warmup", help="transformers' lr_scheduler_type")
     p.add_argument(
-        "--per-device-train-batch-size", "--batch-size", dest="per_device_train_batch_size", type=int, default=1
+        "--per-device-train-batch-size",
+        "--batch-size",
+        dest="per_device_train_batch_size",
+        type=int,
+        default=1,
+        help="sequences per batch and process",
     )
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1, help="batches per optimizer step")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
-    p.add_argument("--logging-steps", type=int, default=1)
+    p.add_argument("--logging-steps", type=int, default=1, help="log the loss (loss.csv) every N steps")
     p.add_argument("--max-rows", type=int, default=None, help="use at most this many packed sequences")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the LoRA initialisation and the data order")
     add_dtype(p, help="weights dtype")
     add_threads(p, help="torch.set_num_threads (CPU)")
     add_no_progress(p, help="no progress bar")
@@ -90,11 +107,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``train`` subcommand on ``subparsers`` (from ``parser.add_subparsers``); sets ``func=cmd_train``."""
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "train",
         help="sink-aware LoRA fine-tuning (SinkLoRA / LongLoRA / a dedicated sink token)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION,
     )
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)

@@ -113,3 +113,46 @@ def test_perplexity_errors(model_dir, text_file, tmp_path, capsys, extra, messag
     assert main(args + extra) == 2
     err = capsys.readouterr().err
     assert "hf-sinks perplexity: error:" in err and re.search(message, err), err
+
+
+def _perplexity_args(model_dir, text_file, out, num_tokens: int, windows: str) -> list[str]:
+    return [
+        "perplexity",
+        "--model",
+        str(model_dir),
+        "--text-file",
+        str(text_file),
+        "--num-tokens",
+        str(num_tokens),
+        "--modes",
+        "dense,window,sink",
+        "--num-sink-tokens",
+        "2",
+        "--window-length",
+        windows,
+        "--chunk-size",
+        "16",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+        "--no-plot",
+    ]
+
+
+def test_perplexity_notes_the_caches_that_never_evict(model_dir, text_file, tmp_path, capsys):
+    # 24 tokens: the 2+10 cache (12) evicts, the 2+30 one (32) holds the whole stream and equals dense
+    assert main(_perplexity_args(model_dir, text_file, tmp_path / "out", 24, "10,30")) == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1, captured.err
+    assert "window 0+32, sink 2+30" in notes[0] and "equal dense attention" in notes[0]
+    assert "2+10" not in notes[0] and "0+12" not in notes[0] and "--num-tokens > 32" in notes[0]
+    rows = read_csv(tmp_path / "out" / "perplexity_summary.csv")
+    ppl = {r["label"]: float(r["perplexity"]) for r in rows}
+    assert ppl["sink 2+30"] == pytest.approx(ppl["dense"], rel=1e-4)  # what the note says
+    assert ppl["sink 2+10"] != pytest.approx(ppl["dense"], rel=1e-4)
+
+
+def test_perplexity_prints_no_note_when_every_cache_evicts(model_dir, text_file, tmp_path, capsys):
+    assert main(_perplexity_args(model_dir, text_file, tmp_path / "out", 40, "10")) == 0
+    assert "note:" not in capsys.readouterr().err
