@@ -18,8 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..training.recipes import RECIPES
-from ..training.rope_scaling import KNOWN_ROPE_TYPES
 from .options import (
     add_command,
     add_dtype,
@@ -45,10 +43,16 @@ The text defaults to hf_sinks' Shakespeare text (minus --held-out-tokens at its 
 tokenizer and loss.csv go to --output-dir (default hf_sinks_finetune)."""
 
 
+#: ``hf_sinks.training.RECIPES`` and ``KNOWN_ROPE_TYPES``, written out so that ``--help`` imports no torch (the
+#: training package does); tests/cli/test_cli_help.py keeps them equal.
+RECIPE_CHOICES = ("sinklora", "longlora", "sink_token")
+ROPE_SCALING_CHOICES = ("linear", "yarn", "dynamic")
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``train`` flags (HF-style names) to ``p``; shared by the CLI and ``examples/finetune_sinks.py``."""
     add_model(p, help="'default' (SmolLM2-135M GGUF), an HF model dir or a .gguf")
-    p.add_argument("--recipe", default="sinklora", choices=RECIPES, help="PEFT recipe (default sinklora)")
+    p.add_argument("--recipe", default="sinklora", choices=RECIPE_CHOICES, help="PEFT recipe (default sinklora)")
     add_text_file(p, help="training text, UTF-8 (default: the Shakespeare text)")
     p.add_argument(
         "--held-out-tokens",
@@ -77,7 +81,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sink_help="sinks to stream with afterwards (recipe default)",
         window_help="window to stream with afterwards (default 1020)",
     )
-    p.add_argument("--rope-scaling-type", default=None, choices=KNOWN_ROPE_TYPES, help="RoPE interpolation type")
+    p.add_argument("--rope-scaling-type", default=None, choices=ROPE_SCALING_CHOICES, help="RoPE interpolation type")
     p.add_argument("--rope-scaling-factor", type=float, default=None, help="RoPE interpolation factor")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per training sequence (default 512)")
     p.add_argument("--max-steps", type=int, default=200, help="optimizer steps (default 200)")

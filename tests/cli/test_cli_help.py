@@ -67,3 +67,13 @@ def test_help_shows_every_default(name: str, parser: argparse.ArgumentParser) ->
         if not _shows(shown, action.default):
             missing.append(f"{'/'.join(action.option_strings)} (default {action.default!r}): {shown!r}")
     assert not missing, f"`{name} --help` hides these defaults:\n" + "\n".join(missing)
+
+
+def test_train_choices_are_the_library_s():
+    """``hf-sinks train`` spells its choices out (its ``--help`` imports no torch): they must stay the library's."""
+    from hf_sinks.cli.train import RECIPE_CHOICES, ROPE_SCALING_CHOICES
+    from hf_sinks.training.recipes import RECIPES
+    from hf_sinks.training.rope_scaling import KNOWN_ROPE_TYPES
+
+    assert RECIPE_CHOICES == RECIPES
+    assert ROPE_SCALING_CHOICES == KNOWN_ROPE_TYPES
