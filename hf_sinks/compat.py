@@ -16,6 +16,15 @@ Known differences:
 * **compiling ``generate`` off CUDA.** ``generate`` compiles the decode step of a compileable cache on accelerators
   only; ``CompileConfig._compile_all_devices`` (a private flag, present in 5.23 and 5.24) extends it to every device.
   Use :func:`generate_compile_config`.
+* **Falcon's attention.** 5.23's ``FalconAttention`` hard-codes sdpa/eager and takes the ALiBi bias as an argument
+  (the classes come from ``FALCON_ATTENTION_CLASSES``), so hf_sinks patches it; 5.25's calls ``ALL_ATTENTION_FUNCTIONS``
+  itself and gets ALiBi through the mask, so Falcon takes the generic route. Use
+  :func:`falcon_calls_attention_interface`.
+* **the old cache keyword.** Where ``cache`` is the name, ``past_key_values`` is deprecated: a wrapper in front of
+  transformers' ``generate`` would be the frame its ``FutureWarning`` blames, so hf_sinks' ``generate`` wrapper
+  renames it and warns at the caller's line. Use :data:`DEPRECATED_CACHE_KWARGS` and :func:`deprecated_cache_kwarg`.
+* **flex masks.** transformers' ``flex_attention_mask`` (5.23-5.25) calls ``create_block_mask(..., _compile=True)``,
+  a flag torch deprecates (2.6+) in favour of ``torch.compile(create_block_mask)``. Use :func:`flex_attention_mask`.
 * **mask objects.** 5.24 probes whatever a mask function returned (``.ndim``, ``.shape``): the ``sink_*`` mask
   functions therefore return plain tensors (see :mod:`hf_sinks.attention.masks`), never objects imitating one.
 """
@@ -23,8 +32,9 @@ Known differences:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
-from typing import Any
+from typing import Any, Callable
 
 import transformers
 
@@ -150,3 +160,106 @@ def generate_compile_config(device: Any) -> Any:
     config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
     config._compile_all_devices = True
     return config
+
+
+def falcon_calls_attention_interface() -> bool:
+    """Whether this release's ``FalconAttention.forward`` calls ``ALL_ATTENTION_FUNCTIONS`` itself (5.25+).
+
+    Then Falcon streams through the registered ``sink_*`` functions like Llama and needs no patch; otherwise
+    ``hf_sinks.patches.falcon`` replaces the forward per instance. Falcon's class does not set
+    ``_supports_attention_backend`` even where it calls the interface (5.25), so that flag counts only when set; the
+    deciding feature is the forward's own code: the names its bytecode uses (``co_names``), which every install has,
+    unlike the module source that transformers' ``_can_set_attn_implementation`` heuristic reads.
+    """
+    from transformers.models.falcon import modeling_falcon
+
+    if getattr(modeling_falcon.FalconPreTrainedModel, "_supports_attention_backend", False):
+        return True
+    forward = inspect.unwrap(modeling_falcon.FalconAttention.forward)  # through decorators that keep __wrapped__
+    code = getattr(forward, "__code__", None)
+    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+
+
+# ------------------------------------------------------------------------------------- the deprecated cache keyword
+#: Cache keywords this release still accepts but deprecates: ``past_key_values`` wherever ``cache`` is the name.
+DEPRECATED_CACHE_KWARGS: tuple[str, ...] = tuple(name for name in ("past_key_values",) if name != CACHE_KWARG)
+
+
+def deprecated_cache_kwarg(kwargs: dict[str, Any]) -> str | None:
+    """The keyword in ``kwargs`` under which the caller passed the cache and that this release deprecates, if any."""
+    return next((name for name in DEPRECATED_CACHE_KWARGS if name in kwargs), None)
+
+
+# ------------------------------------------------------------------------------------------------- flex masks
+def _passes_keyword(function: Any, keyword: str) -> bool:
+    """Whether ``function``'s own code passes ``keyword=`` to some call: the keyword names of a call are a tuple
+    constant of the code object (``co_consts``) on every supported Python, whether or not the source is installed."""
+    code = getattr(inspect.unwrap(function), "__code__", None)
+    return code is not None and any(isinstance(c, tuple) and keyword in c for c in code.co_consts)
+
+
+def create_block_mask_deprecates_compile_flag() -> bool:
+    """Whether torch's ``create_block_mask`` deprecates (or no longer has) its ``_compile`` flag.
+
+    The flag was torch 2.5's only way to compile the mask builder; later releases warn when it is set and ask for
+    ``torch.compile(create_block_mask)`` instead. Read from the function itself: its signature, and whether its code
+    raises a ``DeprecationWarning`` (the flag's is its only one).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if "_compile" not in inspect.signature(create_block_mask).parameters:
+        return True
+    code = getattr(inspect.unwrap(create_block_mask), "__code__", None)
+    return code is not None and "DeprecationWarning" in code.co_names
+
+
+@functools.cache
+def _flex_mask_avoids_compile_flag() -> bool:
+    # transformers' builder passes `_compile=True` (5.23-5.25), and torch deprecates it: build the mask here instead
+    from transformers.masking_utils import flex_attention_mask as stock
+
+    return _passes_keyword(stock, "_compile") and create_block_mask_deprecates_compile_flag()
+
+
+@functools.cache
+def _compiled_create_block_mask() -> Callable[..., Any]:
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)  # what `_compile=True` itself does on the torch releases that deprecate it
+
+
+def flex_attention_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Callable[..., Any] | None = None,
+    attention_mask: Any = None,
+    device: Any = "cpu",
+    **kwargs: Any,
+) -> Any:
+    """transformers' ``masking_utils.flex_attention_mask`` (same arguments, same ``BlockMask``), minus the deprecation.
+
+    transformers builds the mask with ``create_block_mask(..., _compile=True)``, which newer torch deprecates (one
+    ``DeprecationWarning`` per flex forward). Where both hold (:func:`create_block_mask_deprecates_compile_flag`),
+    this builds the same mask through ``torch.compile(create_block_mask)``, the call torch asks for; elsewhere it is
+    transformers' own builder.
+    """
+    from transformers import masking_utils as mu
+
+    if mask_function is None:
+        mask_function = mu.causal_mask_function
+    if not _flex_mask_avoids_compile_flag():
+        return mu.flex_attention_mask(
+            batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, device, **kwargs
+        )
+    # transformers' flex_attention_mask, step for step (its helpers exist from 5.23 on)
+    if attention_mask is not None and not mu.fast_all(attention_mask):
+        padding_mask = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        mask_function = mu.and_masks(mask_function, mu.padding_mask_function(padding_mask))
+    mask_function = mu.add_offsets_to_mask_function(mask_function, q_offset, kv_offset)
+    return _compiled_create_block_mask()(
+        mask_mod=mask_function, B=batch_size, H=None, Q_LEN=q_length, KV_LEN=kv_length, device=device
+    )

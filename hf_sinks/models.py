@@ -17,8 +17,8 @@ functions and ``SinkCache``; per-layer sliding windows and rotary parameters com
 * convolution layers in the decoder (``nn.Conv1d``, found in the module tree by :func:`check_model` when the
   config does not mark them): their state is the last tokens before the window, not a cache that can be evicted.
 
-``MODEL_SPECS`` keeps only the exceptions: models that bypass the interface but are patched (Falcon), and
-behaviours or refusals a feature check cannot see.
+``MODEL_SPECS`` keeps only the exceptions: models that bypass the interface but are patched (Falcon on releases
+where its attention hard-codes sdpa/eager), and behaviours or refusals a feature check cannot see.
 
 What passes the feature checks must also be **proven**: :data:`VERIFIED_MODEL_TYPES` holds the model types that
 ``tests/test_model_coverage.py`` streams exactly against the fp64 spec (the test keeps the two in step). Any other
@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from .compat import falcon_calls_attention_interface
+
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 _DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
 
@@ -47,17 +49,36 @@ class ModelSpec:
     notes: str = ""
     no_rope_layer_types: tuple[str, ...] = ()  # layer types whose attention skips RoPE (only its code shows it)
     rope_everywhere_without_window: bool = False  # every layer rotates when config.sliding_window is unset
+    # hf_sinks.patches.<model_type>.check_supported decides which configs stream, on either route; on route
+    # "interface" the model's attention code was checked to call the interface although its class does not set
+    # `_supports_attention_backend` (Falcon on 5.25)
+    patch_module: bool = False
 
 
-#: The exceptions to the generic route (everything else is decided from features, see the module docstring).
-MODEL_SPECS: dict[str, ModelSpec] = {
+def _falcon_spec() -> ModelSpec:
+    """Falcon's entry. Its route follows its attention code, never the version string: 5.25's ``FalconAttention``
+    calls the interface itself (without setting ``_supports_attention_backend``), 5.23's hard-codes sdpa/eager and
+    is patched per instance (:func:`hf_sinks.compat.falcon_calls_attention_interface`)."""
+    if falcon_calls_attention_interface():
+        return ModelSpec(
+            "falcon",
+            "interface",
+            "its attention calls the interface (its class does not declare it); ALiBi refused (patches/falcon.py)",
+            patch_module=True,
+        )
+    return ModelSpec(
+        "falcon",
+        "patch",
+        "hard-codes its attention classes: patches/falcon.py routes the core through the interface; ALiBi refused",
+        patch_module=True,
+    )
+
+
+#: The exceptions to the generic route (everything else is decided from features, see the module docstring); Falcon's
+#: entry is added by :func:`model_specs`.
+_STATIC_SPECS: dict[str, ModelSpec] = {
     spec.model_type: spec
     for spec in (
-        ModelSpec(
-            "falcon",
-            "patch",
-            "hard-codes its attention classes: patches/falcon.py routes the core through the interface; ALiBi refused",
-        ),
         # Cohere 2 rotates only in its sliding layers (`if self.sliding_window is not None: apply_rotary_pos_emb`)
         ModelSpec("cohere2", "interface", "global layers have no RoPE", ("full_attention",)),
         ModelSpec("cohere2_moe", "interface", "global layers have no RoPE", ("full_attention",)),
@@ -111,6 +132,28 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     )
 }
 
+_SPECS: dict[str, ModelSpec] = {}
+
+
+def model_specs() -> dict[str, ModelSpec]:
+    """:data:`MODEL_SPECS`, built on first use: Falcon's route is read from its modeling code, which importing this
+    module must not import (hf_sinks registers its attentions when transformers' modeling modules are imported, and
+    an import from here, mid-import of hf_sinks, would pass that moment by)."""
+    if not _SPECS:
+        _SPECS.update({"falcon": _falcon_spec(), **_STATIC_SPECS})
+    return _SPECS
+
+
+#: Every exception to the generic route, Falcon's included (a module attribute served by ``__getattr__``).
+MODEL_SPECS: dict[str, ModelSpec]
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: MODEL_SPECS is built lazily (see model_specs)
+    if name == "MODEL_SPECS":
+        return model_specs()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 #: Model types proven to stream exactly by tests/test_model_coverage.py (top-level and text-config types).
 VERIFIED_MODEL_TYPES: frozenset[str] = frozenset(
     """
@@ -163,10 +206,10 @@ def feature_reason(config: Any) -> str | None:
     """Why ``config``'s model cannot stream, from its features alone (``None``: it takes the generic route)."""
     model_type = _attr(config, "model_type", None)
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    spec = MODEL_SPECS.get(model_type)
+    spec = model_specs().get(model_type)
     if spec is not None and spec.route == "refused":
         return spec.notes
-    if spec is not None and spec.route == "patch":
+    if spec is not None and spec.patch_module:
         import importlib
 
         try:
@@ -243,12 +286,12 @@ def get_spec(config: Any) -> ModelSpec:
     """How ``config``'s model streams (``route`` "interface" or "patch"); ``ValueError`` with the reason otherwise."""
     check_config(config)
     model_type = _attr(config, "model_type", None)
-    return MODEL_SPECS.get(model_type) or ModelSpec(model_type, "interface")
+    return model_specs().get(model_type) or ModelSpec(model_type, "interface")
 
 
 def no_rope_layer_types(config: Any) -> tuple[str, ...]:
     """Layer types that skip RoPE in ``config``'s model (an exception recorded in :data:`MODEL_SPECS`)."""
-    spec = MODEL_SPECS.get(_attr(config, "model_type", None))
+    spec = model_specs().get(_attr(config, "model_type", None))
     return spec.no_rope_layer_types if spec is not None else ()
 
 
@@ -256,10 +299,9 @@ def check_model(model: Any) -> ModelSpec:
     """:func:`get_spec` plus the checks that need the model: it routes through ``AttentionInterface`` (or has a patch)
     and its decoder layers hold no convolution."""
     model_type = _attr(model.config, "model_type", None)
-    exception = MODEL_SPECS.get(model_type)
-    bypasses = (exception is None or exception.route == "interface") and not getattr(
-        type(model), "_supports_attention_backend", False
-    )
+    exception = model_specs().get(model_type)
+    generic = exception is None or (exception.route == "interface" and not exception.patch_module)
+    bypasses = generic and not getattr(type(model), "_supports_attention_backend", False)
     if bypasses and feature_reason(model.config) is None:  # a feature refusal is the more specific reason
         raise ValueError(
             f"hf_sinks cannot stream {type(model).__name__} (model_type={model_type!r}): it does not route its "
@@ -288,5 +330,6 @@ __all__ = [
     "check_model",
     "feature_reason",
     "get_spec",
+    "model_specs",
     "unsupported_reason",
 ]

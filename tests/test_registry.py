@@ -130,7 +130,52 @@ def test_falcon_alibi_is_refused_clearly():
         hf_sinks.apply(model)
 
 
-def test_falcon_patch_is_per_instance_and_removable():
+def _falcon_calls_the_interface() -> bool:
+    """Whether *stock* Falcon calls ``AttentionInterface``, observed from outside: a spy registered under a fresh name
+    runs only if the unpatched ``FalconAttention.forward`` looks its attention up there."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import eager_mask
+
+    from hf_sinks.attention import use_attention
+
+    calls = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        calls.append(module.layer_idx)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("hf_sinks_falcon_spy", spy)
+    AttentionMaskInterface.register("hf_sinks_falcon_spy", eager_mask)  # additive: 5.23's eager core adds it
+    model = tiny_model("falcon", "sdpa")
+    with torch.no_grad(), use_attention(model, "hf_sinks_falcon_spy"):
+        model(random_ids(1, 6))
+    return bool(calls)
+
+
+def test_falcon_route_follows_what_its_attention_calls():
+    """The route is the right one for this release: the interface where stock Falcon calls it (no patch at all), the
+    per-instance patch where it does not; and the release's own signs agree (5.23: ``alibi`` argument and
+    ``FALCON_ATTENTION_CLASSES``; 5.25: neither)."""
+    import inspect
+
+    from transformers.models.falcon import modeling_falcon
+    from transformers.models.falcon.modeling_falcon import FalconAttention
+
+    calls = _falcon_calls_the_interface()
+    spec = hf_sinks.MODEL_SPECS["falcon"]
+    assert spec.route == ("interface" if calls else "patch"), spec
+    assert calls == ("alibi" not in inspect.signature(FalconAttention.forward).parameters)
+    assert calls == (not hasattr(modeling_falcon, "FALCON_ATTENTION_CLASSES"))
+    model = tiny_model("falcon", "sdpa")
+    handle = hf_sinks.apply(model, num_sink_tokens=2, window_length=5)
+    attentions = [m for m in model.modules() if isinstance(m, FalconAttention)]
+    assert handle.num_attention_modules == len(attentions) == model.config.num_hidden_layers
+    assert all(("forward" in vars(m)) is not calls for m in attentions), "an instance forward on the wrong route"
+    assert model.config._attn_implementation == "sink_sdpa"
+    handle.remove()
+
+
+def test_falcon_apply_is_per_instance_and_removable():
     from transformers.models.falcon.modeling_falcon import FalconAttention
 
     model, other = tiny_model("falcon", "sdpa"), tiny_model("falcon", "sdpa", seed=1)
@@ -139,7 +184,9 @@ def test_falcon_patch_is_per_instance_and_removable():
         before = model(prompt).logits
     handle = hf_sinks.apply(model, num_sink_tokens=2, window_length=5)
     attentions = [m for m in model.modules() if isinstance(m, FalconAttention)]
-    assert all("forward" in vars(m) for m in attentions)
+    patched = hf_sinks.MODEL_SPECS["falcon"].route == "patch"
+    assert all(("forward" in vars(m)) is patched for m in attentions)
+    assert other.config._attn_implementation == "sdpa"
     assert not any("forward" in vars(m) for m in other.modules() if isinstance(m, FalconAttention))
     handle.remove()
     assert not any("forward" in vars(m) for m in attentions)

@@ -2,8 +2,10 @@
 
 transformers reads ``config._attn_implementation`` at every forward, so a model can run a registered attention
 (``sink_sdpa``, ``h2o_sdpa``, ``duo_sdpa``, a test reference, ...) for the duration of a ``with`` block and get its
-own back afterwards. A model that bypasses ``AttentionInterface`` (Falcon, docs/design.md §5.5) reads that name
-only once patched: ``route=True`` (or :func:`routed_through_interface`) patches it for the block unless it already is.
+own back afterwards. A model that bypasses ``AttentionInterface`` (Falcon where its attention does not call it,
+before 5.25; docs/design.md §5.5) reads that name only once patched: ``route=True`` (or
+:func:`routed_through_interface`) patches it for the block unless it already is. The route is the model's
+``get_spec(config).route``, so a Falcon that calls the interface itself is left as it is.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 @contextmanager
 def routed_through_interface(model: torch.nn.Module):
-    """Patch a model that bypasses ``AttentionInterface`` (Falcon) for the duration, unless it already is.
+    """Patch a model that bypasses ``AttentionInterface`` (route ``"patch"``) for the duration, unless it already is.
 
     A model routed through the interface is left as it is; an unsupported ``model_type`` is a ``ValueError``.
     """
