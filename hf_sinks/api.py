@@ -5,12 +5,13 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import warnings
 from typing import Any
 
 import torch
 
 from .cache import SinkCache
-from .compat import CACHE_KWARGS, cache_from_kwargs, cache_kwargs
+from .compat import CACHE_KWARG, CACHE_KWARGS, cache_from_kwargs, cache_kwargs, deprecated_cache_kwarg
 from .config import CONFIG_ATTRIBUTE, SinkConfig
 from .layers import layer_rules
 from .models import ModelSpec, check_model
@@ -84,6 +85,7 @@ class SinkHandle:
 
         @functools.wraps(original)
         def generate(*args: Any, **kwargs: Any):
+            _rename_deprecated_cache_kwarg(kwargs, f"{type(handle.model).__name__}.generate")
             generation_config = kwargs.get("generation_config") or handle.model.generation_config
             wants_cache = kwargs.get("use_cache", generation_config.use_cache) is not False
             chosen = kwargs.get("cache_implementation", generation_config.cache_implementation)
@@ -131,8 +133,8 @@ def apply(
 
     Per instance and reversibly: sets ``attn_implementation`` (a ``sink_*`` name; default ``"sink_sdpa"``, or
     ``"sink_eager"`` for a model whose class refuses SDPA (``_supports_sdpa = False``: Gemma 2, gpt-oss), since
-    transformers checks SDPA support for every name containing "sdpa"; Falcon, which bypasses
-    transformers' AttentionInterface, gets its attention instances patched), records the setup in
+    transformers checks SDPA support for every name containing "sdpa"; a Falcon whose attention bypasses
+    transformers' AttentionInterface (before 5.25) gets its attention instances patched), records the setup in
     ``model.config.attention_sinks`` (saved by ``save_pretrained``), installs the position hook (bounded positions,
     padding known to the cache) and makes ``model.generate`` create a :class:`SinkCache` when given none.
     Sizes come from the arguments, else ``model.config.attention_sinks``, else the defaults (4 + 1020). Applying
@@ -156,7 +158,7 @@ def apply(
             f"attn_implementation={attn_implementation!r} is not a sink attention; "
             f"use one of {sorted(ATTENTION_IMPLEMENTATIONS)}."
         )
-    if spec.route == "patch":
+    if spec.patch_module:  # re-checked here: check_model caches its verdict per config object
         importlib.import_module(f"hf_sinks.patches.{spec.model_type}").check_supported(model.config)
     previous = getattr(model, _APPLIED, None)
     # what remove() must restore: the flag as it was before the first apply
@@ -168,6 +170,30 @@ def apply(
     handle = SinkHandle(model, sink_config, attn_implementation, spec, rotaries, previous_flag=original_flag)
     setattr(model, _APPLIED, handle)
     return handle
+
+
+def _rename_deprecated_cache_kwarg(kwargs: dict[str, Any], function: str) -> None:
+    """Pass a cache given under a deprecated keyword (``past_key_values`` where ``cache`` is the name) on under the
+    current one, warning at the caller's line.
+
+    Passed on as given, transformers' own ``FutureWarning`` (``stacklevel=2``) would blame the wrapper calling it,
+    i.e. hf_sinks, instead of the user's call; so the wrapper renames it and raises the warning one frame up
+    (``stacklevel=3``: past this function and the wrapper). Both keywords given: the current one wins, as in
+    transformers.
+    """
+    old = deprecated_cache_kwarg(kwargs)
+    if old is None:
+        return
+    value = kwargs.pop(old)
+    both = CACHE_KWARG in kwargs
+    kwargs.setdefault(CACHE_KWARG, value)
+    ignored = f"; both were given, so `{old}` is ignored" if both else ""
+    warnings.warn(
+        f"`{old}` is deprecated for `{function}` by this transformers release; use `{CACHE_KWARG}` instead "
+        f"(hf_sinks.compat.cache_kwargs(cache) picks the right keyword){ignored}.",
+        FutureWarning,
+        stacklevel=3,
+    )
 
 
 def default_attention(model: Any) -> str:

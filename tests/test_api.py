@@ -102,3 +102,45 @@ def test_streams_after_get_peft_model_with_lora(arch):
     )
     assert isinstance(output_cache(out), hf_sinks.SinkCache)
     assert_rows_match_spec(peft_model.base_model.model, rows, out, ids.shape[1], 2, 7)
+
+
+# ------------------------------------------------------------------- a deprecated cache keyword blames the caller
+def _deprecations_blamed_on(records, path):
+    return [r for r in records if issubclass(r.category, (FutureWarning, DeprecationWarning)) and r.filename == path]
+
+
+def test_a_deprecated_cache_keyword_is_blamed_on_the_callers_line():
+    """``past_key_values=`` after apply: any deprecation points at the user's call, never inside hf_sinks.
+
+    Where ``cache`` is the keyword (5.24+), transformers' own ``FutureWarning`` blames the frame that called
+    ``generate``: that was hf_sinks' wrapper (hf_sinks/api.py) until the wrapper renamed the keyword itself and warned
+    at the caller's line. The forward's warning stays transformers' own (raised where it is without hf_sinks).
+    """
+    import os
+    import warnings
+
+    from hf_sinks.compat import DEPRECATED_CACHE_KWARGS
+
+    package = os.path.dirname(hf_sinks.__file__) + os.sep
+    model = tiny_model("llama", "sdpa")
+    handle = hf_sinks.apply(model, num_sink_tokens=2, window_length=6)
+    ids = random_ids(1, 5)
+    cache, other = handle.new_cache(), handle.new_cache()
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            model(ids, past_key_values=handle.new_cache(), use_cache=True)
+        out = model.generate(
+            ids, past_key_values=cache, max_new_tokens=3, do_sample=False, return_dict_in_generate=True
+        )
+        if DEPRECATED_CACHE_KWARGS:  # both keywords: the current one wins, as in transformers
+            both = model.generate(
+                ids, past_key_values=None, cache=other, max_new_tokens=2, do_sample=False, return_dict_in_generate=True
+            )
+            assert output_cache(both) is other
+    assert output_cache(out) is cache and cache.get_seq_length() > 5
+    deprecations = [r for r in records if issubclass(r.category, (FutureWarning, DeprecationWarning))]
+    assert [f"{r.filename}:{r.lineno}" for r in deprecations if r.filename.startswith(package)] == []
+    mine = _deprecations_blamed_on(records, __file__)
+    assert len(mine) == (2 if DEPRECATED_CACHE_KWARGS else 0), [str(r.message) for r in deprecations]
+    assert all("past_key_values" in str(r.message) for r in mine)

@@ -214,7 +214,47 @@ def test_falcon_loads_with_a_sink_attention_and_streams(arch, tmp_path):
     torch.testing.assert_close(torch.stack(out.logits, 1)[0], spec, atol=TOL, rtol=0)
 
 
-def test_alibi_falcon_is_refused_at_load():
+@pytest.mark.parametrize("name", ["sink_sdpa", "sink_eager"])
+def test_alibi_falcon_is_refused_at_load(name):
     config = tiny_config("falcon", alibi=True)
     with pytest.raises(ValueError, match="alibi=True"):
-        AutoModelForCausalLM.from_config(config, attn_implementation="sink_sdpa")
+        AutoModelForCausalLM.from_config(config, attn_implementation=name)
+
+
+def test_alibi_falcon_is_refused_wherever_a_sink_attention_meets_it():
+    """Where Falcon calls the interface (5.25+) its ALiBi bias hides in the dense mask, which a sink attention with a
+    SinkCache does not read: switching after loading and the first forward refuse it as well as apply does."""
+    from hf_sinks.attention import use_attention
+    from hf_sinks.models import get_spec
+
+    model = AutoModelForCausalLM.from_config(tiny_config("falcon", alibi=True), attn_implementation="sdpa")
+    with pytest.raises(ValueError, match="alibi=True"):
+        hf_sinks.apply(model)
+    with pytest.raises(ValueError, match="alibi=True"):
+        get_spec(model.config)
+    if hf_sinks.MODEL_SPECS["falcon"].route == "patch":
+        return  # 5.23: Falcon reads the name only once patched, and the patch refuses ALiBi (apply above)
+    with pytest.raises(ValueError, match="alibi=True"):
+        model.set_attn_implementation("sink_sdpa")
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="alibi=True"), torch.no_grad(), use_attention(model, "sink_sdpa"):
+        model(random_ids(1, 5))
+
+
+# ------------------------------------------------- pyproject's filters: deprecations blamed on hf_sinks are errors
+def _warn_as_libraries_do(category):
+    warnings.warn("deprecated", category, stacklevel=2)  # blames its caller, as transformers' deprecation helpers do
+
+
+@pytest.mark.parametrize("category", [FutureWarning, DeprecationWarning])
+@pytest.mark.parametrize("module", ["hf_sinks", "hf_sinks.api", "hf_sinks.cli.generate", "examples.streaming_generate"])
+@pytest.mark.parametrize("raised_by", ["own code", "a library blaming it"])
+def test_pyproject_turns_deprecations_from_hf_sinks_into_errors(request, module, category, raised_by):
+    """The filters' module field is a regex matched against the module a warning is attributed to (``__name__`` of
+    the frame its stacklevel picks): submodules match, and so does a library's warning that blames hf_sinks code."""
+    if not request.config.pluginmanager.has_plugin("warnings"):
+        pytest.skip("pytest's warnings plugin (which applies pyproject's filters) is disabled")
+    source = "warn(category)" if raised_by == "a library blaming it" else "warnings.warn('deprecated', category)"
+    frame_globals = {"__name__": module, "warn": _warn_as_libraries_do, "warnings": warnings, "category": category}
+    with pytest.raises(category):
+        exec(compile(source, f"<{module}>", "exec"), frame_globals)

@@ -19,7 +19,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from transformers.masking_utils import eager_mask, flex_attention_mask, sdpa_mask
+from transformers.masking_utils import eager_mask, sdpa_mask
+
+from ..compat import flex_attention_mask  # transformers' builder, without torch's deprecated `_compile` flag
 
 #: Above this many mask elements (batch x queries x keys) the dense mask is built only on demand.
 DENSE_MASK_LIMIT = 1 << 24
