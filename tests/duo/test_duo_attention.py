@@ -114,19 +114,20 @@ def test_all_streaming_equals_rule_reference(arch, kw, chunks, monkeypatch):
     assert (dense[:, S + W :] - ref[:, S + W :]).abs().max() > 1e-3
 
 
-def test_all_streaming_equals_sink_cache_at_original_rotation():
-    """SinkCache under a stock "sdpa" with a no-op rotary (zero frequencies): its sinks are never re-rotated, so its
-    keys keep their original rotation and it must decode exactly what an all-streaming DuoCache decodes.
-
-    (A SinkCache with no rotary at all refuses to stream past capacity under a stock attention: it raises.)"""
+def test_all_streaming_equals_the_per_head_reference_and_a_foreign_rotary_is_refused():
+    """An all-streaming DuoCache decodes what the per-head rule's fp64 reference gives (its streaming heads keep the
+    keys' original rotation). A SinkCache handed a rotary the model does not use (zero frequencies, to imitate that
+    original rotation) is refused under a stock attention: the cache compares it with the calling module's config."""
     model = tiny_model("llama", attn_implementation="sdpa")
     ids = random_ids(1, 30)
+    pattern = HeadPattern.streaming(model.config)
+    with use_attention(model, "duo_sdpa"):
+        got = streamed_logits(model, ids, DuoCache(pattern, S, W), [])
+    torch.testing.assert_close(got, reference_logits(model, ids, pattern), atol=1e-5, rtol=0)
     head_dim = model.config.hidden_size // model.config.num_attention_heads
     no_rotation = RotaryParams(inv_freq=torch.zeros(head_dim // 2), rotary_dim=head_dim)
-    sink = streamed_logits(model, ids, hf_sinks.SinkCache(S, W, rotary=no_rotation), [])
-    with use_attention(model, "duo_sdpa"):
-        got = streamed_logits(model, ids, DuoCache(HeadPattern.streaming(model.config), S, W), [])
-    torch.testing.assert_close(got, sink, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="rotary parameters"):
+        streamed_logits(model, ids, hf_sinks.SinkCache(S, W, rotary=no_rotation), [])
 
 
 @pytest.mark.parametrize("arch,kw", ARCHS)
