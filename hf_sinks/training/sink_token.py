@@ -32,18 +32,42 @@ def add_sink_token(tokenizer: Any, sink_token: str = DEFAULT_SINK_TOKEN) -> int:
 def resize_for_sink_token(model: torch.nn.Module, sink_token_id: int, init_from: int | None = None) -> None:
     """Give ``model`` an embedding row for ``sink_token_id`` (no-op if it already has one).
 
-    The new row starts as the mean of the existing embeddings (transformers' ``mean_resizing``), or as a copy of
-    token ``init_from``'s row (e.g. the BOS token, a natural sink of many models). Tied output embeddings follow.
+    The new rows start as the exact mean of the existing rows, in the input embeddings and (untied) output embeddings,
+    or the input row as a copy of token ``init_from``'s row (e.g. the BOS token, a natural sink of many models). Tied
+    output embeddings follow.
+
+    Deterministic on purpose: :func:`hf_sinks.training.load_finetuned` calls this again on a fresh base model, and an
+    untied output row is neither trained nor saved by the ``sink_token`` recipe (PEFT saves resized embedding
+    matrices only when it finds the base model's ``config.json``), so it must come out the same on every call.
+    transformers' ``mean_resizing`` samples ``N(mean, 1e-9 * covariance)`` from the global RNG instead, which moved
+    the sink token's logit by ~1e-5 between training and reload.
     """
-    rows = model.get_input_embeddings().weight.shape[0]
-    if sink_token_id >= rows:
-        model.resize_token_embeddings(sink_token_id + 1, mean_resizing=True)
+    embeddings = model.get_input_embeddings()
+    old_rows = embeddings.weight.shape[0]
+    if sink_token_id >= old_rows:
+        out = model.get_output_embeddings()
+        old_out_rows = out.weight.shape[0] if out is not None else 0
+        model.resize_token_embeddings(sink_token_id + 1, mean_resizing=False)
+        # Re-read the modules: resizing may replace them (and the output one follows a tie).
+        _fill_new_rows_with_mean(model.get_input_embeddings().weight, old_rows)
+        out = model.get_output_embeddings()
+        if out is not None and out.weight is not model.get_input_embeddings().weight:
+            _fill_new_rows_with_mean(out.weight, old_out_rows)
+            if isinstance(getattr(out, "bias", None), torch.Tensor):
+                _fill_new_rows_with_mean(out.bias, old_out_rows)
     if init_from is not None:
         weight = model.get_input_embeddings().weight
         if not 0 <= init_from < weight.shape[0]:
             raise ValueError(f"init_from={init_from} is not a token id of this model (0..{weight.shape[0] - 1}).")
         with torch.no_grad():
             weight[sink_token_id] = weight[init_from]
+
+
+def _fill_new_rows_with_mean(tensor: torch.Tensor, old_rows: int) -> None:
+    """Set ``tensor[old_rows:]`` (rows added by a resize) to the mean of ``tensor[:old_rows]``, computed in fp32."""
+    if 0 < old_rows < tensor.shape[0]:
+        with torch.no_grad():
+            tensor[old_rows:] = tensor[:old_rows].float().mean(0).to(tensor.dtype)
 
 
 def prepend_sink_token(input_ids: torch.Tensor, sink_token_id: int, attention_mask: torch.Tensor | None = None):

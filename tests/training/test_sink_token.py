@@ -1,14 +1,18 @@
 """The sink_token recipe: token added and prepended, only its embedding row (plus LoRA/norms) trains."""
 
+import warnings
+
 import pytest
 import torch
 from helpers import tiny_model
-from training_helpers import LEARNABLE_TEXT, char_tokenizer
+from training_helpers import LEARNABLE_TEXT, char_tokenizer, logits_of
 
 from hf_sinks.training import (
     DEFAULT_SINK_TOKEN,
     PackedDataset,
     add_sink_token,
+    finetune,
+    load_finetuned,
     lora_recipe,
     prepend_sink_token,
     tokenize_text,
@@ -114,3 +118,73 @@ def test_tied_output_row_follows_the_sink_row():
         delta.add_(0.5)
     merged = peft_model.merge_and_unload()
     torch.testing.assert_close(merged.get_output_embeddings().weight, merged.get_input_embeddings().weight)
+
+
+def _sink_rows(model: torch.nn.Module, sink: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sink token's effective input-embedding row and output-embedding row of ``model`` (PEFT-wrapped or not).
+
+    Read through the modules' forwards, so PEFT's trainable-token rows count exactly as the model uses them.
+    """
+    with torch.no_grad():
+        row_in = model.get_input_embeddings()(torch.tensor([sink]))[0]
+        out = model.get_output_embeddings()
+        row_out = out(torch.eye(row_in.shape[-1]))[:, sink]  # column `sink` of x @ W.T for x = I is row W[sink]
+    return row_in.clone(), row_out.clone()
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_reload_reproduces_the_trained_sink_token(tmp_path, tied):
+    """``load_finetuned`` gives back exactly the trained model: the sink row, and with tied embeddings lm_head's too.
+
+    SmolLM2 (tied) made PEFT 0.22 report an "unexpected adapter key" for ``lm_head.token_adapter`` once; a lost
+    delta would show here as logits far apart. Untied, the output row of the new token is not trained and not saved,
+    so it must come out of ``resize_for_sink_token`` the same on every load, whatever the RNG state.
+    """
+    tok = char_tokenizer()
+    model = tiny_model("llama", attn_implementation="sdpa", tie_word_embeddings=tied)
+    recipe = lora_recipe(model, "sink_token", tokenizer=tok)
+    sink = recipe.sink_token_id
+    peft_model = recipe.apply(model)
+    init_in, init_out = _sink_rows(peft_model, sink)
+    # A few steps at a high learning rate through finetune (Trainer + save_model): the rows must move measurably.
+    result = finetune(
+        peft_model,
+        tok,
+        recipe,
+        LEARNABLE_TEXT,
+        seq_len=32,
+        max_steps=3,
+        learning_rate=0.05,
+        warmup_steps=0,
+        output_dir=tmp_path / "ft",
+        progress=False,
+        plot=False,
+    )
+    trained_in, trained_out = _sink_rows(result.model, sink)
+    assert (trained_in - init_in).abs().max() > 0.05
+    if tied:  # lm_head is the embedding: its sink row trained with it
+        assert (trained_out - init_out).abs().max() > 0.05
+        torch.testing.assert_close(trained_out, trained_in, atol=0, rtol=0)
+    else:  # untied: only the input row is in the recipe
+        torch.testing.assert_close(trained_out, init_out, atol=0, rtol=0)
+    ids = prepend_sink_token(torch.randint(1, 90, (2, 12), generator=torch.Generator().manual_seed(3)), sink)
+    expected = logits_of(result.model, ids)
+
+    def fresh_base() -> torch.nn.Module:
+        base = tiny_model("llama", attn_implementation="sdpa", tie_word_embeddings=tied)
+        torch.manual_seed(1234)  # another RNG state than at training: the new rows must not depend on it
+        return base
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reloaded = load_finetuned(fresh_base(), tmp_path / "ft", merge=False)
+    assert not [str(w.message) for w in caught if "adapter keys" in str(w.message)]
+    torch.testing.assert_close(logits_of(reloaded, ids), expected, atol=1e-6, rtol=0)
+    for got, want in zip(_sink_rows(reloaded, sink), (trained_in, trained_out)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+    merged = load_finetuned(fresh_base(), tmp_path / "ft")  # merge_and_unload: the rows written into the weights
+    assert (merged.get_output_embeddings().weight is merged.get_input_embeddings().weight) == tied
+    for got, want in zip(_sink_rows(merged, sink), (trained_in, trained_out)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits_of(merged, ids), expected, atol=1e-4, rtol=0)  # LoRA merge: fp32 rounding
