@@ -182,3 +182,16 @@ def read_csv(path):
 
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def greedy(model, ids, new_tokens: int, **kwargs):
+    """``generate`` exactly ``new_tokens`` greedy tokens, returning the logits of every step."""
+    return model.generate(
+        ids,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kwargs,
+    )

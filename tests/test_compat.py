@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_rows_match_spec, padded_batch, random_ids, tiny_config, tiny_model
+from helpers import assert_rows_match_spec, greedy, padded_batch, random_ids, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
 import hf_sinks
@@ -16,18 +16,6 @@ from hf_sinks.eval.memory import cache_bytes
 from hf_sinks.oracle import reference_logits
 
 TOL = 1e-4
-
-
-def greedy(model, ids, new_tokens, **kwargs):
-    return model.generate(
-        ids,
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-        **kwargs,
-    )
 
 
 # ------------------------------------------------------------------------------------------ the cache keyword

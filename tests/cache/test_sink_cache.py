@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from helpers import random_ids, tiny_model
+from helpers import greedy, random_ids, tiny_model
 
 from hf_sinks import RotaryParams, SinkCache, SinkConfig
 from hf_sinks.attention.reference import visible_indices
@@ -180,15 +180,7 @@ def _other(config, **changes):
 
 
 def _generate(model, cache, steps=12):
-    return model.generate(
-        random_ids(1, 4),
-        **cache_kwargs(cache),
-        max_new_tokens=steps,
-        min_new_tokens=steps,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
+    return greedy(model, random_ids(1, 4), steps, **cache_kwargs(cache))
 
 
 def test_stock_route_refuses_a_config_with_another_rope_theta():

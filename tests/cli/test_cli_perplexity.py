@@ -11,28 +11,7 @@ from hf_sinks.cli import main
 
 def test_perplexity(model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(
-        [
-            "perplexity",
-            "--model",
-            str(model_dir),
-            "--text-file",
-            str(text_file),
-            "--num-tokens",
-            "120",
-            "--modes",
-            "dense,window,sink",
-            "--num-sink-tokens",
-            "2",
-            "--window-length",
-            "10,20",
-            "--chunk-size",
-            "16",
-            "--output-dir",
-            str(out),
-            "--no-progress",
-        ]
-    )
+    code = main(_perplexity_args(model_dir, text_file, out, 120, "10,20", plot=True))
     assert code == 0
     rows = read_csv(out / "perplexity.csv")
     labels = list(dict.fromkeys(r["label"] for r in rows))
@@ -115,7 +94,7 @@ def test_perplexity_errors(model_dir, text_file, tmp_path, capsys, extra, messag
     assert "hf-sinks perplexity: error:" in err and re.search(message, err), err
 
 
-def _perplexity_args(model_dir, text_file, out, num_tokens: int, windows: str) -> list[str]:
+def _perplexity_args(model_dir, text_file, out, num_tokens: int, windows: str, plot: bool = False) -> list[str]:
     return [
         "perplexity",
         "--model",
@@ -135,8 +114,7 @@ def _perplexity_args(model_dir, text_file, out, num_tokens: int, windows: str) -
         "--output-dir",
         str(out),
         "--no-progress",
-        "--no-plot",
-    ]
+    ] + ([] if plot else ["--no-plot"])
 
 
 def test_perplexity_notes_the_caches_that_never_evict(model_dir, text_file, tmp_path, capsys):
