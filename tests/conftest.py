@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import hf_sinks  # noqa: E402,F401  (registers the sink_* attention names)
+import hf_sinks  # noqa: E402,F401  (its attention names are registered once transformers' model code imports)
 
 
 @pytest.fixture(autouse=True)
