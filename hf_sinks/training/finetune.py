@@ -16,9 +16,12 @@ config; ``trainer.save_model`` gathers sharded weights before saving). What ``ou
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -348,7 +351,8 @@ def save_finetuned(
 ) -> None:
     """Adapter (safetensors, ``trainer.save_model``: shard-gathering, main process only), recipe, tokenizer, loss."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    trainer.save_model(str(output_dir))
+    with _embedding_layers_saved(trainer, auto=not _resize_is_replayed(recipe)):
+        trainer.save_model(str(output_dir))
     if not trainer.is_world_process_zero():
         return
     recipe.to_json_file(output_dir / RECIPE_FILE)
@@ -357,6 +361,42 @@ def save_finetuned(
     write_loss_csv(log_history, output_dir / LOSS_CSV)
     if plot:
         plot_loss(log_history, output_dir / LOSS_PNG, title=f"{recipe.recipe}: training loss")
+
+
+def _resize_is_replayed(recipe: SinkRecipe) -> bool:
+    """Whether :func:`load_finetuned` rebuilds every embedding row the recipe added, so the adapter need not hold them.
+
+    The ``sink_token`` recipe is the only one that resizes the embeddings, and :func:`load_finetuned` replays that
+    resize with :func:`~hf_sinks.training.sink_token.resize_for_sink_token`, deterministically; the trained sink row
+    itself is saved as PEFT's ``trainable_tokens_delta`` (the row's value, not a difference to the base row).
+    """
+    return recipe.sink_token_id is not None
+
+
+@contextmanager
+def _embedding_layers_saved(trainer: Any, auto: bool) -> Iterator[None]:
+    """Within the block, ``trainer``'s model saves with PEFT's ``save_embedding_layers="auto"`` (``auto``) or ``False``.
+
+    Why ``False`` after the ``sink_token`` resize: ``"auto"`` compares the vocabulary with the base model's
+    ``config.json`` (found only when the base was loaded from a directory or the Hub) and then writes both full
+    embedding matrices into the adapter (the whole vocabulary, twice with a tied ``lm_head``) with a warning at save,
+    and with them the tied ``lm_head``'s token delta, which PEFT 0.22 ties to the input embedding's own and reports as
+    an "unexpected adapter key" at load. ``Trainer.save_model`` forwards no keyword to ``save_pretrained`` (it calls it
+    itself, after gathering FSDP/DeepSpeed shards), so the instance's method is wrapped for the call, on the model as
+    ``Trainer`` holds it and unwrapped (``Trainer`` calls one or the other).
+    """
+    if auto:
+        yield
+        return
+    models = {id(m): m for m in (trainer.model, trainer.accelerator.unwrap_model(trainer.model))}.values()
+    patched = [m for m in models if callable(getattr(m, "save_pretrained", None))]
+    for model in patched:
+        model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
+    try:
+        yield
+    finally:
+        for model in patched:
+            del model.save_pretrained  # the instance attribute: the class's method shows through again
 
 
 def load_recipe(path: str | os.PathLike) -> SinkRecipe:

@@ -37,8 +37,8 @@ def resize_for_sink_token(model: torch.nn.Module, sink_token_id: int, init_from:
     output embeddings follow.
 
     Deterministic on purpose: :func:`hf_sinks.training.load_finetuned` calls this again on a fresh base model, and an
-    untied output row is neither trained nor saved by the ``sink_token`` recipe (PEFT saves resized embedding
-    matrices only when it finds the base model's ``config.json``), so it must come out the same on every call.
+    untied output row is neither trained nor saved by the ``sink_token`` recipe (``finetune`` saves no embedding
+    matrix, only the trained sink row), so it must come out the same on every call.
     transformers' ``mean_resizing`` samples ``N(mean, 1e-9 * covariance)`` from the global RNG instead, which moved
     the sink token's logit by ~1e-5 between training and reload.
     """

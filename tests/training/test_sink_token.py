@@ -188,3 +188,67 @@ def test_reload_reproduces_the_trained_sink_token(tmp_path, tied):
     for got, want in zip(_sink_rows(merged, sink), (trained_in, trained_out)):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     torch.testing.assert_close(logits_of(merged, ids), expected, atol=1e-4, rtol=0)  # LoRA merge: fp32 rounding
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_reload_from_a_saved_base_reproduces_the_trained_sink_token(tmp_path, tied):
+    """Like the test above, with a base model loaded from a ``save_pretrained`` directory, as a user's model is.
+
+    The base's ``config.json`` on disk makes PEFT's ``save_embedding_layers="auto"`` see the resized vocabulary and
+    save both whole embedding matrices (and, tied, ``lm_head``'s token delta, an "unexpected adapter key" on PEFT
+    0.22). ``finetune`` saves only the trained sink row; ``load_finetuned`` must still give back the trained model.
+    """
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama", attn_implementation="sdpa", tie_word_embeddings=tied).save_pretrained(tmp_path / "base")
+
+    def base_from_disk() -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="sdpa").eval()
+
+    tok = char_tokenizer()
+    model = base_from_disk()
+    recipe = lora_recipe(model, "sink_token", tokenizer=tok)
+    sink = recipe.sink_token_id
+    peft_model = recipe.apply(model)
+    init_in, _ = _sink_rows(peft_model, sink)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = finetune(
+            peft_model,
+            tok,
+            recipe,
+            LEARNABLE_TEXT,
+            seq_len=32,
+            max_steps=3,
+            learning_rate=0.05,
+            warmup_steps=0,
+            output_dir=tmp_path / "ft",
+            progress=False,
+            plot=False,
+        )
+    assert not [str(w.message) for w in caught if "save_embedding_layers" in str(w.message)]
+    with safe_open(str(tmp_path / "ft" / "adapter_model.safetensors"), "pt") as f:
+        saved = list(f.keys())
+    # The sink row is saved, as the input embedding's token delta; no whole embedding matrix, no lm_head delta.
+    assert [k for k in saved if "token_adapter" in k] == [
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    ], saved
+    assert not [k for k in saved if "embed_tokens.weight" in k or "lm_head" in k], saved
+    trained_in, trained_out = _sink_rows(result.model, sink)
+    assert (trained_in - init_in).abs().max() > 0.05  # trained measurably: a lost row shows in logits and rows
+    ids = prepend_sink_token(torch.randint(1, 90, (2, 12), generator=torch.Generator().manual_seed(3)), sink)
+    expected = logits_of(result.model, ids)
+
+    for merge, atol in ((False, 1e-6), (True, 1e-4)):  # merge_and_unload: LoRA merged in fp32, rounding only
+        base = base_from_disk()
+        torch.manual_seed(1234)  # another RNG state than at training: the new rows must not depend on it
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            reloaded = load_finetuned(base, tmp_path / "ft", merge=merge)
+        assert not [str(w.message) for w in caught if "adapter keys" in str(w.message)]
+        torch.testing.assert_close(logits_of(reloaded, ids), expected, atol=atol, rtol=0)
+        for got, want in zip(_sink_rows(reloaded, sink), (trained_in, trained_out)):
+            torch.testing.assert_close(got, want, atol=1e-6 if merge else 0, rtol=0)
+        if merge:
+            assert (reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight) == tied
