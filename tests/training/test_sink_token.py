@@ -132,21 +132,13 @@ def _sink_rows(model: torch.nn.Module, sink: int) -> tuple[torch.Tensor, torch.T
     return row_in.clone(), row_out.clone()
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_reload_reproduces_the_trained_sink_token(tmp_path, tied):
-    """``load_finetuned`` gives back exactly the trained model: the sink row, and with tied embeddings lm_head's too.
-
-    SmolLM2 (tied) made PEFT 0.22 report an "unexpected adapter key" for ``lm_head.token_adapter`` once; a lost
-    delta would show here as logits far apart. Untied, the output row of the new token is not trained and not saved,
-    so it must come out of ``resize_for_sink_token`` the same on every load, whatever the RNG state.
-    """
+def _finetune_sink_token(model, output_dir):
+    """The sink_token recipe on ``model``, a few steps at a high learning rate through ``finetune`` (Trainer +
+    save_model, so the rows move measurably): ``(sink token id, its rows before training, the FinetuneResult)``."""
     tok = char_tokenizer()
-    model = tiny_model("llama", attn_implementation="sdpa", tie_word_embeddings=tied)
     recipe = lora_recipe(model, "sink_token", tokenizer=tok)
-    sink = recipe.sink_token_id
     peft_model = recipe.apply(model)
-    init_in, init_out = _sink_rows(peft_model, sink)
-    # A few steps at a high learning rate through finetune (Trainer + save_model): the rows must move measurably.
+    initial = _sink_rows(peft_model, recipe.sink_token_id)
     result = finetune(
         peft_model,
         tok,
@@ -156,10 +148,23 @@ def test_reload_reproduces_the_trained_sink_token(tmp_path, tied):
         max_steps=3,
         learning_rate=0.05,
         warmup_steps=0,
-        output_dir=tmp_path / "ft",
+        output_dir=output_dir,
         progress=False,
         plot=False,
     )
+    return recipe.sink_token_id, initial, result
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_reload_reproduces_the_trained_sink_token(tmp_path, tied):
+    """``load_finetuned`` gives back exactly the trained model: the sink row, and with tied embeddings lm_head's too.
+
+    SmolLM2 (tied) made PEFT 0.22 report an "unexpected adapter key" for ``lm_head.token_adapter`` once; a lost
+    delta would show here as logits far apart. Untied, the output row of the new token is not trained and not saved,
+    so it must come out of ``resize_for_sink_token`` the same on every load, whatever the RNG state.
+    """
+    model = tiny_model("llama", attn_implementation="sdpa", tie_word_embeddings=tied)
+    sink, (init_in, init_out), result = _finetune_sink_token(model, tmp_path / "ft")
     trained_in, trained_out = _sink_rows(result.model, sink)
     assert (trained_in - init_in).abs().max() > 0.05
     if tied:  # lm_head is the embedding: its sink row trained with it
@@ -206,27 +211,9 @@ def test_reload_from_a_saved_base_reproduces_the_trained_sink_token(tmp_path, ti
     def base_from_disk() -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="sdpa").eval()
 
-    tok = char_tokenizer()
-    model = base_from_disk()
-    recipe = lora_recipe(model, "sink_token", tokenizer=tok)
-    sink = recipe.sink_token_id
-    peft_model = recipe.apply(model)
-    init_in, _ = _sink_rows(peft_model, sink)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = finetune(
-            peft_model,
-            tok,
-            recipe,
-            LEARNABLE_TEXT,
-            seq_len=32,
-            max_steps=3,
-            learning_rate=0.05,
-            warmup_steps=0,
-            output_dir=tmp_path / "ft",
-            progress=False,
-            plot=False,
-        )
+        sink, (init_in, _), result = _finetune_sink_token(base_from_disk(), tmp_path / "ft")
     assert not [str(w.message) for w in caught if "save_embedding_layers" in str(w.message)]
     with safe_open(str(tmp_path / "ft" / "adapter_model.safetensors"), "pt") as f:
         saved = list(f.keys())
